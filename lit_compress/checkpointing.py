@@ -1,0 +1,140 @@
+"""Checkpoints of compressed models: the surgery log, its replay before weights load, and the mixin.
+
+A compressed checkpoint carries ``checkpoint["lit_compress"] = {"version": 1, "events": [...]}``.
+Lightning loads module weights *before* callback state, so the log must be replayed from
+``LightningModule.on_load_checkpoint``. Three ways to get there:
+
+- :class:`CompressMixin` as the first base of the module class (``load_from_checkpoint`` and
+  ``fit(ckpt_path=...)`` both work, and so does the ``ddp_spawn`` launching process);
+- nothing at all under ``fit(ckpt_path=...)`` when a lit_compress callback is in the Trainer: the
+  callback installs a one-shot ``on_load_checkpoint`` on the module instance in ``setup``;
+- :func:`replay_on_load` (a context manager) around ``MyModule.load_from_checkpoint(path)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from torch import nn
+
+from lit_compress.errors import ReplayError
+from lit_compress.surgery.log import LOG_KEY, LOG_VERSION
+from lit_compress.surgery.replay import applied_events, replay_events_
+
+#: Key of the event log in a ``state_dict`` sent back from ``ddp_spawn`` workers (never in checkpoints).
+SPAWN_EVENTS_KEY = "__lit_compress_events__"
+
+
+def log_payload(model: nn.Module) -> dict[str, Any]:
+    """What goes into ``checkpoint["lit_compress"]`` for ``model``."""
+    return {"version": LOG_VERSION, "events": [dict(e) for e in applied_events(model)]}
+
+
+def events_from_checkpoint(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The event log of a checkpoint dict (empty for an uncompressed checkpoint).
+
+    Raises:
+        ReplayError: If the log's format version is newer than this lit_compress understands.
+    """
+    payload = checkpoint.get(LOG_KEY)
+    if not payload:
+        return []
+    version = payload.get("version")
+    if version != LOG_VERSION:
+        raise ReplayError(
+            f"This checkpoint's surgery log has format version {version!r}; this lit_compress reads "
+            f"version {LOG_VERSION}. Upgrade lit_compress to load it."
+        )
+    return list(payload.get("events", []))
+
+
+def replay_checkpoint_(model: nn.Module, checkpoint: Mapping[str, Any]) -> int:
+    """Bring ``model`` to the architecture recorded in ``checkpoint``; return the number of events replayed."""
+    return replay_events_(model, events_from_checkpoint(checkpoint))
+
+
+class CompressMixin:
+    """Put first in the bases of a LightningModule whose checkpoints may be compressed.
+
+    ``class MyNet(CompressMixin, L.LightningModule)``: ``MyNet.load_from_checkpoint(path)`` then
+    rebuilds the compressed architecture before the weights load (strict loading works), and under
+    ``ddp_spawn`` the model object in the launching process follows the workers' structural events.
+    """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        replay_checkpoint_(self, checkpoint)  # type: ignore[arg-type]
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        if SPAWN_EVENTS_KEY in state_dict:
+            state_dict = dict(state_dict)
+            events = state_dict.pop(SPAWN_EVENTS_KEY)
+            replay_events_(self, events)  # type: ignore[arg-type]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def replay_on_load(module_class: type) -> Iterator[type]:
+    """Within the block, ``module_class.load_from_checkpoint`` replays the surgery log first.
+
+    >>> with replay_on_load(MyNet):  # doctest: +SKIP
+    ...     model = MyNet.load_from_checkpoint("last.ckpt")
+    """
+    original = module_class.__dict__.get("on_load_checkpoint")
+    inherited = module_class.on_load_checkpoint
+
+    def on_load_checkpoint(self: Any, checkpoint: dict[str, Any]) -> None:
+        replay_checkpoint_(self, checkpoint)
+        inherited(self, checkpoint)
+
+    module_class.on_load_checkpoint = on_load_checkpoint
+    try:
+        yield module_class
+    finally:
+        if original is None:
+            del module_class.on_load_checkpoint
+        else:
+            module_class.on_load_checkpoint = original
+
+
+def install_one_shot_replay(module: Any) -> None:
+    """Make the next ``module.on_load_checkpoint(ckpt)`` replay the log first (instance attribute).
+
+    Used by the callbacks in ``setup`` so that ``trainer.fit(model, ckpt_path=...)`` works with no
+    change to the user's class. The attribute removes itself once called; :func:`remove_one_shot_replay`
+    removes it if no checkpoint was loaded.
+    """
+    if "on_load_checkpoint" in module.__dict__ or isinstance(module, CompressMixin):
+        return
+    bound_original = module.on_load_checkpoint
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        try:
+            replay_checkpoint_(module, checkpoint)
+        finally:
+            module.__dict__.pop("on_load_checkpoint", None)
+        bound_original(checkpoint)
+
+    on_load_checkpoint._lit_compress_one_shot = True  # type: ignore[attr-defined]
+    module.__dict__["on_load_checkpoint"] = on_load_checkpoint
+
+
+def remove_one_shot_replay(module: Any) -> None:
+    fn = module.__dict__.get("on_load_checkpoint")
+    if fn is not None and getattr(fn, "_lit_compress_one_shot", False):
+        del module.__dict__["on_load_checkpoint"]
+
+
+__all__ = [
+    "SPAWN_EVENTS_KEY",
+    "CompressMixin",
+    "ReplayError",
+    "events_from_checkpoint",
+    "install_one_shot_replay",
+    "log_payload",
+    "remove_one_shot_replay",
+    "replay_checkpoint_",
+    "replay_on_load",
+]

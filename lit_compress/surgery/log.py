@@ -1,0 +1,54 @@
+"""The surgery log: one plain-data record per structural event.
+
+Records hold only ``dict``/``list``/``str``/``int``/``float``/``bool``/``None`` (and tensors), so a
+checkpoint that carries them loads with ``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+LOG_KEY = "lit_compress"
+LOG_VERSION = 1
+
+SurgeryRecord = dict  # {"op": str, ...op-specific plain data...}
+
+
+def make_record(op: str, **fields: Any) -> dict[str, Any]:
+    """A new record for operation ``op``; ``fields`` are converted to plain data."""
+    record: dict[str, Any] = {"op": op}
+    record.update({k: to_plain(v) for k, v in fields.items()})
+    return record
+
+
+def to_plain(value: Any) -> Any:
+    """Convert numpy scalars, tuples, paths, dtypes etc. to types that ``weights_only`` loading accepts."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone() if value.numel() > 1 else value.item()
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return to_plain(value.item())
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    return str(value)
+
+
+def strip_measurements(record: dict[str, Any]) -> dict[str, Any]:
+    """The structural part of a record (what replay needs), without timings and metrics."""
+    return {k: v for k, v in record.items() if k not in ("metrics", "before", "after", "wall_s")}
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
