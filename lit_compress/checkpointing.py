@@ -133,8 +133,20 @@ __all__ = [
     "ReplayError",
     "events_from_checkpoint",
     "install_one_shot_replay",
+    "load_from_checkpoint",
     "log_payload",
     "remove_one_shot_replay",
     "replay_checkpoint_",
     "replay_on_load",
 ]
+
+
+def load_from_checkpoint(module_class: type, checkpoint_path: str, **kwargs: Any) -> Any:
+    """``module_class.load_from_checkpoint(checkpoint_path, **kwargs)`` with the surgery log replayed first.
+
+    Works for any LightningModule class, with or without :class:`CompressMixin`; strict loading.
+    """
+    if issubclass(module_class, CompressMixin):
+        return module_class.load_from_checkpoint(checkpoint_path, **kwargs)
+    with replay_on_load(module_class):
+        return module_class.load_from_checkpoint(checkpoint_path, **kwargs)

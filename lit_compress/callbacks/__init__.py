@@ -1,0 +1,7 @@
+"""Lightning callbacks: WHEN and WHERE structural events happen; the math lives in ``lit_compress.surgery``."""
+
+from lit_compress.callbacks.base import CompressionCallback
+from lit_compress.callbacks.fold_batchnorm import FoldBatchNorm
+from lit_compress.callbacks.report import CompressionReport
+
+__all__ = ["CompressionCallback", "CompressionReport", "FoldBatchNorm"]

@@ -5,6 +5,20 @@ the plain-data log records they applied. Importing this package registers every 
 replayer (see :mod:`lit_compress.surgery.replay`).
 """
 
+from lit_compress.surgery.bn_fold import fold_batchnorm_, fold_conv_bn, fold_linear_bn
+from lit_compress.surgery.bn_stats import batchnorm_buffers, default_forward, has_batchnorm, reestimate_batchnorm_
+from lit_compress.surgery.chains import (
+    ACTIVATION_TYPES,
+    ChainLink,
+    ConvBNAct,
+    LinearChain,
+    find_conv_bn_act,
+    find_foldable_batchnorms,
+    find_linear_chains,
+    is_activation,
+    linear_layout,
+    sequential_conv_bn_pairs,
+)
 from lit_compress.surgery.log import LOG_KEY, LOG_VERSION, make_record, strip_measurements, to_plain
 from lit_compress.surgery.modules import (
     SurgeryTransaction,
@@ -22,25 +36,47 @@ from lit_compress.surgery.replay import (
     replay_events_,
 )
 from lit_compress.surgery.select import close_names, name_matches, select_modules
+from lit_compress.surgery.trace import CallNode, DataflowGraph, leaf_module_names, trace_dataflow
 
 __all__ = [
+    "ACTIVATION_TYPES",
     "LOG_KEY",
     "LOG_VERSION",
+    "CallNode",
+    "ChainLink",
+    "ConvBNAct",
+    "DataflowGraph",
+    "LinearChain",
     "SurgeryTransaction",
     "applied_events",
+    "batchnorm_buffers",
     "close_names",
+    "default_forward",
+    "find_conv_bn_act",
+    "find_foldable_batchnorms",
+    "find_linear_chains",
+    "fold_batchnorm_",
+    "fold_conv_bn",
+    "fold_linear_bn",
     "get_submodule",
+    "has_batchnorm",
+    "is_activation",
+    "leaf_module_names",
+    "linear_layout",
     "make_record",
     "module_device_dtype",
     "name_matches",
     "preserve_mode",
     "record_events",
+    "reestimate_batchnorm_",
     "register_replay",
     "registered_ops",
     "replace_submodule",
     "replay_events_",
     "select_modules",
+    "sequential_conv_bn_pairs",
     "set_parameter",
     "strip_measurements",
     "to_plain",
+    "trace_dataflow",
 ]

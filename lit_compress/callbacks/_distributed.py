@@ -1,0 +1,92 @@
+"""The distributed side of a structural event: rank-0 decisions, DDP re-wrap, strategy checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def check_strategy_supported(trainer: Any, who: str) -> None:
+    """Refuse strategies that restore checkpoints after wrapping (FSDP, DeepSpeed, ModelParallel).
+
+    Raises:
+        MisconfigurationException: Naming the strategy and what to use instead.
+    """
+    strategy = trainer.strategy
+    if getattr(strategy, "restore_checkpoint_after_setup", False):
+        raise MisconfigurationException(
+            f"`{who}` changes the model's structure during training, which is not supported under "
+            f"`{type(strategy).__name__}` yet: sharded strategies load checkpoints after wrapping the model, "
+            "so a compressed checkpoint could not be restored. Use `strategy='ddp'` (or 'ddp_spawn', "
+            "'auto' on one device)."
+        )
+
+
+def broadcast_from_rank_zero(trainer: Any, obj: Any) -> Any:
+    """``obj`` as computed on rank 0, on every rank (a no-op on one process)."""
+    if trainer.world_size <= 1:
+        return obj
+    return trainer.strategy.broadcast(obj, src=0)
+
+
+def average_batchnorm_stats(trainer: Any, module: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks after a per-rank re-estimation."""
+    if trainer.world_size <= 1:
+        return
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            for buf in (m.running_mean, m.running_var):
+                reduced = trainer.strategy.reduce(buf.detach().clone().float(), reduce_op="mean")
+                buf.copy_(reduced.to(buf.dtype))
+
+
+def rewrap_ddp(trainer: Any, module: nn.Module) -> bool:
+    """Build a new ``DistributedDataParallel`` around ``module`` if the strategy had one.
+
+    The DDP constructor broadcasts rank 0's parameters and buffers, so every rank holds identical
+    weights afterwards. Returns whether a re-wrap happened.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy.model, DistributedDataParallel):
+        return False
+    strategy.model = module
+    strategy.configure_ddp()
+    return True
+
+
+def convert_for_precision(trainer: Any, module: nn.Module) -> None:
+    """Under ``*-true`` precision, convert freshly created modules to the plugin's dtype.
+
+    ``HalfPrecision.convert_module`` casts floating parameters and buffers; modules already in that
+    dtype are untouched, so calling it on the whole model is safe.
+    """
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, HalfPrecision):
+        plugin.convert_module(module)
+
+
+def is_spawn_launcher(trainer: Any) -> bool:
+    """Whether the model object of the launching process is a copy that Lightning refreshes with ``strict=False``."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return isinstance(launcher, _MultiProcessingLauncher) and launcher._start_method in ("spawn", "forkserver", "fork")
+
+
+def tensors_equal_across_ranks(trainer: Any, module: nn.Module) -> bool:
+    """Whether every rank holds bit-identical parameters and buffers (a debugging aid)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if isinstance(t, torch.Tensor):
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    gathered = trainer.strategy.all_gather(torch.tensor(list(digest.digest()), dtype=torch.uint8))
+    return bool((gathered == gathered[0]).all()) if gathered.dim() > 1 else True

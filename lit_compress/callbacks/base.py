@@ -1,0 +1,279 @@
+"""``CompressionCallback``: the structural-change contract, owned once for every method.
+
+A subclass decides WHEN (:meth:`event_due`) and WHAT (:meth:`plan_event` on rank 0, plain data;
+:meth:`apply_event` on every rank, pure surgery returning log records). This base does the rest,
+in the order measured to work on Lightning 2.6.6 (``specs/lightning_verified.md``):
+
+1. skip the sanity check; run step events only at optimizer-step boundaries;
+2. plan on rank 0, broadcast, apply on every rank to ``trainer.lightning_module`` (undo on error);
+3. new modules take their parent's train/eval mode; ``*-true`` precision converts them;
+4. optionally re-estimate BatchNorm statistics on training batches (averaged over ranks);
+5. re-wrap DDP; rebuild optimizers and schedulers, keeping surviving state by parameter name;
+6. barrier; append the event (plain data) to the module's log; log metrics.
+
+Checkpoints carry the log in ``checkpoint["lit_compress"]``; on ``fit(ckpt_path=...)`` the log is
+replayed on the fresh module before its weights load (see :mod:`lit_compress.checkpointing`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lit_compress.callbacks._distributed import (
+    average_batchnorm_stats,
+    broadcast_from_rank_zero,
+    check_strategy_supported,
+    convert_for_precision,
+    is_spawn_launcher,
+    rewrap_ddp,
+)
+from lit_compress.callbacks._inputs import isolated_rng, train_batches
+from lit_compress.callbacks._optim import OptimizerSnapshot, rebuild_optimizers
+from lit_compress.callbacks.report import CompressionReport
+from lit_compress.checkpointing import (
+    SPAWN_EVENTS_KEY,
+    CompressMixin,
+    install_one_shot_replay,
+    log_payload,
+    remove_one_shot_replay,
+)
+from lit_compress.errors import SurgeryError, allowed
+from lit_compress.surgery.log import LOG_KEY
+from lit_compress.surgery.modules import SurgeryTransaction, preserve_mode
+from lit_compress.surgery.replay import applied_events, record_events
+
+Moment = Literal["fit_start", "epoch_start", "step", "fit_end"]
+
+
+class CompressionCallback(Callback):
+    """Base class of every lit_compress callback (see the module docstring for the contract).
+
+    Args:
+        bn_recalibration_batches: After each event, re-estimate BatchNorm running statistics on
+            this many training batches before training goes on (0 turns it off; ignored for models
+            without BatchNorm).
+    """
+
+    def __init__(self, bn_recalibration_batches: int = 0) -> None:
+        if bn_recalibration_batches < 0:
+            raise allowed("bn_recalibration_batches", bn_recalibration_batches, "must be an integer >= 0")
+        self.bn_recalibration_batches = bn_recalibration_batches
+        self.events_done = 0
+        self._last_global_step = -1
+        self._reporter: Optional[CompressionReport] = None
+
+    # ------------------------------------------------------------------ subclass API
+    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+        """Whether an event should run now; ``moment`` says which hook is asking."""
+        return False
+
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Any:
+        """Decide what the event does (rank 0 only); return plain data, or ``None`` to skip."""
+        raise NotImplementedError
+
+    def apply_event(self, pl_module: L.LightningModule, plan: Any) -> list[dict[str, Any]]:
+        """Apply ``plan`` to the module (every rank); return the log records of what was done."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state saved with the callback (plain data)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved."""
+
+    # ------------------------------------------------------------------ the event
+    def run_event(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> list[dict[str, Any]]:
+        """Run one structural event now, following the contract; return its log records."""
+        reporter = self.reporter(trainer)
+        before = reporter.measure(trainer, pl_module)
+        start = time.perf_counter()
+
+        plan = self._plan_on_rank_zero(trainer, pl_module)
+        if plan is None:
+            return []
+        snapshot = OptimizerSnapshot.capture(trainer, pl_module)
+        old_modules = {id(m) for m in pl_module.modules()}
+        with SurgeryTransaction(), preserve_mode(pl_module):
+            records = self.apply_event(pl_module, plan)
+        _align_new_module_modes(pl_module, old_modules)
+        convert_for_precision(trainer, pl_module)
+        recalibrated = self._recalibrate_batchnorm(trainer, pl_module)
+        rewrapped = rewrap_ddp(trainer, pl_module)
+        optimizer_counts = rebuild_optimizers(trainer, pl_module, snapshot)
+        trainer.strategy.barrier("lit_compress.event")
+        overhead_s = time.perf_counter() - start
+
+        after = reporter.measure(trainer, pl_module)
+        logged = {id(e) for e in applied_events(pl_module)}
+        record_events(pl_module, [r for r in records if id(r) not in logged])
+        first_index = len(applied_events(pl_module)) - len(records)
+        for offset, record in enumerate(records):
+            record.update(
+                index=first_index + offset,
+                callback=type(self).__name__,
+                moment=moment,
+                epoch=int(trainer.current_epoch),
+                global_step=int(trainer.global_step),
+                before=dict(before),
+                after=dict(after),
+                wall_s=float(overhead_s),
+                bn_recalibrated_batches=int(recalibrated),
+                ddp_rewrapped=bool(rewrapped),
+                **optimizer_counts,
+            )
+        self.events_done += 1
+        reporter.log_stats(trainer, after)
+        ops = ", ".join(r["op"] for r in records)
+        rank_zero_info(
+            f"[lit_compress] {type(self).__name__}: {ops} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}: params {before.get('params')} -> {after.get('params')} "
+            f"({overhead_s * 1000:.0f} ms)"
+        )
+        return records
+
+    def _plan_on_rank_zero(self, trainer: Any, pl_module: L.LightningModule) -> Any:
+        """Plan on rank 0 and broadcast; an error on rank 0 is re-raised on every rank (no hang)."""
+        outcome: Any = None
+        if trainer.is_global_zero:
+            try:
+                outcome = ("ok", self.plan_event(trainer, pl_module))
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                if trainer.world_size <= 1:
+                    raise
+                outcome = ("error", f"{type(err).__name__}: {err}")
+        outcome = broadcast_from_rank_zero(trainer, outcome)
+        if outcome[0] == "error":
+            raise SurgeryError(f"{type(self).__name__} could not plan its event on rank 0: {outcome[1]}")
+        return outcome[1]
+
+    def _recalibrate_batchnorm(self, trainer: Any, pl_module: L.LightningModule) -> int:
+        if self.bn_recalibration_batches <= 0:
+            return 0
+        from lit_compress.surgery.bn_stats import has_batchnorm, reestimate_batchnorm_
+
+        if not has_batchnorm(pl_module):
+            return 0
+        plugin = trainer.precision_plugin
+
+        def forward(model: nn.Module, batch: Any) -> Any:
+            from lit_compress.callbacks._inputs import batch_inputs, call_model
+
+            with plugin.forward_context():
+                return call_model(model, plugin.convert_input(batch_inputs(batch)))
+
+        with isolated_rng():
+            used = reestimate_batchnorm_(
+                pl_module,
+                train_batches(trainer, self.bn_recalibration_batches),
+                forward=forward,
+                num_batches=self.bn_recalibration_batches,
+            )
+        average_batchnorm_stats(trainer, pl_module)
+        return used
+
+    def reporter(self, trainer: Any) -> CompressionReport:
+        """The Trainer's first ``CompressionReport``; one with defaults is added if there is none."""
+        if self._reporter is None:
+            found = [cb for cb in trainer.callbacks if isinstance(cb, CompressionReport)]
+            if found:
+                self._reporter = found[0]
+            else:
+                self._reporter = CompressionReport()
+                trainer.callbacks.append(self._reporter)
+        return self._reporter
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+        check_strategy_supported(trainer, type(self).__name__)
+        self.reporter(trainer)
+        if stage == "fit":
+            install_one_shot_replay(pl_module)
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
+        remove_one_shot_replay(pl_module)
+        self._last_global_step = trainer.global_step
+        if self.event_due(trainer, pl_module, "fit_start"):
+            self.run_event(trainer, pl_module, "fit_start")
+
+    @override
+    def on_train_epoch_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self.event_due(trainer, pl_module, "epoch_start"):
+            self.run_event(trainer, pl_module, "epoch_start")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # An optimizer step happened in this batch iff global_step moved (correct also on the last,
+        # incomplete accumulation window of an epoch, where `batch_idx`-based tests are wrong).
+        if trainer.global_step == self._last_global_step:
+            return
+        self._last_global_step = trainer.global_step
+        if not trainer.sanity_checking and self.event_due(trainer, pl_module, "step"):
+            self.run_event(trainer, pl_module, "step")
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
+        if self.event_due(trainer, pl_module, "fit_end"):
+            self.run_event(trainer, pl_module, "fit_end")
+
+    @override
+    def on_save_checkpoint(self, trainer: Any, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[LOG_KEY] = log_payload(pl_module)
+
+    @override
+    def teardown(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+        remove_one_shot_replay(pl_module)
+        if stage != "fit" or not applied_events(pl_module) or not is_spawn_launcher(trainer):
+            return
+        if isinstance(pl_module, CompressMixin):
+            _send_events_to_launcher(pl_module)
+        else:
+            rank_zero_warn(
+                "lit_compress: under `ddp_spawn` the model object in the launching process is a copy that "
+                "Lightning refreshes with `load_state_dict(strict=False)`, so it keeps its ORIGINAL architecture "
+                f"and misses the {len(applied_events(pl_module))} structural event(s) applied in the workers. "
+                "Reload the compressed model from a checkpoint with "
+                "`lit_compress.load_from_checkpoint(YourModule, path)`, add `lit_compress.CompressMixin` as the "
+                "first base class of your LightningModule (then the launching process follows automatically), "
+                "or use `strategy='ddp'`."
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"events_done": self.events_done, **self.extra_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.events_done = int(state_dict.get("events_done", 0))
+        self.load_extra_state(state_dict)
+
+
+def _align_new_module_modes(model: nn.Module, old_modules: set[int]) -> None:
+    """Give every module created by the surgery the train/eval mode of its parent."""
+    for parent in model.modules():
+        for child in parent.children():
+            if id(child) not in old_modules:
+                child.train(parent.training)
+
+
+def _send_events_to_launcher(module: nn.Module) -> None:
+    """Add the event log to the state dict that ``ddp_spawn`` sends back to the launching process."""
+    if getattr(module, "_lit_compress_spawn_hook", None) is not None:
+        return
+
+    def hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if prefix == "":
+            state_dict[SPAWN_EVENTS_KEY] = [dict(e) for e in applied_events(mod)]
+
+    module.__dict__["_lit_compress_spawn_hook"] = module.register_state_dict_post_hook(hook)

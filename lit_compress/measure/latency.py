@@ -1,0 +1,216 @@
+"""Latency measured on the real device: warm-up, then the median of timed repeats.
+
+The protocol of ``BENCHMARKS.md``: eval mode, ``torch.no_grad()``, a fixed batch size, CUDA
+synchronised around every timed call, ``time.perf_counter``, and optionally a fixed number of
+CPU threads (``torch.set_num_threads(2)`` in the benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_compress.errors import allowed
+from lit_compress.measure.flops import ExampleInputs, describe_inputs, inputs_to, map_tensors, split_inputs
+from lit_compress.surgery.modules import module_device_dtype, preserve_mode
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    warmup: int = 5,
+    repeats: int = 20,
+    num_threads: int | None = None,
+) -> dict[str, Any]:
+    """Time ``model``'s forward pass; return the median and the 10th/90th percentiles in ms.
+
+    Give either ``example_inputs`` (a tensor, tuple/list of arguments or dict of kwargs) or
+    ``input_shape`` (one sample's shape *without* the batch dimension, e.g. ``(1, 28, 28)``;
+    random inputs of the model's dtype are drawn). Train/eval flags, the model's device and
+    the thread count are restored afterwards.
+
+    Args:
+        model: The model to time.
+        example_inputs: Inputs for ``model(...)``.
+        input_shape: Shape of one sample, instead of ``example_inputs``.
+        batch_size: Batch to time at. ``None``: ``example_inputs`` as given, or 1 with
+            ``input_shape``. With ``example_inputs``, the tensors whose first dimension is the
+            batch (that of the first tensor) are sliced or repeated along it to this size.
+        device: Where to time it; ``None`` is the model's device. The model is moved there
+            for the measurement only.
+        warmup: Untimed calls before the timed ones (>= 0).
+        repeats: Timed calls (>= 1).
+        num_threads: ``torch.set_num_threads`` during the measurement (``None``: unchanged).
+
+    Returns:
+        ``{"median_ms", "p10_ms", "p90_ms"}`` (float), ``"batch_size"``, ``"repeats"``,
+        ``"num_threads"`` (int) and ``"device"`` (str).
+
+    Raises:
+        ConfigError: For a bad argument, or if the forward pass fails on the inputs.
+    """
+    _check_int("warmup", warmup, 0)
+    _check_int("repeats", repeats, 1)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1)
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 1)
+    if (example_inputs is None) == (input_shape is None):
+        raise allowed(
+            "input_shape", input_shape, "exactly one of `example_inputs` and `input_shape` (shape without batch dim)"
+        )
+    target = _resolve_device(device, model)
+
+    if input_shape is not None:
+        shape = _check_shape(input_shape)
+        _, dtype = module_device_dtype(model)
+        batch = 1 if batch_size is None else batch_size
+        inputs: ExampleInputs = torch.randn(batch, *shape, dtype=dtype, device=target)
+    else:
+        inputs = example_inputs if batch_size is None else rebatch(example_inputs, batch_size)
+        inputs = inputs_to(inputs, target)
+        batch = _batch_of(inputs) if batch_size is None else batch_size
+    args, kwargs = split_inputs(inputs)
+
+    def sync() -> None:
+        if target.type == "cuda":
+            torch.cuda.synchronize(target)
+
+    times: list[float] = []
+    with _on_device(model, target), _threads(num_threads), preserve_mode(model), torch.no_grad():
+        model.eval()
+        threads = torch.get_num_threads()
+        try:
+            for _ in range(warmup):
+                model(*args, **kwargs)
+            sync()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(*args, **kwargs)
+                sync()
+                times.append((time.perf_counter() - start) * 1000.0)
+        except Exception as err:  # noqa: BLE001 - re-raised with the model and inputs named
+            raise allowed(
+                "example_inputs",
+                describe_inputs(inputs),
+                f"inputs that {type(model).__name__}.forward accepts; it raised {type(err).__name__}: {err}",
+            ) from err
+    return {
+        "median_ms": percentile(times, 50.0),
+        "p10_ms": percentile(times, 10.0),
+        "p90_ms": percentile(times, 90.0),
+        "batch_size": int(batch),
+        "device": str(target),
+        "repeats": int(repeats),
+        "num_threads": int(threads),
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation between order statistics."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        return math.nan
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def rebatch(example_inputs: ExampleInputs, batch_size: int) -> ExampleInputs:
+    """Slice or repeat every batched tensor of ``example_inputs`` to ``batch_size`` along dim 0.
+
+    The batch is the first dimension of the first tensor with at least one dimension; tensors
+    whose first dimension differs from it (masks, tables) are left alone.
+    """
+    current = _batch_of(example_inputs)
+
+    def fit(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] != current or current == batch_size:
+            return t
+        if batch_size < current:
+            return t[:batch_size]
+        reps = math.ceil(batch_size / current)
+        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size]
+
+    return map_tensors(example_inputs, fit)
+
+
+def _batch_of(example_inputs: ExampleInputs) -> int:
+    found: list[int] = []
+
+    def see(t: torch.Tensor) -> torch.Tensor:
+        if not found and t.dim() > 0:
+            found.append(int(t.shape[0]))
+        return t
+
+    map_tensors(example_inputs, see)
+    return found[0] if found else 1
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise allowed(name, value, f"an integer >= {minimum}")
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise allowed("input_shape", shape, "a sequence of positive ints, one sample's shape without the batch dim")
+    return tuple(shape)
+
+
+def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    if device is None:
+        return module_device_dtype(model)[0]
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise allowed("device", device, f"a torch device such as 'cpu' or 'cuda:0' ({err})") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise allowed("device", device, "'cpu' on this machine (CUDA is not available)")
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+@contextlib.contextmanager
+def _on_device(model: nn.Module, target: torch.device) -> Iterator[None]:
+    """Move ``model`` to ``target`` for the block (if it is elsewhere) and back afterwards."""
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if not devices or devices == {target}:
+        yield
+        return
+    if len(devices) > 1:
+        raise allowed("device", str(target), f"the model's own device; it spans {sorted(map(str, devices))}")
+    (original,) = devices
+    model.to(target)
+    try:
+        yield
+    finally:
+        model.to(original)
+
+
+@contextlib.contextmanager
+def _threads(num_threads: int | None) -> Iterator[None]:
+    if num_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["measure_latency", "percentile", "rebatch"]

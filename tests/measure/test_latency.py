@@ -1,0 +1,93 @@
+"""measure_latency: sane numbers, honoured repeats and batch size, state restored."""
+
+import pytest
+import torch
+from torch import nn
+
+from lit_compress.errors import ConfigError
+from lit_compress.measure import measure_latency, model_stats, percentile, rebatch
+
+KEYS = {"median_ms", "p10_ms", "p90_ms", "batch_size", "device", "repeats", "num_threads"}
+
+
+def make() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 2))
+
+
+def test_sane_numbers_and_plain_types():
+    result = measure_latency(make(), torch.randn(3, 8), warmup=1, repeats=5)
+    assert set(result) == KEYS
+    assert 0 < result["p10_ms"] <= result["median_ms"] <= result["p90_ms"] < 1000
+    assert all(type(result[k]) is float for k in ("median_ms", "p10_ms", "p90_ms"))
+    assert result["batch_size"] == 3 and result["device"] == "cpu"
+
+
+def test_repeats_and_warmup_honoured():
+    model = make()
+    calls, grad = [], []
+    model.register_forward_hook(lambda m, a, o: (calls.append(1), grad.append(torch.is_grad_enabled())))
+    result = measure_latency(model, input_shape=(8,), batch_size=4, warmup=2, repeats=7)
+    assert len(calls) == 2 + 7 and not any(grad)
+    assert result["repeats"] == 7 and result["batch_size"] == 4
+
+
+def test_modes_and_threads_restored():
+    model = make().train()
+    model[1].eval()
+    threads = torch.get_num_threads()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, torch.get_num_threads())))
+    result = measure_latency(model, torch.randn(1, 8), warmup=0, repeats=2, num_threads=1)
+    assert seen == [(False, 1), (False, 1)] and result["num_threads"] == 1
+    assert model.training and model[0].training and not model[1].training
+    assert torch.get_num_threads() == threads
+
+
+def test_rebatch_slices_and_repeats_batched_tensors_only():
+    x, table = torch.arange(6.0).reshape(3, 2), torch.zeros(5, 5)
+    small, big = rebatch((x, table), 1), rebatch({"x": x, "t": table}, 7)
+    assert small[0].shape == (1, 2) and small[1] is table
+    assert big["x"].shape == (7, 2) and torch.equal(big["x"][3], x[0]) and big["t"] is table
+    assert measure_latency(make(), torch.randn(5, 8), batch_size=2, warmup=0, repeats=1)["batch_size"] == 2
+
+
+def test_percentile_interpolates():
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(values, 50) == 3.0 and percentile(values, 10) == pytest.approx(1.4)
+    assert percentile(values, 90) == pytest.approx(4.6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"repeats": 0}, "repeats"),
+        ({"warmup": -1}, "warmup"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_threads": 0}, "num_threads"),
+        ({"device": "nonsense"}, "device"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ConfigError, match=f"`{name}`"):
+        measure_latency(make(), torch.randn(1, 8), **kwargs)
+
+
+def test_needs_exactly_one_input_source():
+    with pytest.raises(ConfigError, match="exactly one"):
+        measure_latency(make())
+    with pytest.raises(ConfigError, match="exactly one"):
+        measure_latency(make(), torch.randn(1, 8), input_shape=(8,))
+
+
+def test_model_stats_plain_numbers():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    stats = model_stats(model, torch.randn(4, 8), latency=True, warmup=0, repeats=2)
+    assert stats["params"] == 64 + 16 and stats["params_all"] == 128 + 16
+    assert stats["flops"] == 2 * (2 * 4 * 8 * 8)
+    assert type(stats["latency_ms"]) is float and stats["latency_ms"] > 0
+    bare = model_stats(model)
+    assert bare["flops"] is None and bare["latency_ms"] is None
+    assert model_stats(model, input_shape=(8,))["flops"] == 2 * (2 * 1 * 8 * 8)
+    with pytest.raises(ConfigError, match="`latency`"):
+        model_stats(model, latency=True)
