@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_compress.errors import allowed
+from lit_compress.errors import ReplayError, allowed
 from lit_compress.measure.flops import ExampleInputs, describe_inputs, inputs_to, split_inputs
 from lit_compress.surgery.log import to_plain
 from lit_compress.surgery.modules import module_device_dtype, preserve_mode
@@ -169,9 +169,8 @@ def read_export(path: str | Path) -> dict[str, Any]:
         found = payload.get("format") if isinstance(payload, Mapping) else type(payload).__name__
         raise allowed("path", f"{path} (format {found!r})", what)
     if payload.get("version") != EXPORT_VERSION:
-        raise allowed(
-            "path", f"{path} (version {payload.get('version')!r})", f"export version {EXPORT_VERSION}; upgrade lit_compress"
-        )
+        found = f"{path} (version {payload.get('version')!r})"
+        raise allowed("path", found, f"export version {EXPORT_VERSION}; upgrade lit_compress")
     return dict(payload)
 
 
@@ -203,12 +202,19 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
         try:
             model = cls(**init_kwargs)
         except Exception as err:  # noqa: BLE001 - re-raised with what to do
-            raise allowed(
-                "model", None, f"an instance, since {name}(**{init_kwargs!r}) failed ({type(err).__name__}: {err}); {hint}"
-            ) from err
+            failure = f"{name}(**{init_kwargs!r}) failed ({type(err).__name__}: {err})"
+            raise allowed("model", None, f"an instance, since {failure}; {hint}") from err
     elif not isinstance(model, nn.Module):
         raise allowed("model", type(model).__name__, "an nn.Module built like the exported one, or None")
-    replay_events_(model, list(payload.get("events") or []))
+    try:
+        replay_events_(model, list(payload.get("events") or []))
+    except ReplayError as err:
+        if not built_here:
+            raise
+        raise ReplayError(
+            f"{err} The module was built as {name}(**{init_kwargs!r}); if that is not the exported, uncompressed "
+            f"architecture, pass a freshly built one as `model=`."
+        ) from err
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:

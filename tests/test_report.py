@@ -90,7 +90,8 @@ def test_missing_metrics_never_crash(tmp_path):
 
 
 def test_tensors_and_numpy_like_values_become_plain_json(tmp_path):
-    events = [{"op": "svd", "ranks": torch.tensor([3, 4]), "big": torch.zeros(100), "after": {"params": torch.tensor(7)}}]
+    after = {"params": torch.tensor(7)}
+    events = [{"op": "svd", "ranks": torch.tensor([3, 4]), "big": torch.zeros(100), "after": after}]
     paths = write_report(tmp_path, events=events, initial={"params": 10}, final={"params": 7})
     doc = json.loads(open(paths["json"], encoding="utf-8").read())
     assert doc["events"][0]["ranks"] == [3, 4] and doc["events"][0]["big"] == "Tensor[100] float32"

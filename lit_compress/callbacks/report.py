@@ -147,11 +147,11 @@ class CompressionReport(Callback):
     @override
     def on_fit_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
         self.final = self.measure(trainer, pl_module)
+        out_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir  # log_dir is collective
         if not trainer.is_global_zero:
             return
         from lit_compress.report import format_report_markdown, write_report
 
-        out_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir
         events = [dict(e) for e in applied_events(pl_module)]
         meta = run_metadata(trainer)
         self.paths = write_report(out_dir, events=events, initial=self.initial or {}, final=self.final, meta=meta)

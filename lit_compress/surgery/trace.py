@@ -123,19 +123,20 @@ def leaf_module_names(model: nn.Module, leaf_types: Sequence[type[nn.Module]] = 
     """``id(module) -> qualified name`` of the leaves: modules without children, or of ``leaf_types``.
 
     Descendants of a leaf are not leaves; a module registered under several names keeps the first.
+    The root is a leaf (named ``""``) only if it is of ``leaf_types``: a childless root is traced
+    through its functions.
     """
     types = tuple(DEFAULT_LEAF_TYPES) + tuple(leaf_types)
+    if isinstance(model, types):
+        return {id(model): ""}
     leaves: dict[int, str] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
+        if not name or (inside and name.startswith(inside[-1] + ".")):  # preorder: descendants follow
             continue
         if isinstance(module, types) or next(module.children(), None) is None:
             leaves[id(module)] = name
-            if name:
-                inside.append(name)
-            else:  # the root itself is a leaf
-                break
+            inside.append(name)
     return leaves
 
 

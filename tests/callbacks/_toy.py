@@ -143,3 +143,28 @@ def state_hash(module: nn.Module) -> str:
             digest.update(name.encode())
             digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+class HashRecorder(L.Callback):
+    """Writes each rank's state-dict hash right after the first event and at the end of training."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.after_event_done = False
+
+    def _write(self, trainer: Any, pl_module: nn.Module, tag: str) -> None:
+        import os
+
+        path = os.path.join(self.out_dir, f"{tag}_rank{trainer.global_rank}.txt")
+        with open(path, "w") as f:
+            f.write(state_hash(pl_module))
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        from lit_compress.surgery import applied_events
+
+        if applied_events(pl_module) and not self.after_event_done:
+            self.after_event_done = True
+            self._write(trainer, pl_module, "after_event")
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer, pl_module, "end")

@@ -1,0 +1,95 @@
+"""Structural events under DDP on CPU (gloo, 2 processes): both launchers, identical ranks after an event."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from lit_compress.callbacks import CompressionReport
+from lit_compress.surgery import applied_events
+from tests.callbacks._toy import HashRecorder, SplitLinear, ToyNet, ToyNetWithMixin
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_hashes(out_dir: Path, tag: str) -> list[str]:
+    return [(out_dir / f"{tag}_rank{r}.txt").read_text() for r in (0, 1)]
+
+
+def assert_ranks_identical_and_trained(out_dir: Path) -> None:
+    after_event, end = read_hashes(out_dir, "after_event"), read_hashes(out_dir, "end")
+    assert after_event[0] == after_event[1], "ranks differ right after the structural event"
+    assert end[0] == end[1], "ranks differ at the end of training"
+    assert end[0] != after_event[0], "training did not go on after the event"
+
+
+def test_ddp_spawn_event_keeps_ranks_identical(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    model = ToyNetWithMixin()
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            SplitLinear(at_step=2, bn_recalibration_batches=2),
+            HashRecorder(str(tmp_path)),
+            CompressionReport(print_report=False),
+        ],
+    )
+    trainer.fit(model)
+    assert_ranks_identical_and_trained(tmp_path)
+    # With CompressMixin the launching process's model follows the workers' events and weights.
+    assert isinstance(model.mid, torch.nn.Sequential)
+    assert [e["op"] for e in applied_events(model)] == ["test_split_linear"]
+    from tests.callbacks._toy import state_hash
+
+    assert state_hash(model) == read_hashes(tmp_path, "end")[0]
+
+
+def test_ddp_spawn_plain_module_gets_a_clear_message(tmp_path: Path, capfd: Any) -> None:
+    L.seed_everything(0, verbose=False)
+    model = ToyNet()  # no mixin: Lightning refreshes it with strict=False; we must say so
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SplitLinear(at_step=2), CompressionReport(print_report=False, measure_flops=False)],
+    )
+    trainer.fit(model)
+    err = capfd.readouterr().err
+    assert "ddp_spawn" in err and "ORIGINAL architecture" in err and "load_from_checkpoint" in err
+    assert isinstance(model.mid, torch.nn.Linear)  # the documented limitation, unchanged by Lightning
+
+
+def test_ddp_popen_launcher_event_keeps_ranks_identical(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOBAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "callbacks" / "ddp_script.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 ok" in proc.stdout
+    assert_ranks_identical_and_trained(tmp_path)
