@@ -132,23 +132,26 @@ def _export_program(model: nn.Module, example_inputs: ExampleInputs, pt2: Path) 
 
 
 def _import_class(name: str) -> type:
-    module_name, _, _ = name.rpartition(".")
-    # The qualname may be nested ("pkg.mod.Outer.Inner"): try the longest importable module prefix.
+    """Import ``"pkg.mod.ClassName"`` (nested qualnames such as ``"pkg.mod.Outer.Inner"`` work too)."""
     parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
+    first_error: str | None = None
+    for cut in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        module_name = ".".join(parts[:cut])
         try:
-            obj: Any = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError as err:
+            first_error = first_error or f"{type(err).__name__}: {err}"
             continue
         try:
             for attr in parts[cut:]:
                 obj = getattr(obj, attr)
         except AttributeError:
-            break
+            missing = ".".join(parts[cut:])
+            raise ImportError(f"cannot import `{name}`: module `{module_name}` has no `{missing}`") from None
         if isinstance(obj, type):
             return obj
-        break
-    raise ImportError(f"cannot import `{name}` (module `{module_name}`)")
+        raise ImportError(f"cannot import `{name}`: it is a {type(obj).__name__}, not a class")
+    raise ImportError(f"cannot import `{name}` ({first_error or 'not a dotted class path'})")
 
 
 def read_export(path: str | Path) -> dict[str, Any]:

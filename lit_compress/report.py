@@ -46,7 +46,9 @@ _PREFIXES = ("", "k", "M", "G", "T", "P")
 
 def _number(value: Any) -> float | None:
     """``value`` as a finite float, or ``None`` if it is missing or not a number."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else None
+    elif hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

@@ -21,6 +21,7 @@ import time
 from typing import Any, Literal, Optional
 
 import lightning as L
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -61,7 +62,7 @@ class CompressionCallback(Callback):
             without BatchNorm).
     """
 
-    def __init__(self, bn_recalibration_batches: int = 0) -> None:
+    def __init__(self, bn_recalibration_batches: NonNegativeInt = 0) -> None:
         if bn_recalibration_batches < 0:
             raise allowed("bn_recalibration_batches", bn_recalibration_batches, "must be an integer >= 0")
         self.bn_recalibration_batches = bn_recalibration_batches

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning as L
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -36,9 +37,9 @@ class FoldBatchNorm(CompressionCallback):
     def __init__(
         self,
         targets: Optional[list[str]] = None,
-        at_epoch: Optional[int] = None,
-        at_step: Optional[int] = None,
-        bn_recalibration_batches: int = 0,
+        at_epoch: Optional[NonNegativeInt] = None,
+        at_step: Optional[NonNegativeInt] = None,
+        bn_recalibration_batches: NonNegativeInt = 0,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches)
         if at_epoch is not None and at_step is not None:

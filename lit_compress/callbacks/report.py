@@ -7,6 +7,7 @@ import platform
 from typing import Any, Optional
 
 import lightning as L
+from jsonargparse.typing import PositiveInt
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -41,9 +42,9 @@ class CompressionReport(Callback):
         self,
         measure_flops: bool = True,
         measure_latency: bool = False,
-        latency_batch_size: int = 1,
-        latency_input_shape: Optional[list[int]] = None,
-        latency_repeats: int = 20,
+        latency_batch_size: PositiveInt = 1,
+        latency_input_shape: Optional[list[PositiveInt]] = None,
+        latency_repeats: PositiveInt = 20,
         output_dir: Optional[str] = None,
         print_report: bool = True,
     ) -> None:
@@ -157,7 +158,7 @@ class CompressionReport(Callback):
         self.paths = write_report(out_dir, events=events, initial=self.initial or {}, final=self.final, meta=meta)
         if self.print_report:
             text = format_report_markdown(events=events, initial=self.initial or {}, final=self.final, meta=meta)
-            rank_zero_info(f"\nlit_compress compression report ({self.paths.get('md', out_dir)}):\n{text}")
+            rank_zero_info(f"\nlit_compress compression report ({self.paths.get('markdown', out_dir)}):\n{text}")
 
     @override
     def state_dict(self) -> dict[str, Any]:

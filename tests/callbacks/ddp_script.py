@@ -28,6 +28,7 @@ def main(out_dir: str) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=out_dir,
         callbacks=[SplitLinear(at_step=2, bn_recalibration_batches=2), HashRecorder(out_dir), CompressionReport(print_report=False)],
     )
     trainer.fit(model)

@@ -42,6 +42,7 @@ def test_ddp_spawn_event_keeps_ranks_identical(tmp_path: Path) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=str(tmp_path),
         callbacks=[
             SplitLinear(at_step=2, bn_recalibration_batches=2),
             HashRecorder(str(tmp_path)),
@@ -70,6 +71,7 @@ def test_ddp_spawn_plain_module_gets_a_clear_message(tmp_path: Path, capfd: Any)
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=str(tmp_path),
         callbacks=[SplitLinear(at_step=2), CompressionReport(print_report=False, measure_flops=False)],
     )
     trainer.fit(model)

@@ -27,6 +27,11 @@ def resnet18() -> nn.Module:
     return torchvision.models.resnet18(weights=None)
 
 
+@pytest.fixture(scope="module")
+def vgg11_bn() -> nn.Module:
+    return torchvision.models.vgg11_bn(weights=None)  # built once: its 25088x4096 classifier is slow to init
+
+
 def test_vgg11_classifier_is_one_stacked_chain() -> None:
     model = torchvision.models.vgg11(weights=None)
     chains = find_linear_chains(model, torch.randn(IMAGE))
@@ -92,10 +97,18 @@ class GPT2MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(h))))
 
 
+class GPT2Block(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.mlp = GPT2MLP(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln(x))
+
+
 def test_gpt2_style_transposed_mlp() -> None:
-    model = nn.ModuleDict({"mlp": GPT2MLP()})
-    model.forward = lambda x: model["mlp"](x) + x  # type: ignore[method-assign]
-    chains = find_linear_chains(model, torch.randn(2, 5, 8))
+    chains = find_linear_chains(GPT2Block(), torch.randn(2, 5, 8))
     assert chains == [LinearChain(["mlp.c_fc", "mlp.c_proj"], ["mlp.act"], [None], [None], [True, True])]
 
 
@@ -173,14 +186,16 @@ def test_conv_bn_act_resnet18(resnet18: nn.Module) -> None:
     assert by_conv["layer2.0.downsample.0"].bn == "layer2.0.downsample.1"
 
 
-def test_conv_bn_act_vgg11_bn_and_mobilenet_v2() -> None:
-    vgg = torchvision.models.vgg11_bn(weights=None).features
-    found = find_conv_bn_act(vgg, torch.randn(IMAGE))
+def test_conv_bn_act_vgg11_bn_and_mobilenet_v2(vgg11_bn: nn.Module) -> None:
+    found = find_conv_bn_act(vgg11_bn, torch.randn(IMAGE))
     assert len(found) == 8
-    assert all(isinstance(vgg.get_submodule(p.activation), nn.ReLU) for p in found if p.activation)
-    assert [p.conv for p in found if p.feeds_conv] == ["features.8", "features.15", "features.22"] or [
-        p.conv for p in found if p.feeds_conv
-    ] == ["8", "15", "22"]
+    assert all(isinstance(vgg11_bn.get_submodule(p.activation), nn.ReLU) for p in found if p.activation)
+    # conv -> bn -> relu -> conv without a max-pool in between
+    assert [(p.conv, p.next_conv) for p in found if p.feeds_conv] == [
+        ("features.8", "features.11"),
+        ("features.15", "features.18"),
+        ("features.22", "features.25"),
+    ]
 
     mobilenet = torchvision.models.mobilenet_v2(weights=None)
     found = find_conv_bn_act(mobilenet, torch.randn(IMAGE))
@@ -203,10 +218,10 @@ def test_foldable_batchnorms_resnet18_and_structural_fallback(resnet18: nn.Modul
     assert set(fallback) <= set(traced)
 
 
-def test_foldable_batchnorms_vgg11_bn_trace_matches_fallback() -> None:
-    vgg = torchvision.models.vgg11_bn(weights=None).features
-    assert find_foldable_batchnorms(vgg, torch.randn(IMAGE)) == sequential_conv_bn_pairs(vgg)
-    assert len(sequential_conv_bn_pairs(vgg)) == 8
+def test_foldable_batchnorms_vgg11_bn_trace_matches_fallback(vgg11_bn: nn.Module) -> None:
+    traced = find_foldable_batchnorms(vgg11_bn, torch.randn(IMAGE))
+    assert traced == sequential_conv_bn_pairs(vgg11_bn)
+    assert traced[0] == ("features.0", "features.1") and len(traced) == 8
 
 
 class ResidualBN(nn.Module):
