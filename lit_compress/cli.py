@@ -41,8 +41,8 @@ def _fill_vocab_size(config: Any) -> None:
         model_args["vocab_size"] = int(vocab_size)
 
 
-def main(args: Optional[list[str]] = None) -> Optional[LitCompressCLI]:
-    """Console entry point: ``lit_compress <subcommand> --config X.yaml``."""
+def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LitCompressCLI:
+    """Build (and with ``run=True`` run) the CLI; ``args`` default to ``sys.argv[1:]``."""
     return LitCompressCLI(
         LightningModule,
         LightningDataModule,
@@ -50,7 +50,13 @@ def main(args: Optional[list[str]] = None) -> Optional[LitCompressCLI]:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Console entry point: ``lit_compress <subcommand> --config X.yaml``."""
+    build_cli(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

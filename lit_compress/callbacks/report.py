@@ -97,7 +97,7 @@ class CompressionReport(Callback):
         stats["latency_ms"] = None
         if self.measure_latency and inputs is not None:
             lat_inputs = self._latency_inputs(inputs, pl_module)
-            result = measure_latency(pl_module, lat_inputs, repeats=self.latency_repeats)
+            result = measure_latency(pl_module, lat_inputs, warmup=10, repeats=self.latency_repeats)
             stats["latency_ms"] = float(result["median_ms"])
         if trainer is not None:
             stats.update(_val_metrics(trainer))

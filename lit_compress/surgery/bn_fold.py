@@ -61,7 +61,9 @@ def fold_linear_bn(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
             has a different number of features.
     """
     if not isinstance(linear, nn.Linear):
-        raise SurgeryError(f"Cannot fold BatchNorm into `{type(linear).__name__}` with fold_linear_bn: expected nn.Linear.")
+        raise SurgeryError(
+            f"Cannot fold BatchNorm into `{type(linear).__name__}` with fold_linear_bn: expected nn.Linear."
+        )
     return _fold(linear, bn, linear.out_features)
 
 
@@ -76,7 +78,8 @@ def _fold(layer: Any, bn: _BatchNorm, channels: int) -> Any:
         )
     if bn.num_features != channels:
         raise SurgeryError(
-            f"Cannot fold `{type(bn).__name__}` ({bn.num_features} features) into `{kind}` ({channels} output channels)."
+            f"Cannot fold `{type(bn).__name__}` ({bn.num_features} features) into `{kind}` "
+            f"({channels} output channels)."
         )
     if parametrize.is_parametrized(layer):
         raise SurgeryError(f"Cannot fold BatchNorm into a parametrized `{kind}`; remove its parametrizations first.")

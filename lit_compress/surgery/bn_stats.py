@@ -86,7 +86,7 @@ def reestimate_batchnorm_(
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ConfigError(f"`num_batches`={num_batches!r} is not allowed: expected an int >= 1.")
     run = forward if forward is not None else default_forward
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
     if not bns:
         return 0
     saved = [(m.momentum, {k: b.clone() for k, b in m._buffers.items() if b is not None}) for m in bns]

@@ -50,7 +50,9 @@ def is_activation(module: nn.Module) -> bool:
     (e.g. Hugging Face's ``NewGELUActivation``), and any module with a ``collapsible`` attribute.
     """
     name = type(module).__name__
-    return isinstance(module, ACTIVATION_TYPES) or name.endswith(("Act", "Activation")) or hasattr(module, "collapsible")
+    if isinstance(module, ACTIVATION_TYPES) or hasattr(module, "collapsible"):
+        return True
+    return name.endswith(("Act", "Activation"))
 
 
 def linear_layout(module: nn.Module) -> str | None:
@@ -77,7 +79,9 @@ class ChainLink:
 
 @dataclass
 class LinearChain:
-    """Linear layers joined by activations: ``linears[i] → activations[i] [→ dropouts[i]] [→ norms[i]] → linears[i+1]``.
+    """Linear layers joined by activations.
+
+    Link ``i`` is ``linears[i] → activations[i] [→ dropouts[i]] [→ norms[i]] → linears[i + 1]``.
 
     Attributes:
         linears: Qualified names of the ``k + 1`` linear layers, in dataflow order.
@@ -155,7 +159,8 @@ def find_linear_chains(
             if path:
                 skipped.append(path)
             continue
-        shared = [n for n in (link.first, link.activation, link.dropout, link.norm, link.second) if n and len(graph.calls(n)) != 1]
+        members = (link.first, link.activation, link.dropout, link.norm, link.second)
+        shared = [n for n in members if n and len(graph.calls(n)) != 1]
         if shared:
             skipped.append(f"{_arrow(link)} (called more than once: {', '.join(dict.fromkeys(shared))})")
             continue

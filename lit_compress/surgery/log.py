@@ -33,7 +33,7 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, float):
         return float(value)
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone() if value.numel() > 1 else value.item()
+        return value.item() if value.dim() == 0 else value.detach().cpu().clone()
     if isinstance(value, dict):
         return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
@@ -48,6 +48,17 @@ def to_plain(value: Any) -> Any:
 def strip_measurements(record: dict[str, Any]) -> dict[str, Any]:
     """The structural part of a record (what replay needs), without timings and metrics."""
     return {k: v for k, v in record.items() if k not in ("metrics", "before", "after", "wall_s")}
+
+
+def plain_equal(a: Any, b: Any) -> bool:
+    """Equality of plain-data records that may hold tensors (compared by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(plain_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(plain_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
 
 
 def is_finite_number(x: Any) -> bool:

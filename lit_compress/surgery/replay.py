@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from lit_compress.errors import ReplayError
+from lit_compress.surgery.log import plain_equal
 from lit_compress.surgery.modules import SurgeryTransaction
 
 Replayer = Callable[[nn.Module, dict[str, Any]], None]
@@ -57,7 +58,7 @@ def replay_events_(model: nn.Module, events: Sequence[dict[str, Any]]) -> int:
     """
     _import_builtin_ops()
     done = applied_events(model)
-    if len(done) > len(events) or any(_structural(a) != _structural(b) for a, b in zip(done, events)):
+    if len(done) > len(events) or not all(plain_equal(_structural(a), _structural(b)) for a, b in zip(done, events)):
         raise ReplayError(
             f"The module already carries {len(done)} applied event(s) that are not a prefix of the "
             f"checkpoint's log of {len(events)} event(s); build a fresh module and load it again."

@@ -74,9 +74,9 @@ class DataflowGraph:
     outputs: list[int]
     shapes: list[tuple[int, ...]]
     sources: dict[int, str]
-    _producer: dict[int, CallNode] = field(default_factory=dict, repr=False)
-    _consumers: dict[int, list[CallNode]] = field(default_factory=dict, repr=False)
-    _calls: dict[str, list[CallNode]] = field(default_factory=dict, repr=False)
+    _producer: dict[int, CallNode] = field(default_factory=dict, init=False, repr=False)
+    _consumers: dict[int, list[CallNode]] = field(default_factory=dict, init=False, repr=False)
+    _calls: dict[str, list[CallNode]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for node in self.nodes:
@@ -228,7 +228,9 @@ class _Recorder(TorchFunctionMode):
         self._keep.append(t)
         return v
 
-    def _record(self, name: str, kind: type[nn.Module] | None, inputs: tuple[int, ...], outs: list[torch.Tensor]) -> None:
+    def _record(
+        self, name: str, kind: type[nn.Module] | None, inputs: tuple[int, ...], outs: list[torch.Tensor]
+    ) -> None:
         outputs = tuple(self._new_value(t) for t in dict.fromkeys(outs))  # same object twice: one value
         self.nodes.append(CallNode(name, kind, inputs, outputs, len(self.nodes)))
 

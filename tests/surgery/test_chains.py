@@ -179,7 +179,8 @@ def test_conv_bn_act_resnet18(resnet18: nn.Module) -> None:
     assert len(found) == 20  # 17 main-path convs + 3 downsample convs
     by_conv = {p.conv: p for p in found}
     assert by_conv["conv1"] == ConvBNAct("conv1", "bn1", "relu", None, False)  # maxpool follows
-    assert by_conv["layer1.0.conv1"] == ConvBNAct("layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu", "layer1.0.conv2", True)
+    expected = ConvBNAct("layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu", "layer1.0.conv2", True)
+    assert by_conv["layer1.0.conv1"] == expected
     assert by_conv["layer1.0.conv1"].feeds_conv
     # bn2 feeds the residual add, so no activation and no next conv
     assert by_conv["layer2.0.conv2"] == ConvBNAct("layer2.0.conv2", "layer2.0.bn2", None, None, False)
