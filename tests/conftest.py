@@ -26,3 +26,12 @@ def seed() -> int:
 
     L.seed_everything(0, verbose=False)
     return 0
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_state():
+    """`Trainer(deterministic=True)` switches a process-wide flag; do not let it leak into later tests
+    (a spawned DDP worker inherits it through Lightning's global-state snapshot)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic)

@@ -149,8 +149,13 @@ class CompressionReport(Callback):
     def on_fit_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
         self.final = self.measure(trainer, pl_module)
         out_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir  # log_dir is collective
-        if not trainer.is_global_zero:
-            return
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, out_dir)
+        # Keep the ranks together until the report is written: a worker that exits (and tears down
+        # its gloo process group) while rank 0 is still busy was seen to abort under `ddp_spawn`.
+        trainer.strategy.barrier("lit_compress.report")
+
+    def _write(self, trainer: Any, pl_module: L.LightningModule, out_dir: str) -> None:
         from lit_compress.report import format_report_markdown, write_report
 
         events = [dict(e) for e in applied_events(pl_module)]

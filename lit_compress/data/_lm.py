@@ -244,7 +244,8 @@ class WindowedLMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(RandomWindowDataset(self.train_ids, self.block_size, self.samples_per_epoch, self.seed), True)
+        dataset = RandomWindowDataset(self.train_ids, self.block_size, self.samples_per_epoch, self.seed)
+        return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(ConsecutiveWindowDataset(self.val_ids, self.block_size, self.val_samples), False)

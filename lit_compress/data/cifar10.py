@@ -90,7 +90,8 @@ class CIFAR10DataModule(L.LightningDataModule):
             if "not found" not in str(err).lower() and "corrupted" not in str(err).lower():
                 raise
             raise FileNotFoundError(
-                f"CIFAR-10 was not found in `data_dir`={self.data_dir!r} (expected {self.data_dir}/cifar-10-batches-py). "
+                f"CIFAR-10 was not found in `data_dir`={self.data_dir!r} "
+                f"(expected {self.data_dir}/cifar-10-batches-py). "
                 "Set `download: true` (needs the internet) or point `data_dir` at an existing copy."
             ) from None
 

@@ -12,6 +12,7 @@ import importlib.resources
 from typing import Optional
 
 import lightning as L
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 import numpy as np
 import torch
 from torch import Tensor
@@ -73,7 +74,7 @@ def stratified_split(labels: np.ndarray, n_first: int, seed: int) -> tuple[np.nd
     order = np.lexsort((classes, -(exact - quota)))  # largest remainder first, ties by class
     quota[order[: n_first - int(quota.sum())]] += 1
     rng = np.random.default_rng(seed)
-    first = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    first = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)]
     first_idx = np.sort(np.concatenate(first)) if first else np.empty(0, dtype=np.int64)
     mask = np.ones(n, dtype=bool)
     mask[first_idx] = False
@@ -122,12 +123,12 @@ class MNIST5kDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_size: int = 1000,
-        val_size: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
+        train_size: PositiveInt = 1000,
+        val_size: NonNegativeInt = 0,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
         seed: int = 0,
-        image_size: int = 28,
+        image_size: PositiveInt = 28,
         normalize: bool = True,
     ) -> None:
         super().__init__()

@@ -1,9 +1,13 @@
 """CIFAR-style ResNets (He et al. 2016, section 4.2): 6n+2 layers, three stages of widths 16/32/64.
 
 Every operation is a named ``nn.Module`` (activations included, none in place, so forward hooks see
-unmodified outputs), so that module- and graph-based surgery can see and replace each one. A block's shortcut is always an ``nn.Sequential``: empty when
-it is the identity, ``(conv 1x1, bn)`` for ``shortcut="conv"`` (option B, the default) or a
-parameter-free :class:`PadShortcut` for ``shortcut="pad"`` (option A of the paper).
+unmodified outputs), so that module- and graph-based surgery can see and replace each one. A block's
+shortcut is always an ``nn.Sequential``: empty when it is the identity, ``(conv 1x1, bn)`` for
+``shortcut="conv"`` (option B, the default) or a parameter-free :class:`PadShortcut` for
+``shortcut="pad"`` (option A of the paper).
+
+Parameters of ResNet-20 with 10 classes: 269,722 with option A on 3x32x32 (the paper's 0.27 M);
+272,474 with option B (3 channels) and 272,186 on 1x28x28 (the count in ``shared/BENCHMARKS.md``).
 """
 
 from __future__ import annotations
@@ -153,7 +157,8 @@ def cifar_resnet(
         ConfigError: If ``depth`` is not of the form 6n + 2 with n >= 1.
     """
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
-        raise allowed("depth", depth, f"must be of the form 6n+2 with n >= 1, e.g. {', '.join(map(str, RESNET_DEPTHS))}")
+        examples = ", ".join(map(str, RESNET_DEPTHS))
+        raise allowed("depth", depth, f"must be of the form 6n+2 with n >= 1, e.g. {examples}")
     return CifarResNet((depth - 2) // 6, in_channels, num_classes, width_mult, shortcut)
 
 

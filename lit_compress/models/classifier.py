@@ -5,6 +5,7 @@ import math
 from typing import Any, Literal, Optional
 
 import lightning as L
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 import torch
 import torchmetrics
 import torchvision
@@ -133,16 +134,16 @@ class ImageClassifier(CompressMixin, L.LightningModule):
     def __init__(
         self,
         backbone: str = "small_cnn",
-        num_classes: int = 10,
-        in_channels: int = 1,
-        width_mult: float = 1.0,
-        image_size: int = 28,
+        num_classes: PositiveInt = 10,
+        in_channels: PositiveInt = 1,
+        width_mult: PositiveFloat = 1.0,
+        image_size: PositiveInt = 28,
         optimizer: Literal["sgd", "adamw", "adam"] = "sgd",
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        lr: PositiveFloat = 0.05,
+        momentum: NonNegativeFloat = 0.9,
+        weight_decay: NonNegativeFloat = 5e-4,
         scheduler: Literal["cosine", "step", "none"] = "cosine",
-        label_smoothing: float = 0.0,
+        label_smoothing: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__()
         _check_classifier_args(
@@ -220,9 +221,7 @@ class ImageClassifier(CompressMixin, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
 
-def lambda_lr_at(
-    optimizer: torch.optim.Optimizer, fn: Any, start: int = 0
-) -> torch.optim.lr_scheduler.LambdaLR:
+def lambda_lr_at(optimizer: torch.optim.Optimizer, fn: Any, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` whose counter starts at ``start`` (the current epoch or step), not 0.
 
     A schedule built in the middle of training (``configure_optimizers`` called again after a

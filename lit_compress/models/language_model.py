@@ -4,6 +4,7 @@ import math
 from typing import Any, Literal, Optional
 
 import lightning as L
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 import torch
 import torchmetrics
 from torch import Tensor, nn
@@ -65,7 +66,8 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
     """Next-token language modelling with a decoder-only transformer, AdamW and warm-up + cosine.
 
     Args:
-        vocab_size: Vocabulary size (linked from the DataModule's ``vocab_size`` by the CLI).
+        vocab_size: Vocabulary size. Left unset (None) in a ``lit_compress`` CLI config, it is filled
+            in from the DataModule's ``vocab_size``; it must be set when the class is built directly.
         block_size: Context length.
         n_layer: Transformer blocks.
         n_head: Attention heads.
@@ -85,19 +87,26 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
 
     def __init__(
         self,
-        vocab_size: int = 65,
-        block_size: int = 128,
-        n_layer: int = 4,
-        n_head: int = 4,
-        d_model: int = 256,
-        dropout: float = 0.0,
+        vocab_size: Optional[PositiveInt] = None,
+        block_size: PositiveInt = 128,
+        n_layer: PositiveInt = 4,
+        n_head: PositiveInt = 4,
+        d_model: PositiveInt = 256,
+        dropout: NonNegativeFloat = 0.0,
         activation: Literal["gelu", "relu", "silu"] = "gelu",
         tie_embeddings: bool = False,
-        lr: float = 3e-4,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 100,
+        lr: PositiveFloat = 3e-4,
+        weight_decay: NonNegativeFloat = 0.1,
+        warmup_steps: NonNegativeInt = 100,
     ) -> None:
         super().__init__()
+        if vocab_size is None:
+            raise allowed(
+                "vocab_size",
+                vocab_size,
+                "must be an int >= 1; set it, or use the lit_compress CLI with a data module that has "
+                "`vocab_size` (e.g. ShakespeareDataModule), which fills it in",
+            )
         check_transformer_args(vocab_size, block_size, n_layer, n_head, d_model, dropout, activation)
         if not lr > 0:
             raise allowed("lr", lr, "must be > 0")
@@ -172,7 +181,8 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
         """Sample ``max_new_tokens`` tokens after ``idx`` ``(B, T)``; returns ``(B, T + max_new_tokens)``.
 
         ``temperature <= 0`` picks the most likely token (greedy); ``top_k`` keeps the k most likely.
-        The context is cropped to the last ``block_size`` tokens.
+        The context is cropped to the last ``block_size`` tokens. Call ``.eval()`` first when the model
+        has dropout.
         """
         block_size = self.hparams.block_size
         for _ in range(max_new_tokens):
