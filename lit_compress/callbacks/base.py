@@ -59,10 +59,11 @@ class CompressionCallback(Callback):
     Args:
         bn_recalibration_batches: After each event, re-estimate BatchNorm running statistics on
             this many training batches before training goes on (0 turns it off; ignored for models
-            without BatchNorm).
+            without BatchNorm). On by default: after a structural change the old statistics no
+            longer describe the new layers' outputs.
     """
 
-    def __init__(self, bn_recalibration_batches: NonNegativeInt = 0) -> None:
+    def __init__(self, bn_recalibration_batches: NonNegativeInt = 20) -> None:
         if bn_recalibration_batches < 0:
             raise allowed("bn_recalibration_batches", bn_recalibration_batches, "must be an integer >= 0")
         self.bn_recalibration_batches = bn_recalibration_batches
