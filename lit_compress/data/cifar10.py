@@ -6,13 +6,13 @@ validation and test: normalisation only. The data is downloaded only when ``down
 
 from typing import Any, Optional
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
 from lit_compress.data.mnist5k import stratified_split
+from lit_compress.data._splits import SplitDataModule
 from lit_compress.errors import allowed
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -37,7 +37,7 @@ def eval_transform() -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
 
 
-class CIFAR10DataModule(L.LightningDataModule):
+class CIFAR10DataModule(SplitDataModule):
     """CIFAR-10 (50,000 training / 10,000 test images of 3x32x32, 10 classes).
 
     Args:
@@ -118,33 +118,6 @@ class CIFAR10DataModule(L.LightningDataModule):
         else:
             self.train_set, self.val_set = train_aug, test
         self.test_set = test
-
-    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
-        assert dataset is not None  # setup() ran
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
 
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10DataModule", "eval_transform", "train_transform"]

