@@ -30,11 +30,9 @@ def assert_ranks_identical_and_trained(out_dir: Path) -> None:
     assert end[0] != after_event[0], "training did not go on after the event"
 
 
-def test_ddp_spawn_event_keeps_ranks_identical(tmp_path: Path) -> None:
-    L.seed_everything(0, verbose=False)
-    model = ToyNetWithMixin()
-    trainer = L.Trainer(
-        max_epochs=2,
+def spawn_trainer(tmp_path: Path, callbacks: list[Any], max_epochs: int) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs,
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
@@ -43,13 +41,19 @@ def test_ddp_spawn_event_keeps_ranks_identical(tmp_path: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
-        callbacks=[
-            SplitLinear(at_step=2, bn_recalibration_batches=2),
-            HashRecorder(str(tmp_path)),
-            CompressionReport(print_report=False),
-        ],
+        callbacks=callbacks,
     )
-    trainer.fit(model)
+
+
+def test_ddp_spawn_event_keeps_ranks_identical(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    model = ToyNetWithMixin()
+    callbacks = [
+        SplitLinear(at_step=2, bn_recalibration_batches=2),
+        HashRecorder(str(tmp_path)),
+        CompressionReport(print_report=False),
+    ]
+    spawn_trainer(tmp_path, callbacks, max_epochs=2).fit(model)
     assert_ranks_identical_and_trained(tmp_path)
     # With CompressMixin the launching process's model follows the workers' events and weights.
     assert isinstance(model.mid, torch.nn.Sequential)
@@ -62,19 +66,8 @@ def test_ddp_spawn_event_keeps_ranks_identical(tmp_path: Path) -> None:
 def test_ddp_spawn_plain_module_gets_a_clear_message(tmp_path: Path, capfd: Any) -> None:
     L.seed_everything(0, verbose=False)
     model = ToyNet()  # no mixin: Lightning refreshes it with strict=False; we must say so
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[SplitLinear(at_step=2), CompressionReport(print_report=False, measure_flops=False)],
-    )
-    trainer.fit(model)
+    callbacks = [SplitLinear(at_step=2), CompressionReport(print_report=False, measure_flops=False)]
+    spawn_trainer(tmp_path, callbacks, max_epochs=1).fit(model)
     err = capfd.readouterr().err
     assert "ddp_spawn" in err and "ORIGINAL architecture" in err and "load_from_checkpoint" in err
     assert isinstance(model.mid, torch.nn.Linear)  # the documented limitation, unchanged by Lightning
