@@ -19,6 +19,25 @@ from lit_compress.surgery.chains import (
     linear_layout,
     sequential_conv_bn_pairs,
 )
+from lit_compress.surgery.collapse import (
+    CollapsibleActivation,
+    collapse_,
+    collapse_linear_pair,
+    collapse_penalty,
+    collapse_post_training_,
+    collapsible_activations,
+    make_collapsible_,
+    slope_parameters,
+)
+from lit_compress.surgery.conv_merge import (
+    compose_conv_chain,
+    compose_convs,
+    fuse_downsample_skip,
+    fuse_identity_skip,
+    merge_conv_chain_,
+    move_chain_padding_,
+    move_padding_to_first,
+)
 from lit_compress.surgery.log import LOG_KEY, LOG_VERSION, make_record, strip_measurements, to_plain
 from lit_compress.surgery.modules import (
     SurgeryTransaction,
@@ -39,6 +58,21 @@ from lit_compress.surgery.select import close_names, name_matches, select_module
 from lit_compress.surgery.trace import CallNode, DataflowGraph, leaf_module_names, trace_dataflow
 
 __all__ = [
+    "compose_conv_chain",
+    "compose_convs",
+    "fuse_downsample_skip",
+    "fuse_identity_skip",
+    "merge_conv_chain_",
+    "move_chain_padding_",
+    "move_padding_to_first",
+    "CollapsibleActivation",
+    "collapse_",
+    "collapse_linear_pair",
+    "collapse_penalty",
+    "collapse_post_training_",
+    "collapsible_activations",
+    "make_collapsible_",
+    "slope_parameters",
     "ACTIVATION_TYPES",
     "LOG_KEY",
     "LOG_VERSION",
