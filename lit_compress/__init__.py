@@ -18,6 +18,7 @@ _LAZY = {
     "CompressionCallback": "lit_compress.callbacks",
     "CompressionReport": "lit_compress.callbacks",
     "FoldBatchNorm": "lit_compress.callbacks",
+    "LayerCollapse": "lit_compress.callbacks",
     "export_compressed": "lit_compress.export",
     "load_compressed": "lit_compress.export",
 }

@@ -168,3 +168,48 @@ class HashRecorder(L.Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._write(trainer, pl_module, "end")
+
+
+class MLPNet(L.LightningModule):
+    """A 3-Linear classifier head (Linear → ReLU → Dropout → Linear → ReLU → Linear) on fixed random data."""
+
+    def __init__(
+        self, optimizer: Literal["adam", "sgd"] = "sgd", lr: float = 0.05, samples: int = 64, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.classifier = nn.Sequential(
+            nn.Linear(16, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+        )
+        self.example_input_array = torch.zeros(2, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.hparams.optimizer == "adam":
+            return torch.optim.AdamW(groups, lr=self.hparams.lr)
+        return torch.optim.SGD(groups, lr=self.hparams.lr, momentum=0.9)
+
+    def _data(self, seed: int) -> DataLoader:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.hparams.samples, 16, generator=g)
+        y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+        return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._data(0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._data(1)

@@ -1,0 +1,288 @@
+"""``LayerCollapse`` (Zibakhsh Shabgahi, Shariff, Koushanfar 2023): linearise MLP activations, then collapse.
+
+Each selected MLP (``Linear → activation [→ Dropout] [→ BatchNorm1d] → Linear``) gets a collapsible
+activation ``φ_a(h) = max(0, h) + a·min(0, h)`` with one scalar slope ``a``. A regulariser
+``λ·Σ(a − 1)²`` pushes the slopes towards 1 (the identity); once ``|a − 1| < τ`` the slope is set to
+1 and the two linears are merged into one (``W = W2·W1``, ``b = W2·b1 + b2``, BatchNorm folded,
+dropout removed). The math lives in :mod:`lit_compress.surgery.collapse`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveInt
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lit_compress.callbacks.base import CompressionCallback, Moment
+from lit_compress.errors import ConfigError, allowed
+from lit_compress.surgery.chains import ChainLink, find_linear_chains
+from lit_compress.surgery.collapse import (
+    CollapsibleActivation,
+    collapse_,
+    collapsible_activations,
+    make_collapsible_,
+)
+from lit_compress.surgery.select import name_matches
+
+PenaltyMode = Literal["auto", "loss", "decoupled"]
+
+
+class LayerCollapse(CompressionCallback):
+    """Collapse MLPs during training with the LayerCollapse regulariser (see the module docstring).
+
+    Which MLPs: ``targets`` (patterns over any module name of the MLP: its linears, activation,
+    dropout or norm), then optionally only the last ``last_n`` of them, or the last ``fraction``,
+    counted from the output side. ReLU-family activations start at slope 0 (the same function);
+    GELU/SiLU start at 0.01, which CHANGES the function: such models need regularised fine-tuning
+    before a collapse is accurate.
+
+    Args:
+        targets: fnmatch globs or ``re:`` regexes; default: every MLP found by tracing.
+        last_n: Keep only the last ``n`` selected MLPs (output side first).
+        fraction: Keep only the last ``fraction`` (0, 1] of the selected MLPs, rounded up.
+        stage_size: Convert this many MLPs at a time (output side first); when all of a stage have
+            collapsed, the next stage is converted (progressive LayerCollapse). Default: all at once.
+        lambda_start: λ at the start of the warm-up.
+        lambda_final: λ after the warm-up.
+        warmup: Length of the linear λ warm-up, in ``warmup_unit``.
+        warmup_unit: ``"epochs"`` or ``"steps"``.
+        tau: Collapse an MLP once ``|a − 1| < tau``.
+        collapse_at: ``"epoch_start"``: check (and collapse) at the start of every epoch, i.e. after
+            the previous epoch's training and validation, and at fit end; ``"fit_end"``: only at the end.
+        penalty: ``"loss"`` adds ``2λ(a − 1)`` to the slopes' gradients before each optimizer step
+            (the same as adding the penalty to the loss; the authors' choice under SGD);
+            ``"decoupled"`` steps ``a ← a − lr·2λ(a − 1)`` after the optimizer step (the authors'
+            choice under Adam, whose normalisation would otherwise tie the strength to the
+            learning rate); ``"auto"`` picks decoupled for Adam-family optimizers.
+        log_every_n_steps: How often slopes and λ go to the loggers.
+        bn_recalibration_batches: See :class:`CompressionCallback` (off by default: a collapse changes
+            nothing upstream of the MLP).
+    """
+
+    def __init__(
+        self,
+        targets: Optional[list[str]] = None,
+        last_n: Optional[PositiveInt] = None,
+        fraction: Optional[float] = None,
+        stage_size: Optional[PositiveInt] = None,
+        lambda_start: NonNegativeFloat = 0.0,
+        lambda_final: NonNegativeFloat = 1.0,
+        warmup: NonNegativeFloat = 0,
+        warmup_unit: Literal["epochs", "steps"] = "epochs",
+        tau: OpenUnitInterval = 0.05,
+        collapse_at: Literal["epoch_start", "fit_end"] = "epoch_start",
+        penalty: PenaltyMode = "auto",
+        log_every_n_steps: PositiveInt = 50,
+        bn_recalibration_batches: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        if last_n is not None and fraction is not None:
+            raise allowed("fraction", fraction, "give `last_n` or `fraction`, not both")
+        if last_n is not None and last_n < 1:
+            raise allowed("last_n", last_n, "must be an integer >= 1")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise allowed("fraction", fraction, "must be in (0, 1]")
+        if stage_size is not None and stage_size < 1:
+            raise allowed("stage_size", stage_size, "must be an integer >= 1")
+        for name, value in (("lambda_start", lambda_start), ("lambda_final", lambda_final), ("warmup", warmup)):
+            if value < 0:
+                raise allowed(name, value, "must be >= 0")
+        if not 0 < tau < 1:
+            raise allowed("tau", tau, "must be in (0, 1)")
+        if penalty not in ("auto", "loss", "decoupled"):
+            raise allowed("penalty", penalty, "must be one of 'auto', 'loss', 'decoupled'")
+        if collapse_at not in ("epoch_start", "fit_end"):
+            raise allowed("collapse_at", collapse_at, "must be 'epoch_start' or 'fit_end'")
+        if warmup_unit not in ("epochs", "steps"):
+            raise allowed("warmup_unit", warmup_unit, "must be 'epochs' or 'steps'")
+        self.targets = list(targets) if targets else ["*"]
+        self.last_n, self.fraction, self.stage_size = last_n, fraction, stage_size
+        self.lambda_start, self.lambda_final = float(lambda_start), float(lambda_final)
+        self.warmup, self.warmup_unit = float(warmup), warmup_unit
+        self.tau, self.collapse_at, self.penalty = float(tau), collapse_at, penalty
+        self.log_every_n_steps = log_every_n_steps
+        self.selected: Optional[list[dict[str, Any]]] = None  # the chosen MLPs, output side last
+        self.converted = 0  # how many of `selected` have been converted so far
+        self.collapsed: list[str] = []  # activation names collapsed so far
+
+    # ------------------------------------------------------------------ schedule
+    def current_lambda(self, trainer: Any) -> float:
+        """λ at the trainer's position: a linear ramp from ``lambda_start`` to ``lambda_final``."""
+        if self.warmup <= 0:
+            return self.lambda_final
+        if self.warmup_unit == "steps":
+            progress = trainer.global_step / self.warmup
+        else:
+            batches = trainer.num_training_batches
+            batches = int(batches) if batches not in (None, float("inf")) and batches > 0 else 1
+            steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+            progress = trainer.global_step / (self.warmup * steps_per_epoch)
+        progress = min(1.0, max(0.0, progress))
+        return self.lambda_start + (self.lambda_final - self.lambda_start) * progress
+
+    @override
+    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+        if moment == "fit_start":
+            return self.selected is None or self.converted == 0
+        if moment == "epoch_start" and self.collapse_at == "epoch_start" and trainer.current_epoch > 0:
+            return self._collapsible_now(pl_module)
+        if moment == "fit_end":
+            return self._collapsible_now(pl_module)
+        return False
+
+    def _collapsible_now(self, pl_module: L.LightningModule) -> bool:
+        return any(abs(float(a.slope) - 1.0) < self.tau for _, a in collapsible_activations(pl_module))
+
+    # ------------------------------------------------------------------ plan / apply
+    @override
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Optional[dict[str, Any]]:
+        if self.selected is None:
+            self.selected = self._select(trainer, pl_module)
+        live = dict(collapsible_activations(pl_module))
+        converted = self.selected[len(self.selected) - self.converted :]  # converted from the output side
+        ready = [
+            link for link in converted
+            if link["activation"] in live and abs(float(live[link["activation"]].slope) - 1.0) < self.tau
+        ]
+        collapse = []
+        for link in ready:
+            reason = _no_saving_reason(pl_module, link)
+            if reason:
+                rank_zero_warn(f"LayerCollapse: not collapsing the MLP at `{link['activation']}`: {reason}")
+            else:
+                collapse.append(link)
+        done = set(self.collapsed) | {link["activation"] for link in collapse}
+        pending = [link for link in converted if link["activation"] not in done]
+        convert: list[dict[str, Any]] = []
+        if not pending and self.converted < len(self.selected):
+            step = self.stage_size or len(self.selected)
+            start = len(self.selected) - self.converted  # convert from the output side backwards
+            convert = self.selected[max(0, start - step) : start]
+        if not collapse and not convert:
+            return None
+        return {"collapse": collapse, "convert": convert}
+
+    @override
+    def apply_event(self, pl_module: L.LightningModule, plan: dict[str, Any]) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        if plan["collapse"]:
+            links = [ChainLink(**link) for link in plan["collapse"]]
+            records += collapse_(pl_module, links, tau=self.tau)
+            self.collapsed += [link["activation"] for link in plan["collapse"]]
+        if plan["convert"]:
+            records += make_collapsible_(pl_module, [ChainLink(**link) for link in plan["convert"]])
+            self.converted += len(plan["convert"])
+        return records
+
+    def _select(self, trainer: Any, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+        """The MLPs to work on, in model order (the last ones are nearest the output)."""
+        inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
+        if inputs is None:
+            raise ConfigError("LayerCollapse needs an example input to find MLPs: set `example_input_array` on the module.")
+        links = [asdict(link) for chain in find_linear_chains(pl_module, inputs) for link in chain.links()]
+        found = [link for link in links if any(name_matches(n, self.targets) for n in link.values() if n)]
+        if not found:
+            names = ", ".join(link["activation"] for link in links) or "none"
+            raise ConfigError(
+                f"`targets`={self.targets!r} matches no collapsible MLP (Linear → activation [→ Dropout] "
+                f"[→ BatchNorm1d] → Linear). MLPs found, by activation name: {names}."
+            )
+        if self.last_n is not None:
+            found = found[-self.last_n :]
+        elif self.fraction is not None:
+            found = found[-max(1, math.ceil(len(found) * self.fraction)) :]
+        return found
+
+    # ------------------------------------------------------------------ the regulariser
+    def _mode(self, trainer: Any) -> str:
+        if self.penalty != "auto":
+            return self.penalty
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        return "decoupled" if opt is not None and "adam" in type(opt).__name__.lower() else "loss"
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self._mode(trainer) != "loss":
+            return
+        lam = self.current_lambda(trainer)
+        for _, act in collapsible_activations(pl_module):
+            if act.slope.grad is None:
+                act.slope.grad = torch.zeros_like(act.slope)
+            act.slope.grad.add_(2.0 * lam * (act.slope.detach() - 1.0))
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = trainer.global_step != self._last_global_step
+        if stepped and self._mode(trainer) == "decoupled":
+            self._decoupled_step(trainer, pl_module)
+        if stepped and trainer.global_step % self.log_every_n_steps == 0:
+            self._log(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @torch.no_grad()
+    def _decoupled_step(self, trainer: Any, pl_module: L.LightningModule) -> None:
+        lam = self.current_lambda(trainer)
+        lrs = {id(p): g["lr"] for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        for _, act in collapsible_activations(pl_module):
+            lr = lrs.get(id(act.slope))
+            if lr is not None:
+                act.slope.sub_(lr * 2.0 * lam * (act.slope - 1.0))
+
+    def _log(self, trainer: Any, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {"collapse/lambda": self.current_lambda(trainer)}
+        metrics.update({f"collapse/slope/{name}": float(a.slope) for name, a in collapsible_activations(pl_module)})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        _warn_about_weight_decay(trainer, pl_module)
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {"selected": self.selected, "converted": self.converted, "collapsed": list(self.collapsed)}
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.selected = state.get("selected")
+        self.converted = int(state.get("converted", 0))
+        self.collapsed = list(state.get("collapsed", []))
+
+
+def _no_saving_reason(model: torch.nn.Module, link: dict[str, Any]) -> Optional[str]:
+    first, second = model.get_submodule(link["first"]), model.get_submodule(link["second"])
+    pair = sum(p.numel() for p in first.parameters()) + sum(p.numel() for p in second.parameters())
+    merged = first.in_features * second.out_features + second.out_features
+    if merged >= pair:
+        return (
+            f"one Linear({first.in_features}, {second.out_features}) has {merged} parameters, not fewer than "
+            f"the pair's {pair}"
+        )
+    return None
+
+
+def _warn_about_weight_decay(trainer: Any, pl_module: L.LightningModule) -> None:
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            if group.get("weight_decay", 0) and any(isinstance(p, torch.nn.Parameter) and p.dim() == 0 for p in group["params"]):
+                slopes = {id(a.slope) for _, a in collapsible_activations(pl_module)}
+                if any(id(p) in slopes for p in group["params"]):
+                    rank_zero_warn(
+                        "LayerCollapse: the activation slopes sit in a parameter group with "
+                        f"weight_decay={group['weight_decay']}; the method expects none (decay pulls the slopes "
+                        "away from 1). Put parameters with fewer than 2 dimensions (or named '*.slope') in a "
+                        "group with weight_decay=0 in `configure_optimizers`."
+                    )
+                    return
+
+
+__all__ = ["LayerCollapse", "CollapsibleActivation"]
