@@ -42,7 +42,7 @@ from torch import nn
 from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.surgery.bn_fold import fold_linear_bn
 from lit_compress.surgery.bn_stats import default_forward
-from lit_compress.surgery.chains import ChainLink, LinearChain
+from lit_compress.surgery.chains import linear_layout, ChainLink, LinearChain
 from lit_compress.surgery.log import make_record
 from lit_compress.surgery.modules import SurgeryTransaction, get_submodule, preserve_mode, replace_submodule
 from lit_compress.surgery.replay import register_replay
@@ -131,12 +131,20 @@ class CollapsibleActivation(nn.Module):
 # --------------------------------------------------------------------------------------------- helpers
 
 
+#: Hugging Face activation classes (matched by name, so transformers need not be installed).
+HF_GELU_CLASSES = ("GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh")
+
+
 def _kind_and_slope(name: str, module: nn.Module) -> tuple[str, float]:
     for cls, kind in SUPPORTED_ACTIVATIONS.items():
         if isinstance(module, cls):
             break
     else:
-        supported = ", ".join(c.__name__ for c in SUPPORTED_ACTIVATIONS)
+        if type(module).__name__ in HF_GELU_CLASSES:
+            return "gelu", float(_DEFAULT_INIT["gelu"])
+        if type(module).__name__ == "SiLUActivation":
+            return "silu", float(_DEFAULT_INIT["silu"])
+        supported = ", ".join([c.__name__ for c in SUPPORTED_ACTIVATIONS] + list(HF_GELU_CLASSES))
         raise ConfigError(
             f"Cannot make `{name}` collapsible: its type {type(module).__name__} is not supported "
             f"(supported: {supported})."
@@ -160,11 +168,6 @@ def _as_links(items: Any, what: str) -> list[ChainLink]:
     links: list[ChainLink] = []
     for item in items:
         if isinstance(item, LinearChain):
-            if any(item.transposed):
-                raise SurgeryError(
-                    f"Cannot use chain {item.linears} for LayerCollapse: transposed (GPT-2 Conv1D) layers are "
-                    "not supported yet; only nn.Linear."
-                )
             links.extend(item.links())
         elif isinstance(item, ChainLink):
             links.append(item)
@@ -189,6 +192,24 @@ def _activation_names(targets: Any) -> list[str]:
                 f"`targets` entry {item!r} is not allowed: expected a LinearChain, ChainLink or activation name."
             )
     return list(dict.fromkeys(names))
+
+
+def as_linear(layer: nn.Module) -> nn.Linear:
+    """``layer`` itself if it is an ``nn.Linear``; a GPT-2 style ``Conv1D`` (weight ``(in, out)``,
+    ``y = x @ W + b``) as the equivalent ``nn.Linear`` (weight transposed); else ``SurgeryError``."""
+    layout = linear_layout(layer)
+    if layout == "linear":
+        return layer  # type: ignore[return-value]
+    if layout == "transposed":
+        weight = layer.weight  # (in, out)
+        bias = getattr(layer, "bias", None)
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear.train(layer.training)
+    raise SurgeryError(f"Cannot collapse a {type(layer).__name__}: expected nn.Linear or a GPT-2 style Conv1D.")
 
 
 def _linear_params(layer: nn.Linear) -> int:
@@ -384,7 +405,7 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
             into = link.first
             while into in moved:
                 into = moved[into]
-            first, second = get_submodule(model, into), get_submodule(model, link.second)
+            first, second = as_linear(get_submodule(model, into)), as_linear(get_submodule(model, link.second))
             norm = get_submodule(model, link.norm) if link.norm else None
             if norm is not None and type(norm) is not nn.BatchNorm1d:
                 raise SurgeryError(f"`{link.norm}` is a {type(norm).__name__}, expected BatchNorm1d.")
@@ -486,10 +507,7 @@ def _replay_collapse(model: nn.Module, record: dict[str, Any]) -> None:
     with a bias; activation, dropout, norm and ``second`` become ``nn.Identity``."""
     for entry in record["links"]:
         into, second_name = entry["into"], entry["second"]
-        first, second = get_submodule(model, into), get_submodule(model, second_name)
-        for name, layer in ((into, first), (second_name, second)):
-            if not isinstance(layer, nn.Linear):
-                raise SurgeryError(f"`{name}` is a {type(layer).__name__}, expected nn.Linear.")
+        first, second = as_linear(get_submodule(model, into)), as_linear(get_submodule(model, second_name))
         device, dtype = first.weight.device, first.weight.dtype
         merged = nn.Linear(first.in_features, second.out_features, device=device, dtype=dtype).train(first.training)
         replace_submodule(model, into, merged)

@@ -216,7 +216,7 @@ def test_unsupported_activation_message() -> None:
     model = nn.Sequential(nn.Linear(4, 30), nn.Tanh(), nn.Linear(30, 2))
     expected = (
         r"Cannot make `1` collapsible: its type Tanh is not supported "
-        r"\(supported: ReLU, LeakyReLU, PReLU, GELU, SiLU\)"
+        r"\(supported: ReLU, LeakyReLU, PReLU, GELU, SiLU, GELUActivation"
     )
     with pytest.raises(ConfigError, match=expected):
         make_collapsible_(model, find_linear_chains(model, torch.randn(2, 4)))
