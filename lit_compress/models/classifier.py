@@ -123,7 +123,7 @@ class ImageClassifier(CompressMixin, L.LightningModule):
         optimizer: ``sgd`` (with momentum), ``adamw`` or ``adam``.
         lr: Peak learning rate.
         momentum: SGD momentum.
-        weight_decay: Weight decay on all parameters.
+        weight_decay: Weight decay on weight matrices and kernels (not on biases, norms or scalar slopes).
         scheduler: ``cosine`` (to 0 over ``max_epochs``), ``step`` (x0.1 at 50 % and 75 % of
             ``max_epochs``) or ``none``.
         label_smoothing: Label smoothing of the training loss.
@@ -197,15 +197,19 @@ class ImageClassifier(CompressMixin, L.LightningModule):
         middle of training continues it where it was instead of restarting it.
         """
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
+        # Weight decay on weight matrices and kernels only: not on biases, norm parameters, or the
+        # scalar slopes that LayerCollapse adds (decay would pull them away from 1).
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        params = [
+            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+        ]
         if hp.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum)
         elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.AdamW(params, lr=hp.lr)
         else:
-            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.Adam(params, lr=hp.lr)
         if hp.scheduler == "none":
             return opt
         trainer = self._trainer
