@@ -104,3 +104,15 @@ def test_hf_bert_ffn_blocks_collapse_exactly() -> None:
     before = model(ids).last_hidden_state
     collapse_(model, chains, tau=0.05)
     torch.testing.assert_close(model(ids).last_hidden_state, before, **TOL)
+
+
+def test_torchvision_vit_mlp_blocks_collapse_exactly() -> None:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=64).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    before, after = collapse_all_at_slope_one(model, x)
+    torch.testing.assert_close(after, before, **TOL)
+    mlp = model.encoder.layers.encoder_layer_1.mlp
+    assert isinstance(mlp[0], nn.Linear) and (mlp[0].in_features, mlp[0].out_features) == (16, 16)
