@@ -74,3 +74,10 @@ def test_bad_values_fail_with_the_key_and_the_value(override: list[str], expecte
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert __import__("re").search(expected, err, flags=__import__("re").S), err[-1500:]
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_parses_and_builds(config: str) -> None:
+    cli = build_cli(["--config", str(ROOT / "configs" / config)], run=False)
+    assert cli.model is not None and cli.datamodule is not None
+    assert any(type(cb).__module__.startswith("lit_compress") for cb in cli.trainer.callbacks)

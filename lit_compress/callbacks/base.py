@@ -113,7 +113,9 @@ class CompressionCallback(Callback):
         trainer.strategy.barrier("lit_compress.event")
         overhead_s = time.perf_counter() - start
 
-        after = reporter.measure(trainer, pl_module)
+        # Validation metrics in `after` would be the stale ones from before the event; the report fills
+        # them in at the next validation.
+        after = {k: v for k, v in reporter.measure(trainer, pl_module).items() if not k.startswith("val")}
         logged = {id(e) for e in applied_events(pl_module)}
         record_events(pl_module, [r for r in records if id(r) not in logged])
         first_index = len(applied_events(pl_module)) - len(records)

@@ -137,7 +137,7 @@ class LayerCollapse(CompressionCallback):
         return False
 
     def _collapsible_now(self, pl_module: L.LightningModule) -> bool:
-        return any(abs(float(a.slope) - 1.0) < self.tau for _, a in collapsible_activations(pl_module))
+        return any(abs(float(a.slope.detach()) - 1.0) < self.tau for _, a in collapsible_activations(pl_module))
 
     # ------------------------------------------------------------------ plan / apply
     @override
@@ -238,7 +238,7 @@ class LayerCollapse(CompressionCallback):
         if not trainer.is_global_zero:
             return
         metrics = {"collapse/lambda": self.current_lambda(trainer)}
-        metrics.update({f"collapse/slope/{name}": float(a.slope) for name, a in collapsible_activations(pl_module)})
+        metrics.update({f"collapse/slope/{name}": float(a.slope.detach()) for name, a in collapsible_activations(pl_module)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
