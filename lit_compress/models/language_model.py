@@ -79,6 +79,9 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
         weight_decay: AdamW weight decay on weight matrices (not on biases, norms, embeddings).
         warmup_steps: Linear warm-up steps; a cosine decay to 10 % of ``lr`` follows until the
             trainer's ``estimated_stepping_batches``.
+        architecture: ``"transformer"`` (ours), or a Hugging Face ``"gpt2"`` / ``"bert"`` (as a
+            decoder) structure of the same size, built from a config (needs the ``hf`` extra;
+            ``activation`` and ``tie_embeddings`` then follow the HF defaults).
 
     Batches are ``(x, y)`` of shape ``(B, T)`` int64, ``y`` being ``x`` shifted by one.
     Logs ``train_loss``, ``val_loss``, ``val_ppl`` (exp of the token-mean validation loss) and
@@ -98,6 +101,7 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
         lr: PositiveFloat = 3e-4,
         weight_decay: NonNegativeFloat = 0.1,
         warmup_steps: NonNegativeInt = 100,
+        architecture: Literal["transformer", "gpt2", "bert"] = "transformer",
     ) -> None:
         super().__init__()
         if vocab_size is None:
@@ -115,7 +119,16 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
         if warmup_steps < 0:
             raise allowed("warmup_steps", warmup_steps, "must be >= 0")
         self.save_hyperparameters()
-        self.net = TransformerLM(vocab_size, block_size, n_layer, n_head, d_model, dropout, activation, tie_embeddings)
+        if architecture == "transformer":
+            self.net: nn.Module = TransformerLM(
+                vocab_size, block_size, n_layer, n_head, d_model, dropout, activation, tie_embeddings
+            )
+        elif architecture in ("gpt2", "bert"):
+            from lit_compress.models.hf_lm import HFCausalLM
+
+            self.net = HFCausalLM(architecture, vocab_size, block_size, n_layer, n_head, d_model, dropout)
+        else:
+            raise allowed("architecture", architecture, "must be 'transformer', 'gpt2' or 'bert'")
         self.val_loss_mean = torchmetrics.MeanMetric()
         self.test_loss_mean = torchmetrics.MeanMetric()
         self.example_input_array = torch.zeros(2, block_size, dtype=torch.long)

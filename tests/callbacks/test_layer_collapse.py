@@ -209,3 +209,22 @@ def test_collapse_under_ddp_spawn_keeps_ranks_identical(tmp_path: Path) -> None:
     end = [(tmp_path / f"end_rank{r}.txt").read_text() for r in (0, 1)]
     assert after[0] == after[1] and end[0] == end[1]
     assert end[0] != after[0]
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "bert"])
+def test_hf_structures_train_with_layer_collapse(tmp_path: Path, seed: int, architecture: str) -> None:
+    pytest.importorskip("transformers")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lit_compress.models import CausalLanguageModel
+
+    model = CausalLanguageModel(
+        vocab_size=30, block_size=16, n_layer=2, n_head=2, d_model=16, architecture=architecture, warmup_steps=1
+    )
+    tokens = torch.randint(0, 30, (32, 17))
+    loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
+    callback = LayerCollapse(last_n=1, lambda_final=50.0)
+    trainer_for(tmp_path, [callback], max_epochs=2).fit(model, loader, loader)
+    (name, act), = collapsible_activations(model)  # the last block's FFN only
+    assert name.endswith(("h.1.mlp.act", "layer.1.intermediate.intermediate_act_fn"))
+    assert float(act.slope.detach()) > 0.01  # the decoupled penalty (AdamW) moved it towards 1
