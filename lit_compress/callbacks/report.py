@@ -167,11 +167,28 @@ class CompressionReport(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial}
+        # The RNG states make a resume bit-exact for models with dropout too (Lightning does not save them).
+        return {"initial": self.initial, "rng": _rng_states()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial = state_dict.get("initial")
+        if state_dict.get("rng") is not None:
+            _set_rng_states(state_dict["rng"])
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch's CPU (and CUDA) generator states, as tensors (``weights_only``-loadable)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _val_metrics(trainer: Any) -> dict[str, float]:

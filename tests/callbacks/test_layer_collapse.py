@@ -179,18 +179,17 @@ def test_resume_after_a_collapse_matches_an_uninterrupted_run(tmp_path: Path) ->
             if trainer.current_epoch == 4:
                 raise RuntimeError("simulated crash")
 
-    # No dropout: Lightning does not checkpoint the RNG, so dropout masks after a resume would differ
-    # from the uninterrupted run whatever lit_compress does.
+    # With dropout: CompressionReport checkpoints the RNG state, which Lightning does not.
     L.seed_everything(0, verbose=False)
-    model_a = MLPNet(dropout=0.0)
+    model_a = MLPNet(dropout=0.1)
     run(tmp_path / "a", [], model_a)
     L.seed_everything(0, verbose=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path / "b", [CrashAt()], MLPNet(dropout=0.0))
+        run(tmp_path / "b", [CrashAt()], MLPNet(dropout=0.1))
     ckpt = tmp_path / "b" / "epoch=2.ckpt"
     saved_ops = [e["op"] for e in torch.load(ckpt, weights_only=True)["lit_compress"]["events"]]
     assert "collapse" in saved_ops  # the checkpoint is taken after a collapse
-    model_c = MLPNet(dropout=0.0)
+    model_c = MLPNet(dropout=0.1)
     run(tmp_path / "c", [], model_c, ckpt=str(ckpt))
     assert [strip_measurements(e) for e in applied_events(model_a)] == [strip_measurements(e) for e in applied_events(model_c)]
     sd_a, sd_c = model_a.state_dict(), model_c.state_dict()
