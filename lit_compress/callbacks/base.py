@@ -45,7 +45,7 @@ from lit_compress.checkpointing import (
     log_payload,
     remove_one_shot_replay,
 )
-from lit_compress.errors import SurgeryError, allowed
+from lit_compress.errors import ConfigError, SurgeryError, allowed
 from lit_compress.surgery.log import LOG_KEY
 from lit_compress.surgery.modules import SurgeryTransaction, preserve_mode
 from lit_compress.surgery.replay import applied_events, record_events
@@ -83,6 +83,14 @@ class CompressionCallback(Callback):
     def apply_event(self, pl_module: L.LightningModule, plan: Any) -> list[dict[str, Any]]:
         """Apply ``plan`` to the module (every rank); return the log records of what was done."""
         raise NotImplementedError
+
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+        """Qualified names of the modules this callback will restructure, or ``None`` if unknown.
+
+        Called once at ``setup`` (before any event) for every lit_compress callback of the Trainer; two
+        callbacks claiming the same module is a :class:`ConfigError` before training starts.
+        """
+        return None
 
     def extra_state(self) -> dict[str, Any]:
         """Subclass state saved with the callback (plain data)."""
@@ -195,12 +203,22 @@ class CompressionCallback(Callback):
         return self._reporter
 
     # ------------------------------------------------------------------ Lightning hooks
+    @property
+    @override
+    def state_key(self) -> str:
+        """Unique per method and ``targets``, so several instances of one method can share a Trainer."""
+        targets = getattr(self, "targets", None)
+        if targets is None:
+            return super().state_key
+        return self._generate_state_key(targets=list(targets))
+
     @override
     def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
         check_strategy_supported(trainer, type(self).__name__)
         self.reporter(trainer)
         if stage == "fit":
             install_one_shot_replay(pl_module)
+            _check_claims_once(trainer, pl_module, self)
 
     @override
     def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
@@ -261,6 +279,28 @@ class CompressionCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events_done = int(state_dict.get("events_done", 0))
         self.load_extra_state(state_dict)
+
+
+def _check_claims_once(trainer: Any, pl_module: L.LightningModule, caller: CompressionCallback) -> None:
+    """Refuse two lit_compress callbacks that would restructure the same module (first callback only)."""
+    methods = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+    if not methods or methods[0] is not caller or applied_events(pl_module):
+        return
+    owner: dict[str, str] = {}
+    clashes: list[str] = []
+    for cb in methods:
+        claimed = cb.claimed_modules(trainer, pl_module)
+        for name in claimed or []:
+            label = f"{type(cb).__name__}#{methods.index(cb)}"
+            if name in owner and owner[name] != label:
+                clashes.append(f"`{name}` ({owner[name]} and {label})")
+            owner.setdefault(name, label)
+    if clashes:
+        raise ConfigError(
+            "two lit_compress callbacks claim the same module(s): " + ", ".join(clashes[:10])
+            + (f" and {len(clashes) - 10} more" if len(clashes) > 10 else "")
+            + ". Give each callback disjoint `targets`."
+        )
 
 
 def _align_new_module_modes(model: nn.Module, old_modules: set[int]) -> None:

@@ -199,6 +199,22 @@ class LayerCollapse(CompressionCallback):
             found = found[-max(1, math.ceil(len(found) * self.fraction)) :]
         return found
 
+    @override
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+        """The linears, activations, dropouts and norms of the selected MLPs (needs ``example_input_array``)."""
+        if self.selected is None:
+            if getattr(pl_module, "example_input_array", None) is None:
+                return None
+            links = [asdict(link) for chain in find_linear_chains(pl_module, pl_module.example_input_array) for link in chain.links()]
+            found = [link for link in links if any(name_matches(n, self.targets) for n in link.values() if n)]
+            if self.last_n is not None:
+                found = found[-self.last_n :]
+            elif self.fraction is not None:
+                found = found[-max(1, math.ceil(len(found) * self.fraction)) :]
+        else:
+            found = self.selected
+        return sorted({n for link in found for n in link.values() if n})
+
     # ------------------------------------------------------------------ the regulariser
     def _mode(self, trainer: Any) -> str:
         if self.penalty != "auto":
