@@ -34,12 +34,46 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_results(name: str, rows: list[dict[str, Any]], config: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write ``<out_dir>/<name>.json`` and ``.md`` (a table of ``rows``) and print the table."""
+def headline(
+    method: str,
+    task: str,
+    variant: str,
+    metric: str,
+    value: float,
+    baseline: float,
+    params: int,
+    baseline_params: int,
+    higher_is_better: bool = True,
+    latency_b64_ms: float | None = None,
+    baseline_latency_b64_ms: float | None = None,
+    note: str = "",
+) -> dict[str, Any]:
+    """One headline row for ``benchmarks/RESULTS.md`` and the README plot: a method against its baseline."""
+    return {
+        "method": method, "task": task, "variant": variant, "metric": metric, "value": float(value),
+        "baseline": float(baseline), "params": int(params), "baseline_params": int(baseline_params),
+        "higher_is_better": higher_is_better, "latency_b64_ms": latency_b64_ms,
+        "baseline_latency_b64_ms": baseline_latency_b64_ms, "note": note,
+    }  # fmt: skip
+
+
+def write_results(
+    name: str,
+    rows: list[dict[str, Any]],
+    config: dict[str, Any],
+    out_dir: str | Path,
+    headlines: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write ``<out_dir>/<name>.json`` and ``.md`` (a table of ``rows``) and print the table.
+
+    ``headlines`` (see :func:`headline`) are the rows ``python -m benchmarks.run_all`` puts first in
+    ``RESULTS.md`` and in its plot.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
-    (out / f"{name}.json").write_text(json.dumps({"env": env, "config": config, "rows": rows}, indent=2))
+    payload = {"env": env, "config": config, "rows": rows, "headlines": headlines or []}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
     cols = list(rows[0]) if rows else []
     lines = [f"# {name}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:

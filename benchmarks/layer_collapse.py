@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks._common import environment, write_results
+from benchmarks._common import environment, headline, write_results
 from lit_compress.callbacks import LayerCollapse
 from lit_compress.data import MNIST5kDataModule, ShakespeareDataModule
 from lit_compress.measure import count_flops, count_parameters, measure_latency
@@ -252,6 +252,38 @@ def lm_part(steps: int, n_layer: int, d_model: int, block: int, lam: float) -> t
     return rows, info
 
 
+def image_headlines(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def mean(variant: str, key: str) -> float:
+        return statistics.mean(r[key] for r in raw if r["variant"].startswith(variant))
+
+    dense, lc = "(a)", "(b)"
+    return [
+        headline(
+            "LayerCollapse", "MNIST-5k VGG-style CNN", "classifier collapsed in training", "test acc %",
+            mean(lc, "acc"), mean(dense, "acc"), int(mean(lc, "params")), int(mean(dense, "params")),
+            latency_b64_ms=mean(lc, "lat_b64_ms"), baseline_latency_b64_ms=mean(dense, "lat_b64_ms"),
+        ),
+        headline(
+            "LayerCollapse", "MNIST-5k VGG-style CNN", "baseline: half-width from scratch", "test acc %",
+            mean("(e)", "acc"), mean(dense, "acc"), int(mean("(e)", "params")), int(mean(dense, "params")),
+            latency_b64_ms=mean("(e)", "lat_b64_ms"), baseline_latency_b64_ms=mean(dense, "lat_b64_ms"),
+        ),
+    ]  # fmt: skip
+
+
+def lm_headlines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    reg = [r for r in rows if r["model"] == "LayerCollapse-regularised"]
+    dense = [r for r in rows if r["model"] == "unregularised" and r["FFN blocks collapsed (last k)"] == 0][0]
+    last = reg[-1]
+    return [
+        headline(
+            "LayerCollapse", "Shakespeare char transformer", f"all {last['FFN blocks collapsed (last k)']} FFNs collapsed",
+            "val ppl", last["val ppl"], dense["val ppl"], last["params"], dense["params"], higher_is_better=False,
+            note="baseline: the same model trained without the regulariser",
+        )
+    ]  # fmt: skip
+
+
 PAPER_ROWS = [
     {"paper's result (spec §2.6)": "VGG-11-bn (torchvision), whole classifier collapsed [arithmetic]", "metric": "–", "params": "132.86M → 34.31M (−74.2 %)"},
     {"paper's result (spec §2.6)": "VGG-19, own head, from scratch, classifier collapsed (τ 0.1, λ 0.5)", "metric": "top-1 67.65 → 67.16", "params": "126.90M → 45.12M"},
@@ -301,6 +333,7 @@ def main() -> None:
             "per_seed": img_raw,
         },
         args.out,
+        headlines=image_headlines(img_raw),
     )
     write_results(
         "layer_collapse_shakespeare",
@@ -317,6 +350,7 @@ def main() -> None:
             "train": lm_info,
         },
         args.out,
+        headlines=lm_headlines(lm_rows),
     )
     write_results("layer_collapse_paper", PAPER_ROWS, {"source": "shared/specs/layer_fusion_and_collapse.md §2.6 (the paper's numbers, not ours)"}, args.out)
     print(f"Total wall time: {wall:.0f}s ({wall / 60:.1f} min)")
