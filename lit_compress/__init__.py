@@ -19,6 +19,7 @@ _LAZY = {
     "CompressionReport": "lit_compress.callbacks",
     "FoldBatchNorm": "lit_compress.callbacks",
     "LayerCollapse": "lit_compress.callbacks",
+    "LayerFusion": "lit_compress.callbacks",
     "export_compressed": "lit_compress.export",
     "load_compressed": "lit_compress.export",
 }

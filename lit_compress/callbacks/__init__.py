@@ -3,6 +3,7 @@
 from lit_compress.callbacks.base import CompressionCallback
 from lit_compress.callbacks.fold_batchnorm import FoldBatchNorm
 from lit_compress.callbacks.layer_collapse import LayerCollapse
+from lit_compress.callbacks.layer_fusion import LayerFusion
 from lit_compress.callbacks.report import CompressionReport
 
-__all__ = ["CompressionCallback", "CompressionReport", "FoldBatchNorm", "LayerCollapse"]
+__all__ = ["CompressionCallback", "CompressionReport", "FoldBatchNorm", "LayerCollapse", "LayerFusion"]

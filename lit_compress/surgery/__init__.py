@@ -38,6 +38,8 @@ from lit_compress.surgery.conv_merge import (
     move_chain_padding_,
     move_padding_to_first,
 )
+from lit_compress.surgery.fusion import fuse_layers_, fuse_pair_, plan_fusions, tied_groups
+from lit_compress.surgery.fusion_groups import FusionUnit, candidate_groups, fusion_units
 from lit_compress.surgery.log import LOG_KEY, LOG_VERSION, make_record, strip_measurements, to_plain
 from lit_compress.surgery.modules import (
     SurgeryTransaction,
@@ -58,6 +60,13 @@ from lit_compress.surgery.select import close_names, name_matches, select_module
 from lit_compress.surgery.trace import CallNode, DataflowGraph, leaf_module_names, trace_dataflow
 
 __all__ = [
+    "FusionUnit",
+    "candidate_groups",
+    "fuse_layers_",
+    "fuse_pair_",
+    "fusion_units",
+    "plan_fusions",
+    "tied_groups",
     "compose_conv_chain",
     "compose_convs",
     "fuse_downsample_skip",

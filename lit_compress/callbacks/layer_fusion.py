@@ -1,0 +1,310 @@
+"""``LayerFusion`` (O'Neill, Ver Steeg, Galstyan 2020): tie similar layers during (re)training.
+
+The target fraction ``p`` of the model's parameters (unique storage when fusion starts) is removed
+in ``K`` equal increments spread over training: at each fusion step the similarity of every
+same-group pair of (clusters of) layers is recomputed on the current weights, and the most alike
+pairs are tied to one shared ``nn.Parameter`` until ``ceil(p·N₀·k/K)`` parameters are gone after
+step ``k``. The compression ratio on unique storage is then ``N₀/(N₀ − removed) ≈ 1/(1 − p)``.
+Every layer still runs: FLOPs and latency do not change, storage does.
+
+The math lives in :mod:`lit_compress.surgery.fusion` (policies, planning, replay),
+:mod:`lit_compress.surgery.fusion_groups` (roles and groups) and
+:mod:`lit_compress.surgery.similarity` (measures). The plan is made on rank 0 and broadcast, so
+every DDP rank ties the same pairs; checkpoints carry ``"fuse_layers"`` records that rebuild the
+ties on resume and in ``lit_compress.load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from typing_extensions import override
+
+from lit_compress.callbacks._optim import OptimizerSnapshot
+from lit_compress.callbacks.base import CompressionCallback, Moment
+from lit_compress.errors import ConfigError, allowed
+from lit_compress.measure import count_parameters
+from lit_compress.surgery.fusion import POLICIES, fuse_layers_, plan_fusions
+from lit_compress.surgery.fusion_groups import candidate_groups, fusion_units, max_removable
+from lit_compress.surgery.modules import get_submodule
+from lit_compress.surgery.similarity import MEASURES
+
+MeasureName = Literal["cosine", "covariance", "cka", "euclidean", "manhattan", "kl", "wasserstein"]
+PolicyName = Literal["mean", "mix", "freeze"]
+
+
+class LayerFusion(CompressionCallback):
+    """Tie similar same-role, same-shape layers in ``increments`` fusion steps (see the module docstring).
+
+    Args:
+        fraction: Target fraction ``p`` in (0, 1) of the model's parameters to remove by tying; the
+            compression ratio on unique storage is ``1/(1 − p)`` (0.7 → 3.33). Fusion stops short
+            only if the targets run out of same-group pairs, which :meth:`setup` refuses up front.
+        increments: Number ``K`` of fusion steps; each removes another ``p/K``.
+        every_n_epochs: Fuse at the start of every ``n``-th epoch, from epoch ``start``.
+        every_n_steps: Fuse after every ``n``-th optimizer step, from step ``start``.
+            With neither, the ``K`` steps are spread evenly over ``max_epochs`` (or ``max_steps``)
+            after ``start``, leaving the last interval for retraining.
+        start: First fusion step, in epochs (or steps with ``every_n_steps``).
+        measure: Similarity measure (``lit_compress.surgery.similarity``): ``cosine``, ``covariance``,
+            ``cka``, ``euclidean``, ``manhattan``, ``kl`` or ``wasserstein`` (exact 1-D earth mover's
+            distance between the weights' value distributions).
+        policy: ``mean`` (average the pair), ``mix`` (seeded elementwise random mix) or ``freeze``
+            (keep one member, seeded choice); in every case one shared ``nn.Parameter`` results,
+            which receives the summed gradients of all its uses.
+        targets: fnmatch globs or ``re:`` regexes over module names; default: every candidate.
+        include_norms: Also tie LayerNorm/GroupNorm/RMSNorm layers (same position in their block only).
+        include_embeddings: Also tie same-shape embeddings.
+        optimizer_state: What a newly tied parameter's optimizer state becomes: ``reset`` (fresh
+            moments, the spec's suggestion) or ``average`` (moments averaged over the tied layers,
+            weighted by cluster size; the step count is the larger one).
+        seed: Seed of the ``mix``/``freeze`` random draws (with the fusion step's index).
+        bn_recalibration_batches: See :class:`CompressionCallback` (a tied conv changes the statistics
+            its BatchNorm sees).
+    """
+
+    def __init__(
+        self,
+        fraction: float = 0.5,
+        increments: PositiveInt = 10,
+        every_n_epochs: Optional[PositiveInt] = None,
+        every_n_steps: Optional[PositiveInt] = None,
+        start: NonNegativeInt = 0,
+        measure: MeasureName = "wasserstein",
+        policy: PolicyName = "mean",
+        targets: Optional[list[str]] = None,
+        include_norms: bool = False,
+        include_embeddings: bool = False,
+        optimizer_state: Literal["reset", "average"] = "reset",
+        seed: int = 0,
+        bn_recalibration_batches: NonNegativeInt = 20,
+    ) -> None:
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise allowed("fraction", fraction, "must be in the open interval (0, 1); CR = 1/(1 - fraction)")
+        if not isinstance(increments, int) or increments < 1:
+            raise allowed("increments", increments, "must be an integer >= 1")
+        if every_n_epochs is not None and every_n_steps is not None:
+            raise allowed("every_n_steps", every_n_steps, "give `every_n_epochs` or `every_n_steps`, not both")
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise allowed(name, value, "must be an integer >= 1")
+        if not isinstance(start, int) or start < 0:
+            raise allowed("start", start, "must be an integer >= 0")
+        if measure not in MEASURES:
+            raise allowed("measure", measure, f"must be one of {', '.join(repr(m) for m in MEASURES)}")
+        if policy not in POLICIES:
+            raise allowed("policy", policy, f"must be one of {', '.join(repr(p) for p in POLICIES)}")
+        if optimizer_state not in ("reset", "average"):
+            raise allowed("optimizer_state", optimizer_state, "must be 'reset' or 'average'")
+        self.fraction, self.increments = float(fraction), int(increments)
+        self.every_n_epochs, self.every_n_steps, self.start = every_n_epochs, every_n_steps, int(start)
+        self.measure, self.policy = measure, policy
+        self.targets = list(targets) if targets else None
+        self.include_norms, self.include_embeddings = bool(include_norms), bool(include_embeddings)
+        self.optimizer_state, self.seed = optimizer_state, int(seed)
+        self.increments_done = 0
+        self.base_params: Optional[int] = None  # unique parameters before the first fusion step
+        self.unit: Optional[str] = None  # "epochs" or "steps", resolved at setup
+        self.interval: Optional[int] = None
+
+    # ------------------------------------------------------------------ setup and schedule
+    def _units(self, pl_module: L.LightningModule) -> list:
+        return fusion_units(
+            pl_module, self.targets, include_norms=self.include_norms, include_embeddings=self.include_embeddings
+        )
+
+    @override
+    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._resolve_schedule(trainer)
+        if self.base_params is None:
+            units = self._units(pl_module)
+            self._check_feasible(pl_module, units)
+            self.base_params = count_parameters(pl_module)
+
+    def _check_feasible(self, pl_module: L.LightningModule, units: Sequence[Any]) -> None:
+        groups = candidate_groups(units)
+        if not groups:
+            found = sorted({u.group_label for u in units})
+            raise ConfigError(
+                f"`targets`={self.targets!r} selects no two layers of the same role and shape, so nothing can be "
+                f"tied. Layers selected, by role and shape: {', '.join(found[:12]) or 'none'}. Allowed: patterns "
+                "selecting at least two same-role, same-shape convs, linears, attention or FFN projections "
+                "(norms with `include_norms`, embeddings with `include_embeddings`)."
+            )
+        base = count_parameters(pl_module)
+        need, can = math.ceil(self.fraction * base), max_removable(pl_module, units)
+        if need > can:
+            raise allowed(
+                "fraction",
+                self.fraction,
+                f"tying the selected layers can remove at most {can:,} of the model's {base:,} parameters, a "
+                f"fraction of {can / base:.3f} (CR {base / max(base - can, 1):.2f}); use fraction <= {can / base:.3f} "
+                "or select more layers with `targets`",
+            )
+
+    def _resolve_schedule(self, trainer: Any) -> None:
+        if self.interval is not None:
+            return
+        if self.every_n_steps is not None:
+            self.unit, self.interval = "steps", self.every_n_steps
+            return
+        if self.every_n_epochs is not None:
+            self.unit, self.interval = "epochs", self.every_n_epochs
+            return
+        max_epochs = getattr(trainer, "max_epochs", None)
+        max_steps = getattr(trainer, "max_steps", -1)
+        if max_epochs is not None and max_epochs > 0:
+            self.unit, total = "epochs", int(max_epochs)
+        elif max_steps is not None and max_steps > 0:
+            self.unit, total = "steps", int(max_steps)
+        else:
+            raise allowed(
+                "every_n_epochs", None, "must be set when the Trainer has neither `max_epochs` nor `max_steps` to spread "
+                "the fusion steps over"
+            )
+        self.interval = max(1, (total - self.start) // (self.increments + 1))
+
+    @override
+    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+        if self.increments_done >= self.increments or self.interval is None:
+            return False
+        due_at = self.start + self.increments_done * self.interval
+        if self.unit == "epochs":
+            return moment == "epoch_start" and trainer.current_epoch >= due_at
+        return moment == "step" and trainer.global_step >= max(due_at, 1)
+
+    # ------------------------------------------------------------------ plan / apply
+    @override
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Optional[dict[str, Any]]:
+        base = int(self.base_params or count_parameters(pl_module))
+        k = self.increments_done + 1
+        goal = math.ceil(self.fraction * base * k / self.increments)
+        remove = goal - (base - count_parameters(pl_module))
+        if remove <= 0:
+            return None
+        units = self._units(pl_module)
+        fusions = plan_fusions(
+            pl_module, units, self.measure, remove, self.policy, seed=self.seed * 1_000_003 + self.increments_done
+        )
+        return {"fusions": fusions, "increment": k} if fusions else None
+
+    @override
+    def apply_event(self, pl_module: L.LightningModule, plan: dict[str, Any]) -> list[dict[str, Any]]:
+        records = fuse_layers_(pl_module, plan["fusions"], self.policy)
+        for record in records:
+            record.update(increment=int(plan["increment"]), increments=self.increments, measure=self.measure)
+        return records
+
+    @override
+    def run_event(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> list[dict[str, Any]]:
+        snapshot = OptimizerSnapshot.capture(trainer, pl_module) if trainer.optimizers else None
+        records = super().run_event(trainer, pl_module, moment)
+        self.increments_done += 1  # on every rank, also when the plan was empty
+        if records and snapshot is not None:
+            merge_fused_optimizer_state_(trainer.optimizers, pl_module, records, snapshot.states, self.optimizer_state)
+        if records and trainer.is_global_zero and self.base_params:
+            ratio = self.base_params / max(count_parameters(pl_module), 1)
+            for logger in trainer.loggers:
+                logger.log_metrics({"fusion/compression_ratio": ratio}, step=trainer.global_step)
+        return records
+
+    @override
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+        return [u.name for members in candidate_groups(self._units(pl_module)).values() for u in members]
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "increments_done": self.increments_done, "base_params": self.base_params,
+            "unit": self.unit, "interval": self.interval,
+        }  # fmt: skip
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.increments_done = int(state.get("increments_done", 0))
+        self.base_params = state.get("base_params", self.base_params)
+        self.unit = state.get("unit", self.unit)
+        self.interval = state.get("interval", self.interval)
+
+
+def _average_states(a: dict[str, Any], b: dict[str, Any], n_a: int, n_b: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, va in a.items():
+        vb = b.get(key)
+        if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape:
+            if va.dim() == 0:  # a step count
+                out[key] = torch.maximum(va, vb).clone()
+            else:
+                out[key] = (va * n_a + vb.to(va.device, va.dtype) * n_b) / (n_a + n_b)
+        else:
+            out[key] = va
+    return out
+
+
+def merge_fused_optimizer_state_(
+    optimizers: Sequence[torch.optim.Optimizer],
+    model: torch.nn.Module,
+    records: Sequence[dict[str, Any]],
+    before: Sequence[dict[str, dict[str, Any]]],
+    mode: str,
+) -> int:
+    """Give each parameter tied by ``records`` the optimizer state ``mode`` asks for; return how many.
+
+    ``before[i]`` is optimizer ``i``'s state by parameter name, captured before the event (the
+    engine's :class:`OptimizerSnapshot`). ``reset`` drops the tied parameter's state (Adam starts
+    its moments afresh, SGD its momentum); ``average`` sets it to the cluster-size-weighted mean of
+    the members' states (scalar step counts: the larger one). Without this, the engine would keep
+    the state of whichever member comes first by name.
+    """
+    changed = 0
+    for opt, states in zip(optimizers, before):
+        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+        current: dict[str, Optional[dict[str, Any]]] = {}
+        final: dict[int, tuple[torch.nn.Parameter, Optional[dict[str, Any]]]] = {}
+
+        def state_of(names: Sequence[str], pname: str) -> Optional[dict[str, Any]]:
+            for n in names:
+                key = f"{n}.{pname}"
+                if key in current:
+                    return current[key]
+            for n in names:
+                if f"{n}.{pname}" in states:
+                    return states[f"{n}.{pname}"]
+            return None
+
+        for record in records:
+            if record.get("op") != "fuse_layers":
+                continue
+            for fusion in record["fusions"]:
+                a, b = list(fusion["a"]), list(fusion["b"])
+                for pname in fusion["params"]:
+                    merged: Optional[dict[str, Any]] = None
+                    if mode == "average":
+                        sa, sb = state_of(a, pname), state_of(b, pname)
+                        if sa and sb:
+                            merged = _average_states(sa, sb, len(a), len(b))
+                    for n in a + b:
+                        current[f"{n}.{pname}"] = merged
+                    param = get_submodule(model, a[0])._parameters[pname]
+                    final[id(param)] = (param, merged)
+        for param, merged in final.values():
+            if id(param) not in in_opt:
+                continue
+            if merged:
+                opt.state[param] = merged
+            else:
+                opt.state.pop(param, None)
+            changed += 1
+    return changed
+
+
+__all__ = ["LayerFusion", "merge_fused_optimizer_state_"]

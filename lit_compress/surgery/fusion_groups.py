@@ -1,0 +1,200 @@
+"""Layer Fusion candidates: layers grouped by ROLE and SHAPE (only same-group layers may be tied).
+
+A *unit* is one layer whose parameters are tied as a whole: a conv or linear (weight and bias), a
+packed attention input projection, a norm (behind ``include_norms``) or an embedding (behind
+``include_embeddings``). Roles follow the Layer Fusion code (spec §1.2.1): in a transformer the
+query, key, value, attention-output, FFN-in and FFN-out projections are separate groups, so a
+query projection is never tied to a key projection even if their shapes agree; in a CNN every
+conv is role ``conv`` and every other linear role ``linear``. A group is
+``(role, module type, parameter names, shapes)``.
+
+Roles are read from the qualified name, which covers our :class:`~lit_compress.models.transformer.TransformerLM`
+(``attn.q_proj``/``k_proj``/``v_proj``/``out_proj``, ``mlp.fc_in``/``fc_out``), Hugging Face GPT-2
+(``attn.c_attn``/``attn.c_proj``/``mlp.c_fc``/``mlp.c_proj``, all ``Conv1D``), Hugging Face BERT
+(``attention.self.query``/``key``/``value``, ``attention.output.dense``, ``intermediate.dense``,
+``output.dense``) and ``nn.MultiheadAttention`` (packed ``in_proj_weight``, ``out_proj``).
+
+GPT-2's ``c_attn`` is ONE ``Conv1D`` computing Q, K and V together (weight ``(C, 3C)``). It is
+role ``attn_qkv`` and is tied as one unit with the ``c_attn`` of other blocks, never split into
+Q/K/V or heads (spec §1.4: "GPT-2's packed QKV is fused as one unit"); the same holds for the
+packed ``in_proj_weight`` of ``nn.MultiheadAttention``.
+
+BatchNorm is never a candidate (it carries running statistics; a BN after a fused conv keeps its
+own). Biases are tied together with their weight but play no part in the similarity.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lit_compress.surgery.select import name_matches
+
+_Q = {"q_proj", "query", "q", "wq", "q_lin"}
+_K = {"k_proj", "key", "k", "wk", "k_lin"}
+_V = {"v_proj", "value", "v", "wv", "v_lin"}
+_QKV = {"c_attn", "qkv", "qkv_proj", "in_proj", "wqkv", "query_key_value"}
+_ATTN_OUT = {"out_proj", "o_proj", "out_lin", "wo"}
+_FFN_IN = {"fc_in", "c_fc", "fc1", "up_proj", "lin1", "w1", "dense_h_to_4h"}
+_FFN_OUT = {"fc_out", "fc2", "down_proj", "lin2", "w2", "dense_4h_to_h"}
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+ROLES = ("conv", "linear", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "ffn_in", "ffn_out", "norm", "embedding")
+
+
+@dataclass(frozen=True)
+class FusionUnit:
+    """One layer that can be tied as a whole to another unit of the same :attr:`group`."""
+
+    name: str  # qualified module name
+    role: str  # one of ROLES ("norm:<position>" for norms, so ln_1 and ln_2 are separate groups)
+    kind: str  # module class name (a Linear is never tied to a Conv1D: their layouts differ)
+    params: tuple[str, ...]  # parameter attribute names, the weight first (the similarity uses it)
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def group(self) -> tuple:
+        """Units may be tied only within one group."""
+        return (self.role, self.kind, self.params, self.shapes)
+
+    @property
+    def numel(self) -> int:
+        """Parameters stored by one unit (what one more tie saves)."""
+        total = 0
+        for shape in self.shapes:
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    @property
+    def group_label(self) -> str:
+        return f"{self.role} {self.kind} {'x'.join(map(str, self.shapes[0]))}"
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def linear_role(name: str) -> str:
+    """The role of a linear-like layer (``nn.Linear`` or HF ``Conv1D``) from its qualified name."""
+    parts = name.lower().split(".")
+    leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
+    if leaf in _QKV:
+        return "attn_qkv"
+    if leaf in _Q:
+        return "attn_q"
+    if leaf in _K:
+        return "attn_k"
+    if leaf in _V:
+        return "attn_v"
+    if leaf in _ATTN_OUT or (leaf == "c_proj" and parent in ("attn", "attention", "self_attn")):
+        return "attn_out"
+    if leaf == "dense" and parent == "output" and len(parts) > 2 and parts[-3] == "attention":
+        return "attn_out"  # BERT attention.output.dense
+    if leaf in _FFN_IN or (leaf == "dense" and parent == "intermediate"):
+        return "ffn_in"
+    if leaf in _FFN_OUT or (leaf == "c_proj" and parent in ("mlp", "ffn", "feed_forward")):
+        return "ffn_out"
+    if leaf == "dense" and parent == "output":
+        return "ffn_out"  # BERT layer.N.output.dense
+    return "linear"
+
+
+def _position(name: str) -> str:
+    """The name with its numeric path components (block indices) replaced by ``*``."""
+    return ".".join("*" if re.fullmatch(r"\d+", part) else part for part in name.split("."))
+
+
+def _present(module: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
+    return tuple(n for n in names if isinstance(module._parameters.get(n), nn.Parameter))
+
+
+def unit_of(
+    name: str, module: nn.Module, *, include_norms: bool = False, include_embeddings: bool = False
+) -> Optional[FusionUnit]:
+    """The fusion unit of ``module`` (named ``name``), or ``None`` if it is not a candidate."""
+    role: Optional[str] = None
+    params: tuple[str, ...] = ()
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            role, params = "attn_qkv", _present(module, ("in_proj_weight", "in_proj_bias"))
+    elif isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+        role, params = linear_role(name), _present(module, ("weight", "bias"))
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        role, params = "conv", _present(module, ("weight", "bias"))
+    elif include_norms and isinstance(module, _NORMS):
+        role, params = "norm:" + _position(name), _present(module, ("weight", "bias"))
+    elif include_embeddings and isinstance(module, nn.Embedding):
+        role, params = "embedding", _present(module, ("weight",))
+    if role is None or not params or not params[0].endswith("weight"):
+        return None
+    shapes = tuple(tuple(module._parameters[p].shape) for p in params)
+    return FusionUnit(name=name, role=role, kind=type(module).__name__, params=params, shapes=shapes)
+
+
+def fusion_units(
+    model: nn.Module,
+    targets: Optional[Sequence[str]] = None,
+    *,
+    include_norms: bool = False,
+    include_embeddings: bool = False,
+) -> list[FusionUnit]:
+    """Every candidate unit of ``model`` whose name matches ``targets`` (all if None), in model order."""
+    units = []
+    for name, module in model.named_modules():
+        if not name or (targets and not name_matches(name, targets)):
+            continue
+        unit = unit_of(name, module, include_norms=include_norms, include_embeddings=include_embeddings)
+        if unit is not None:
+            units.append(unit)
+    return units
+
+
+def candidate_groups(units: Sequence[FusionUnit]) -> dict[tuple, list[FusionUnit]]:
+    """Units grouped by :attr:`FusionUnit.group`, keeping only groups with at least two units."""
+    groups: dict[tuple, list[FusionUnit]] = {}
+    for unit in units:
+        groups.setdefault(unit.group, []).append(unit)
+    return {k: v for k, v in groups.items() if len(v) >= 2}
+
+
+def clusters(model: nn.Module, units: Sequence[FusionUnit]) -> list[list[FusionUnit]]:
+    """Units partitioned by the identity of their weight: units already tied form one cluster."""
+    found: dict[int, list[FusionUnit]] = {}
+    for unit in units:
+        weight = model.get_submodule(unit.name)._parameters[unit.params[0]]
+        found.setdefault(id(weight), []).append(unit)
+    return list(found.values())
+
+
+def max_removable(model: nn.Module, units: Sequence[FusionUnit]) -> int:
+    """How many stored parameters tying could still remove: every group down to one cluster."""
+    total = 0
+    for members in candidate_groups(units).values():
+        total += (len(clusters(model, members)) - 1) * members[0].numel
+    return total
+
+
+def unit_weight(model: nn.Module, unit: FusionUnit) -> torch.Tensor:
+    """The weight the similarity measures compare (biases are left out, as in the paper)."""
+    return model.get_submodule(unit.name)._parameters[unit.params[0]].detach()
+
+
+__all__ = [
+    "ROLES",
+    "FusionUnit",
+    "candidate_groups",
+    "clusters",
+    "fusion_units",
+    "linear_role",
+    "max_removable",
+    "unit_of",
+    "unit_weight",
+]
