@@ -15,6 +15,7 @@ _LAZY = {
     "CompressMixin": "lit_compress.checkpointing",
     "load_from_checkpoint": "lit_compress.checkpointing",
     "replay_on_load": "lit_compress.checkpointing",
+    "ALDS": "lit_compress.callbacks",
     "CompressionCallback": "lit_compress.callbacks",
     "CompressionReport": "lit_compress.callbacks",
     "FoldBatchNorm": "lit_compress.callbacks",

@@ -38,6 +38,16 @@ from lit_compress.surgery.conv_merge import (
     move_chain_padding_,
     move_padding_to_first,
 )
+from lit_compress.surgery.low_rank import (
+    GroupedLinear,
+    LowRankLayer,
+    decompose_layer,
+    low_rank_decompose_,
+    low_rank_layers,
+    low_rank_recompose_,
+    recompose_layer,
+)
+from lit_compress.surgery.alds_allocate import Allocation, allocate
 from lit_compress.surgery.fusion import fuse_layers_, fuse_pair_, plan_fusions, tied_groups
 from lit_compress.surgery.fusion_groups import FusionUnit, candidate_groups, fusion_units
 from lit_compress.surgery.log import LOG_KEY, LOG_VERSION, make_record, strip_measurements, to_plain
@@ -67,6 +77,15 @@ __all__ = [
     "fusion_units",
     "plan_fusions",
     "tied_groups",
+    "Allocation",
+    "GroupedLinear",
+    "LowRankLayer",
+    "allocate",
+    "decompose_layer",
+    "low_rank_decompose_",
+    "low_rank_layers",
+    "low_rank_recompose_",
+    "recompose_layer",
     "compose_conv_chain",
     "compose_convs",
     "fuse_downsample_skip",

@@ -1,0 +1,282 @@
+"""``ALDS`` (Liebenwein, Maalouf et al., NeurIPS 2021): globally allocated low-rank decomposition.
+
+At the start of a chosen epoch every target ``Conv2d`` (groups = 1) and ``Linear`` becomes a
+k-group encoder followed by a 1×1 decoder, with ``(k, j)`` per layer chosen so the worst relative
+error is as small as possible while the whole model keeps ``keep_ratio`` of its parameters
+(:mod:`lit_compress.surgery.alds_allocate`; the surgery is :mod:`lit_compress.surgery.low_rank`).
+Training then goes on as retraining, with the learning-rate schedule rewound (see ``rewind_lr``).
+
+A **cascade** of ``(epoch, keep_ratio)`` pairs repeats this: before each new compression every
+decomposed layer is recomposed into a dense weight and ALDS runs again on the current weights.
+
+The allocation runs on rank 0 (with a progress bar when it takes more than a second) and is
+broadcast. Decomposed layers get new parameter names (``<layer>.encoder.weight``,
+``<layer>.decoder.weight/bias``), so their optimizer state (momentum, Adam moments) starts fresh
+after each event; recomposed layers likewise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lit_compress.callbacks.base import CompressionCallback, Moment
+from lit_compress.errors import allowed
+from lit_compress.surgery.alds_allocate import allocate, dense_param_count, target_layers
+from lit_compress.surgery.low_rank import LowRankLayer, low_rank_decompose_, low_rank_recompose_
+from lit_compress.surgery.select import select_modules
+
+_TYPES = (nn.Conv2d, nn.Linear, LowRankLayer)
+
+
+class ALDS(CompressionCallback):
+    """Compress with ALDS, one-shot or as a cascade of keep ratios, with LR rewinding.
+
+    Args:
+        keep_ratio: One-shot: the fraction (0, 1] of the model's parameters to keep, all parameters
+            counted (BatchNorm, biases and untouched layers included; a decomposed layer counts its
+            encoder and decoder).
+        at_epoch: One-shot: compress at the start of this epoch (0-based; 0 = before any training,
+            i.e. compress the weights the model starts ``fit`` with).
+        cascade: Iterative mode instead: ``[[epoch, keep_ratio], ...]`` with increasing epochs; at
+            each epoch start every decomposed layer is recomposed and ALDS runs again. Keep ratios are
+            relative to the dense (original) model.
+        method: ``"alds"``; or a baseline for comparison: ``"uniform"`` (plain SVD, k = 1, the same
+            fraction of every layer's rank) or ``"energy"`` (plain SVD, each layer keeps the same
+            fraction of its squared singular values); baselines use the same budget accounting.
+        targets: fnmatch globs or ``re:`` regexes over module names; default every ``Conv2d`` and
+            ``Linear`` (the first conv and the classifier included). Depthwise/grouped convs and
+            layers whose weight is shared (tied embeddings) are skipped with a warning.
+        seed: Seed of the random starting ``k`` (seeds 4 and later); the allocation is deterministic.
+        num_seeds: Starting points of the search (the paper's code: 15).
+        alternations: Global/local rounds per starting point (the paper's code: 4).
+        error_bound: ``"code"``: ε = max_i σ_{j+1}(W_i)/σ₁(W), as the authors' code; ``"theorem"``:
+            times √k, as Theorem 1's bound.
+        rewind_lr: LR rewinding: after each compression the LR schedulers go back ``retrain_epochs``
+            epochs (never before their start), so retraining reuses the learning rates of the
+            epochs [e − r, e) that preceded it, as in the paper. With ``False`` the schedule continues.
+        retrain_epochs: ``r``; default: the epochs until the next cascade step or the end of ``fit``.
+        progress: Show a progress bar while the error tables are computed (rank 0, after 1 s).
+        bn_recalibration_batches: See :class:`CompressionCallback` (re-estimating BatchNorm statistics
+            after the decomposition is on by default).
+    """
+
+    def __init__(
+        self,
+        keep_ratio: Optional[float] = None,
+        at_epoch: NonNegativeInt = 0,
+        cascade: Optional[list[tuple[int, float]]] = None,
+        method: Literal["alds", "uniform", "energy"] = "alds",
+        targets: Optional[list[str]] = None,
+        seed: int = 0,
+        num_seeds: PositiveInt = 15,
+        alternations: PositiveInt = 4,
+        error_bound: Literal["code", "theorem"] = "code",
+        rewind_lr: bool = True,
+        retrain_epochs: Optional[NonNegativeInt] = None,
+        progress: bool = True,
+        bn_recalibration_batches: NonNegativeInt = 20,
+    ) -> None:
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        if cascade is not None and keep_ratio is not None:
+            raise allowed("cascade", cascade, "give `keep_ratio` (one-shot) or `cascade`, not both")
+        if cascade is None and keep_ratio is None:
+            raise allowed("keep_ratio", keep_ratio, "give `keep_ratio` in (0, 1] (one-shot) or a `cascade`")
+        if keep_ratio is not None:
+            _check_ratio("keep_ratio", keep_ratio)
+        if not isinstance(at_epoch, int) or at_epoch < 0:
+            raise allowed("at_epoch", at_epoch, "must be an integer >= 0")
+        if cascade is not None:
+            cascade = [tuple(step) for step in cascade]  # type: ignore[misc]
+            if not cascade or any(len(step) != 2 for step in cascade):
+                raise allowed("cascade", cascade, "must be a non-empty list of [epoch, keep_ratio] pairs")
+            for epoch, ratio in cascade:
+                if not isinstance(epoch, int) or epoch < 0:
+                    raise allowed("cascade", cascade, f"epochs must be integers >= 0 (got {epoch!r})")
+                _check_ratio("cascade", ratio, f"keep ratios must be in (0, 1] (got {ratio!r})")
+            if any(b[0] <= a[0] for a, b in zip(cascade, cascade[1:])):
+                raise allowed("cascade", cascade, "epochs must be strictly increasing")
+        if method not in ("alds", "uniform", "energy"):
+            raise allowed("method", method, "must be one of 'alds', 'uniform', 'energy'")
+        if error_bound not in ("code", "theorem"):
+            raise allowed("error_bound", error_bound, "must be 'code' or 'theorem'")
+        for name, value in (("num_seeds", num_seeds), ("alternations", alternations)):
+            if not isinstance(value, int) or value < 1:
+                raise allowed(name, value, "must be an integer >= 1")
+        if retrain_epochs is not None and (not isinstance(retrain_epochs, int) or retrain_epochs < 0):
+            raise allowed("retrain_epochs", retrain_epochs, "must be an integer >= 0")
+        self.schedule: list[tuple[int, float]] = (
+            [(int(e), float(r)) for e, r in cascade] if cascade is not None else [(int(at_epoch), float(keep_ratio))]  # type: ignore[arg-type]
+        )
+        self.method, self.targets = method, list(targets) if targets else ["*"]
+        self.seed, self.num_seeds, self.alternations = int(seed), num_seeds, alternations
+        self.error_bound, self.rewind_lr, self.retrain_epochs = error_bound, rewind_lr, retrain_epochs
+        self.progress = progress
+        self.layer_names: Optional[list[str]] = None  # resolved once, before the first event
+        self.allocations: list[dict[str, Any]] = []  # a summary per event (rank 0's plan, broadcast)
+
+    # ------------------------------------------------------------------ targets
+    def resolve_targets(self, pl_module: nn.Module) -> list[str]:
+        """The decomposable layers ``targets`` select (resolved once; later events reuse the names)."""
+        if self.layer_names is None:
+            inside = {n for n, m in pl_module.named_modules() if isinstance(m, LowRankLayer)}
+            names = select_modules(pl_module, self.targets, types=_TYPES, require_each=False)
+            names = [n for n in names if not any(n.startswith(p + ".") for p in inside)]
+            ok, skipped = target_layers(pl_module, names)
+            for name, reason in skipped.items():
+                rank_zero_warn(f"ALDS: skipping `{name}`: {reason}.")
+            if not ok:
+                raise allowed(
+                    "targets", self.targets,
+                    "it must select at least one decomposable layer (Conv2d with groups=1, or Linear, weight not shared)"
+                    + (f"; skipped: {'; '.join(f'{n}: {r}' for n, r in list(skipped.items())[:5])}" if skipped else ""),
+                )  # fmt: skip
+            self.layer_names = ok
+        return self.layer_names
+
+    @override
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+        return list(self.resolve_targets(pl_module))
+
+    @override
+    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.events_done == 0:
+            self.resolve_targets(pl_module)
+
+    # ------------------------------------------------------------------ schedule
+    @override
+    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+        if moment != "epoch_start" or self.events_done >= len(self.schedule):
+            return False
+        return trainer.current_epoch >= self.schedule[self.events_done][0]
+
+    @override
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Optional[dict[str, Any]]:
+        names = self.resolve_targets(pl_module)
+        keep = self.schedule[self.events_done][1]
+        current = sum(p.numel() for p in pl_module.parameters()) / dense_param_count(pl_module, names)
+        alloc = allocate(
+            pl_module, names, keep, method=self.method, seed=self.seed, num_seeds=self.num_seeds,
+            alternations=self.alternations, error_bound=self.error_bound,
+            progress=self.progress and trainer.is_global_zero, current_ratio=min(1.0, current),
+        )  # fmt: skip
+        rank_zero_info(
+            f"[lit_compress] ALDS ({self.method}) keep {keep:.4g}: {len(alloc.plan)} layer(s) decomposed, "
+            f"{len(alloc.kept_dense)} kept dense, params {alloc.params_dense:,} -> {alloc.params_after:,} "
+            f"({alloc.achieved_ratio:.4f}), max error {alloc.max_error:.4g}, allocation {alloc.seconds:.1f}s"
+        )
+        recompose = [n for n in names if isinstance(pl_module.get_submodule(n), LowRankLayer)]
+        summary = {k: v for k, v in alloc.to_plain().items() if k not in ("plan", "errors", "skipped")}
+        return {"recompose": recompose, "decompose": alloc.plan, "summary": summary}
+
+    @override
+    def apply_event(self, pl_module: L.LightningModule, plan: dict[str, Any]) -> list[dict[str, Any]]:
+        records = low_rank_recompose_(pl_module, plan["recompose"])
+        decompose = low_rank_decompose_(pl_module, plan["decompose"])
+        s = plan["summary"]
+        decompose[0].update(
+            method=s["method"], keep_ratio=s["keep_ratio"], achieved_ratio=s["achieved_ratio"],
+            max_error=s["max_error"], kept_dense=list(s["kept_dense"]),
+        )  # fmt: skip
+        self.allocations.append(dict(s))
+        return records + decompose
+
+    @override
+    def run_event(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> list[dict[str, Any]]:
+        index = self.events_done
+        records = super().run_event(trainer, pl_module, moment)
+        if records and self.rewind_lr:
+            positions = rewind_schedulers(trainer, self._retrain_epochs(trainer, index))
+            for record in records:
+                record["lr_rewound_to"] = positions
+        return records
+
+    def _retrain_epochs(self, trainer: Any, index: int) -> Optional[int]:
+        if self.retrain_epochs is not None:
+            return self.retrain_epochs
+        epoch = int(trainer.current_epoch)
+        if index + 1 < len(self.schedule):
+            return self.schedule[index + 1][0] - epoch
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs > 0:
+            return max(0, max_epochs - epoch)
+        return None
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {"layer_names": self.layer_names, "allocations": self.allocations}
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("layer_names") is not None:
+            self.layer_names = list(state["layer_names"])
+        self.allocations = list(state.get("allocations", []))
+
+
+def _check_ratio(name: str, value: Any, what: str = "must be in (0, 1]") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise allowed(name, value, what)
+
+
+def _steps_per_epoch(trainer: Any) -> Optional[int]:
+    batches = trainer.num_training_batches
+    if batches is None or batches == float("inf") or batches <= 0:
+        return None
+    return max(1, math.ceil(int(batches) / trainer.accumulate_grad_batches))
+
+
+def rewind_schedulers(trainer: Any, epochs: Optional[int]) -> list[Optional[int]]:
+    """Move every LR scheduler back ``epochs`` epochs (clamped at its start); return the new positions.
+
+    The scheduler is replayed from its start (param groups reset to ``base_lrs``, then stepped to the
+    target position), so closed-form and chainable schedulers alike land on the learning rate they
+    had there. ``ReduceLROnPlateau``, ``SequentialLR`` and ``ChainedScheduler`` are left alone (a warning).
+    """
+    positions: list[Optional[int]] = []
+    for cfg in trainer.lr_scheduler_configs:
+        sched = cfg.scheduler
+        unsupported = (torch.optim.lr_scheduler.SequentialLR, torch.optim.lr_scheduler.ChainedScheduler)
+        if not isinstance(sched, torch.optim.lr_scheduler.LRScheduler) or isinstance(sched, unsupported):
+            rank_zero_warn(f"ALDS: cannot rewind the LR scheduler {type(sched).__name__}; it continues where it was.")
+            positions.append(None)
+            continue
+        back = epochs
+        if back is not None and cfg.interval == "step":
+            per_epoch = _steps_per_epoch(trainer)
+            back = None if per_epoch is None else back * per_epoch
+        if back is None:
+            if trainer.max_steps and trainer.max_steps > 0 and cfg.interval == "step":
+                back = max(0, trainer.max_steps - trainer.global_step)
+            else:
+                rank_zero_warn("ALDS: `retrain_epochs` is unknown (no max_epochs); the LR schedule is not rewound.")
+                positions.append(None)
+                continue
+        target = max(0, int(sched.last_epoch) - int(back))
+        _replay_to(sched, target)
+        positions.append(target)
+    return positions
+
+
+def _replay_to(sched: torch.optim.lr_scheduler.LRScheduler, position: int) -> None:
+    count = sched._step_count
+    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+        group["lr"] = base
+    sched.last_epoch = -1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched._initial_step()
+        for _ in range(position):
+            sched.step()
+    sched._step_count = max(count, 2)
+
+
+__all__ = ["ALDS", "rewind_schedulers"]
