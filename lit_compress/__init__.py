@@ -21,6 +21,7 @@ _LAZY = {
     "FoldBatchNorm": "lit_compress.callbacks",
     "LayerCollapse": "lit_compress.callbacks",
     "LayerFusion": "lit_compress.callbacks",
+    "LayerMerge": "lit_compress.callbacks",
     "export_compressed": "lit_compress.export",
     "load_compressed": "lit_compress.export",
 }

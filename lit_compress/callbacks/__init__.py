@@ -5,6 +5,7 @@ from lit_compress.callbacks.base import CompressionCallback
 from lit_compress.callbacks.fold_batchnorm import FoldBatchNorm
 from lit_compress.callbacks.layer_collapse import LayerCollapse
 from lit_compress.callbacks.layer_fusion import LayerFusion
+from lit_compress.callbacks.layer_merge import LayerMerge
 from lit_compress.callbacks.report import CompressionReport
 
-__all__ = ["ALDS", "CompressionCallback", "CompressionReport", "FoldBatchNorm", "LayerCollapse", "LayerFusion"]
+__all__ = ["ALDS", "CompressionCallback", "CompressionReport", "FoldBatchNorm", "LayerCollapse", "LayerFusion", "LayerMerge"]

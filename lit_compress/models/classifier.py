@@ -25,6 +25,7 @@ OUR_BACKBONES = (
     "cifar_resnet44",
     "cifar_resnet56",
     "cifar_resnet110",
+    "small_mobilenet_v2",
 )
 
 # Extra constructor arguments for torchvision models that need them to return plain logits.
@@ -97,6 +98,10 @@ def build_backbone(
         return SmallCNN(in_channels, num_classes, width_mult)
     if backbone == "vgg_cnn":
         return VGGStyleCNN(in_channels, num_classes, width_mult)
+    if backbone == "small_mobilenet_v2":
+        from lit_compress.models.small_mobilenet import small_mobilenet_v2
+
+        return small_mobilenet_v2(in_channels, num_classes, width_mult)
     if backbone.startswith("cifar_resnet"):
         return cifar_resnet(int(backbone[len("cifar_resnet") :]), in_channels, num_classes, width_mult)
     if width_mult != 1.0:

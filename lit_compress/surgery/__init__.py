@@ -50,6 +50,9 @@ from lit_compress.surgery.low_rank import (
 from lit_compress.surgery.alds_allocate import Allocation, allocate
 from lit_compress.surgery.fusion import fuse_layers_, fuse_pair_, plan_fusions, tied_groups
 from lit_compress.surgery.fusion_groups import FusionUnit, candidate_groups, fusion_units
+from lit_compress.surgery.merge_blocks import MergeSpace, analyze_merge_space, enumerate_candidates, valid_blocks
+from lit_compress.surgery.merge_dp import DPEntry, solve_merge_dp
+from lit_compress.surgery.merge_plan import PlannedUnit, apply_merge_plan_, merge_planned_
 from lit_compress.surgery.log import LOG_KEY, LOG_VERSION, make_record, strip_measurements, to_plain
 from lit_compress.surgery.modules import (
     SurgeryTransaction,
@@ -93,6 +96,15 @@ __all__ = [
     "merge_conv_chain_",
     "move_chain_padding_",
     "move_padding_to_first",
+    "DPEntry",
+    "MergeSpace",
+    "PlannedUnit",
+    "analyze_merge_space",
+    "apply_merge_plan_",
+    "enumerate_candidates",
+    "merge_planned_",
+    "solve_merge_dp",
+    "valid_blocks",
     "CollapsibleActivation",
     "collapse_",
     "collapse_linear_pair",

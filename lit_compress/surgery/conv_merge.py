@@ -98,10 +98,11 @@ def _dense_weight(conv: nn.Conv2d) -> torch.Tensor:
     cout_g = cout // g
     dh, dw = _pair(conv.dilation)
     eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    dense = torch.zeros(cout, cin_g * g, eh, ew, dtype=_F64, device=w.device)
-    for j in range(g):
-        dense[j * cout_g : (j + 1) * cout_g, j * cin_g : (j + 1) * cin_g, ::dh, ::dw] = w[j * cout_g : (j + 1) * cout_g]
-    return dense
+    dense = torch.zeros(g, cout_g, g, cin_g, eh, ew, dtype=_F64, device=w.device)
+    idx = torch.arange(g, device=w.device)
+    # advanced indices on dims 0 and 2 go first: the target view is (g, cout_g, cin_g, kh, kw)
+    dense[idx, :, idx, :, ::dh, ::dw] = w.view(g, cout_g, cin_g, kh, kw)
+    return dense.view(cout, cin_g * g, eh, ew)
 
 
 def _bias(conv: nn.Conv2d) -> torch.Tensor:
@@ -116,9 +117,9 @@ def _pack(dense: torch.Tensor, groups: int) -> torch.Tensor:
         return dense
     cout, cin = dense.shape[:2]
     cout_g, cin_g = cout // groups, cin // groups
-    return torch.cat(
-        [dense[j * cout_g : (j + 1) * cout_g, j * cin_g : (j + 1) * cin_g] for j in range(groups)], dim=0
-    )
+    idx = torch.arange(groups, device=dense.device)
+    blocks = dense.reshape(groups, cout_g, groups, cin_g, *dense.shape[2:])[idx, :, idx]  # (g, cout_g, cin_g, k, k)
+    return blocks.reshape(cout, cin_g, *dense.shape[2:])
 
 
 def _build(

@@ -1,0 +1,277 @@
+"""LayerMerge (Kim, El Halabi, Ji, Song, ICML 2024) on MNIST-5k, plus 224x224 latency of full-size structures.
+
+Part 1, MNIST-5k (1,000 train / 4,000 test; SGD momentum 0.9, lr 0.05, wd 5e-4, batch 64, cosine):
+for the CIFAR-style ResNet-20 and a small MobileNetV2 (torchvision MobileNetV2 blocks, stride-1 stem):
+
+  (a) dense: pretrain ``E`` epochs, then ``F`` more epochs (the same budget as the merged ones),
+      BN folded for timing (the "BN-fused original" of the paper);
+  (b) LayerMerge-X% for X in 70/50/35: from the pretrained weights, build the latency table (this CPU,
+      batch ``--latency-batch``) and the importance table (``--importance``: ``loss_proxy`` by
+      default, or ``finetune`` with a few SGD steps per candidate), solve the DP, fine-tune the
+      planned (unmerged) network ``F`` epochs, merge exactly, and test the *merged* network;
+  (c) the half-width network of the same family trained from scratch for ``E + F`` epochs.
+
+Latency: the whole model, eval mode, median of repeats, 2 threads, batch 1 and batch 64.
+
+Part 2, full-size structures (random weights: latency needs none): torchvision ResNet-34 and
+MobileNetV2-1.0 at 224x224, batch 1 on this CPU. The latency table is measured for every entry
+(150 / 391), the DP is solved with importance 1 per block (no trained weights: it then keeps as
+many blocks as the budget allows; the paper's importance needs ImageNet fine-tunes), and the merged
+network is timed against the BN-fused original.
+
+    python -m benchmarks.layer_merge [--quick] [--seeds 0] [--out benchmarks/out]
+
+Run time: NOT yet measured on a quiet machine. On 2026-11-23 the machine ran three helpers'
+benchmarks at once (load average 8-9 on 2 cores): the ResNet-20 half of part 1 alone took 11 minutes
+with ``--epochs 3 --finetune 1``, and 2-thread latencies were dominated by scheduling (a 1x1 conv
+"took" 65 ms). Training runs on 1 thread for that reason; latency is measured with 2. Rows are
+written to ``<out>/layer_merge.{json,md}`` as they finish. Delete ``<out>/layermerge_latency.json``
+before a clean run (entries measured under load are cached there for the same device/batch context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from benchmarks._common import write_results
+from lit_compress.measure import count_flops, count_parameters, measure_latency
+from lit_compress.surgery import fold_batchnorm_
+from lit_compress.surgery.chains import find_foldable_batchnorms
+from lit_compress.surgery.merge_blocks import analyze_merge_space, enumerate_candidates, site_input_shapes
+from lit_compress.surgery.merge_dp import DPEntry, solve_merge_dp
+from lit_compress.surgery.merge_plan import apply_merge_plan_, merge_planned_
+from lit_compress.surgery.merge_tables import importance_table, latency_table, original_latency
+
+PAPER = {
+    "resnet34": "paper (ImageNet, RTX 2080 Ti, b128): LayerMerge-71% 1.36x, -0.16 pts; -60% 1.56x; -50% 1.79x",
+    "mobilenet_v2": "paper (ImageNet, RTX 2080 Ti, b128): LayerMerge-55% 1.63x, +0.10 pts; -46% 1.90x; -38% 2.18x",
+}
+
+
+def _loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int, int]:
+    x, y = batch
+    out = model(x)
+    return F.cross_entropy(out, y), int((out.argmax(1) == y).sum()), len(y)
+
+
+def _train(model: nn.Module, loader: Any, epochs: int, lr: float = 0.05) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9)  # fmt: skip
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
+    model.train()
+    torch.set_num_threads(1)  # measured latency still uses 2 threads (measure_latency(num_threads=2))
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    torch.set_num_threads(2)
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader: Any) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def _fold_all(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """A copy with every foldable BN folded (the paper's BN-fused baseline), eval mode."""
+    model = copy.deepcopy(model).eval()
+    pairs = find_foldable_batchnorms(model, torch.zeros(1, *shape))
+    if pairs:
+        fold_batchnorm_(model, pairs)
+    return model.eval()
+
+
+def _stats(model: nn.Module, shape: tuple[int, ...], batches: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"params": count_parameters(model), "flops": int(count_flops(model, torch.zeros(1, *shape)))}
+    for b in batches:
+        lat = measure_latency(model, input_shape=shape, batch_size=b, warmup=3, repeats=repeats, num_threads=2)
+        out[f"lat_b{b}_ms"] = float(lat["median_ms"])
+    return out
+
+
+def _tables(model: nn.Module, shape: tuple[int, ...], args: argparse.Namespace, loader: Any, uniform: bool = False):
+    space = analyze_merge_space(model)
+    site_input_shapes(model, space, torch.zeros(1, *shape))
+    cands = enumerate_candidates(model, space)
+    t0 = time.perf_counter()
+    lat = latency_table(space, cands, batch_size=args.latency_batch if not uniform else 1, warmup=args.latency_warmup,
+                        repeats=args.latency_repeats, cache=args.cache, progress=False)  # fmt: skip
+    lat_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if uniform:
+        imp = {c.key: 1.0 for c in cands}
+    else:
+        batches = []
+        for i, b in enumerate(loader):
+            if i >= args.importance_batches + args.holdout_batches:
+                break
+            batches.append(b)
+        imp = importance_table(model, space, cands, train_batches=batches[: args.importance_batches],
+                               holdout_batches=batches[args.importance_batches:], forward_loss=_loss,
+                               method=args.importance, steps=args.importance_steps, progress=False)  # fmt: skip
+    imp_s = time.perf_counter() - t0
+    return space, cands, lat, imp, lat_s, imp_s
+
+
+def _plan(space: Any, cands: Any, lat: dict, imp: dict, budget: float) -> tuple[list, float, float]:
+    total = original_latency(space, cands, lat)
+    entries = [DPEntry(c.start, c.end, lat[c.key], imp[c.key], c) for c in cands]
+    t0 = time.perf_counter()
+    res = solve_merge_dp(entries, space.depth, budget * total, total / 1000.0)
+    dp_s = time.perf_counter() - t0
+    return [[e.start, e.end, list(e.payload.kept)] for e in res.entries], res.time / total, dp_s
+
+
+def _save(args: argparse.Namespace, rows: list[dict[str, Any]], start: float) -> None:
+    """Write the table so far (a long run that is cut off keeps its finished rows)."""
+    config = {k: v for k, v in vars(args).items() if k != "start"}
+    config["wall_s"] = round(time.perf_counter() - start, 1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_results("layer_merge", rows, config, args.out)
+
+
+def part1(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    from lit_compress.data import MNIST5kDataModule
+    from lit_compress.models.classifier import build_backbone
+
+    dm = MNIST5kDataModule(train_size=1000, batch_size=64, seed=0)
+    dm.setup("fit")
+    shape = (1, 28, 28)
+    for seed in args.seeds:
+        for backbone in args.nets:
+            torch.manual_seed(seed)
+            train, test = dm.train_dataloader(), dm.test_dataloader()
+            pre = build_backbone(backbone, 10, 1)
+            t0 = time.perf_counter()
+            _train(pre, train, args.epochs)
+            pre_s = time.perf_counter() - t0
+            pre_acc = _accuracy(pre, test)
+            dense = copy.deepcopy(pre)
+            _train(dense, train, args.finetune, lr=0.01)
+            base = _stats(_fold_all(dense, shape), shape, args.batches, args.repeats)
+            rows.append(dict(part="mnist5k", net=backbone, seed=seed, variant="dense (BN folded)",
+                             acc=_accuracy(dense, test), speedup_b1=1.0, speedup_b64=1.0, **base,
+                             note=f"pretrained {args.epochs} ep ({pre_acc:.2f} %, {pre_s:.0f} s) + {args.finetune} ep"))  # fmt: skip
+            space, cands, lat, imp, lat_s, imp_s = _tables(pre, shape, args, train)
+            for budget in args.budgets:
+                blocks, frac, dp_s = _plan(space, cands, lat, imp, budget)
+                model = copy.deepcopy(pre)
+                rec = apply_merge_plan_(model, blocks)[0]
+                _train(model, train, args.finetune, lr=0.01)
+                acc_unmerged = _accuracy(model, test)
+                merge_planned_(model, rec)
+                st = _stats(_fold_all(model, shape), shape, args.batches, args.repeats)
+                rows.append(dict(
+                    part="mnist5k", net=backbone, seed=seed, variant=f"LayerMerge-{round(budget * 100)}%",
+                    acc=_accuracy(model, test), speedup_b1=base[f"lat_b{args.batches[0]}_ms"] / st[f"lat_b{args.batches[0]}_ms"],
+                    speedup_b64=base[f"lat_b{args.batches[-1]}_ms"] / st[f"lat_b{args.batches[-1]}_ms"], **st,
+                    note=(f"{len(blocks)}/{space.depth} blocks, table {frac:.0%}; unmerged acc {acc_unmerged:.2f}; "
+                          f"tables {lat_s:.1f}+{imp_s:.1f} s ({len(cands)} entries, {args.importance}), DP {dp_s * 1000:.0f} ms"),
+                ))  # fmt: skip
+            small = build_backbone(backbone, 10, 1, width_mult=0.5)
+            _train(small, train, args.epochs + args.finetune)
+            st = _stats(_fold_all(small, shape), shape, args.batches, args.repeats)
+            rows.append(dict(part="mnist5k", net=backbone, seed=seed, variant="half width, from scratch",
+                             acc=_accuracy(small, test), speedup_b1=base[f"lat_b{args.batches[0]}_ms"] / st[f"lat_b{args.batches[0]}_ms"],
+                             speedup_b64=base[f"lat_b{args.batches[-1]}_ms"] / st[f"lat_b{args.batches[-1]}_ms"], **st,
+                             note=f"{args.epochs + args.finetune} ep"))  # fmt: skip
+            _save(args, rows, args.start)
+            for row in rows[-len(args.budgets) - 2 :]:
+                print({k: row[k] for k in ("net", "variant", "acc", "speedup_b1", "speedup_b64")}, flush=True)
+
+
+def part2(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    import torchvision
+
+    size = args.full_size
+    shape = (3, size, size)
+    for name in args.full_nets:
+        torch.manual_seed(0)
+        net = torchvision.models.get_model(name, weights=None).eval()
+        base = _stats(_fold_all(net, shape), shape, (1,), args.full_repeats)
+        rows.append(dict(part=f"{size}x{size}", net=name, seed=0, variant="BN-fused original", acc=None,
+                         speedup_b1=1.0, speedup_b64=None, **base, note=PAPER.get(name, "")))  # fmt: skip
+        space, cands, lat, imp, lat_s, imp_s = _tables(net, shape, args, None, uniform=True)
+        total = original_latency(space, cands, lat)
+        for budget in args.budgets:
+            blocks, frac, dp_s = _plan(space, cands, lat, imp, budget)
+            model = copy.deepcopy(net)
+            rec = apply_merge_plan_(model, blocks)[0]
+            merge_planned_(model.eval(), rec)
+            st = _stats(_fold_all(model, shape), shape, (1,), args.full_repeats)
+            rows.append(dict(
+                part=f"{size}x{size}", net=name, seed=0, variant=f"LayerMerge-{round(budget * 100)}%", acc=None,
+                speedup_b1=base["lat_b1_ms"] / st["lat_b1_ms"], speedup_b64=None, **st,
+                note=(f"{len(blocks)}/{space.depth} blocks, table {frac:.0%} of {total:.0f} ms; latency table "
+                      f"{lat_s:.0f} s ({len(cands)} entries, b1), DP {dp_s * 1000:.0f} ms; importance 1/block"),
+            ))  # fmt: skip
+            print(rows[-1], flush=True)
+            _save(args, rows, args.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--nets", nargs="+", default=["cifar_resnet20", "small_mobilenet_v2"])
+    parser.add_argument("--epochs", type=int, default=4, help="pretraining epochs")
+    parser.add_argument("--finetune", type=int, default=2, help="fine-tuning epochs after the plan")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35])
+    parser.add_argument("--importance", choices=["loss_proxy", "finetune"], default="loss_proxy")
+    parser.add_argument("--importance-steps", type=int, default=10)
+    parser.add_argument("--importance-batches", type=int, default=2)
+    parser.add_argument("--holdout-batches", type=int, default=2)
+    parser.add_argument("--latency-batch", type=int, default=16)
+    parser.add_argument("--latency-warmup", type=int, default=1)
+    parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of whole models")
+    parser.add_argument("--full-size", type=int, default=224)
+    parser.add_argument("--full-nets", nargs="+", default=["resnet34", "mobilenet_v2"])
+    parser.add_argument("--full-repeats", type=int, default=3)
+    parser.add_argument("--cache", default=None, help="latency cache JSON (default: <out>/layermerge_latency.json)")
+    parser.add_argument("--parts", nargs="+", default=["mnist", "full"], choices=["mnist", "full"])
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.finetune, args.repeats, args.full_size, args.full_repeats = 1, 1, 3, 64, 2
+        args.full_nets = ["mobilenet_v2"]
+        args.budgets = [0.5]
+        args.nets = ["cifar_resnet20"]
+    args.batches = (1, 64)
+    args.cache = args.cache or f"{args.out}/layermerge_latency.json"
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    args.start = start
+    rows: list[dict[str, Any]] = []
+    if "mnist" in args.parts:
+        part1(args, rows)
+    if "full" in args.parts:
+        part2(args, rows)
+    config = {k: v for k, v in vars(args).items() if k != "start"}
+    config["wall_s"] = round(time.perf_counter() - start, 1)
+    write_results("layer_merge", rows, config, args.out)
+    print("\n".join(f"{PAPER[k]}  [paper's numbers]" for k in PAPER))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""``LayerMerge`` (Kim, El Halabi, Ji, Song, ICML 2024): remove activations and convs under a latency budget.
+
+At fit start (rank 0; the plan is broadcast) the callback analyses the network
+(:mod:`lit_compress.surgery.merge_blocks`), measures the latency table on the training device and
+builds the importance table (:mod:`lit_compress.surgery.merge_tables`), and solves the DP
+(:mod:`lit_compress.surgery.merge_dp`) for ``budget`` × the original latency; or it loads a plan
+saved earlier (``load_plan``). The plan is applied to the *unmerged* network (activations dropped,
+pruned convs removed, padding moved to the first conv of each chain, skips zero-padded), which is
+fine-tuned for the rest of ``fit``. At fit end the network is merged (BN folded, each chain one
+conv, skips fused): the merged network equals the fine-tuned one exactly (eval mode). The merge is
+a logged event, so checkpoints saved afterwards and :func:`lit_compress.export.export_compressed`
+hold the merged model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lit_compress.callbacks.base import CompressionCallback, Moment
+from lit_compress.errors import ConfigError, allowed
+from lit_compress.surgery.replay import applied_events
+
+ImportanceMethod = Literal["finetune", "loss_proxy"]
+PLAN_FORMAT = "lit_compress.layermerge_plan"
+
+
+def _classification_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Optional[int], int]:
+    """Cross-entropy (and the number correct) of ``model`` on an ``(x, y)`` classification batch."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor)):
+        raise ConfigError(
+            "LayerMerge importance needs (inputs, class labels) batches; for other tasks pass a plan with "
+            "`load_plan`, or use importance='loss_proxy' with a classification-style loader."
+        )
+    x, y = batch[0], batch[1]
+    out = model(x)
+    out = out.logits if hasattr(out, "logits") else out
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and not y.is_floating_point()):
+        raise ConfigError("LayerMerge importance: the model must return (B, classes) logits for integer labels.")
+    loss = nn.functional.cross_entropy(out.float(), y)
+    return loss, int((out.argmax(1) == y).sum()), int(y.shape[0])
+
+
+class LayerMerge(CompressionCallback):
+    """LayerMerge with a latency budget: plan at fit start, fine-tune unmerged, merge at fit end.
+
+    Args:
+        budget: Target latency as a fraction of the original's (summed table latency), in (0, 1);
+            the paper's "LayerMerge-X%" is ``budget = X / 100``.
+        importance: ``"finetune"`` (the spec's: a short fine-tune per candidate, ``I = exp(Δacc/100)``)
+            or ``"loss_proxy"`` (BN re-estimation only, ``I = exp(-Δloss/loss)``; much cheaper).
+        importance_steps: SGD steps per candidate with ``importance="finetune"``.
+        importance_lr: Learning rate of those steps (cosine to 0, Nesterov momentum 0.9).
+        importance_batches: Training batches used for the fine-tune / BN re-estimation.
+        holdout_batches: Further training batches (disjoint from those) on which candidates are scored.
+        latency_batch_size: Batch size of the latency table (the paper: 128 on a GPU).
+        latency_input_size: Height = width of the input for the latency table; default: the example
+            input's (``example_input_array`` or a training batch).
+        latency_device: Device for the latency table; default: the device the model trains on.
+        latency_warmup: Untimed calls per entry.
+        latency_repeats: Timed calls per entry (median).
+        latency_cache: JSON file caching latency tables per device/batch/shape; default:
+            ``<default_root_dir>/layermerge_latency.json``. Entries from another device or shape are
+            never reused.
+        time_unit_ms: DP time quantum in ms; default: the original latency / 1000.
+        load_plan: A plan JSON written with ``save_plan``; skips the tables and the DP.
+        save_plan: Where to write the plan (JSON) after planning.
+        merge_at_end: Merge at fit end (else call :func:`merge_now` or export the unmerged network).
+        plan_at_epoch: Plan at fit start (0, the paper's setting: the model is pretrained) or at the
+            start of this epoch, so that one ``fit`` can pretrain, then plan and fine-tune.
+        progress: Show progress bars while building the tables.
+        bn_recalibration_batches: Re-estimate BatchNorm statistics after the plan is applied.
+    """
+
+    def __init__(
+        self,
+        budget: float = 0.5,
+        importance: ImportanceMethod = "loss_proxy",
+        importance_steps: PositiveInt = 50,
+        importance_lr: PositiveFloat = 0.01,
+        importance_batches: PositiveInt = 8,
+        holdout_batches: PositiveInt = 4,
+        latency_batch_size: PositiveInt = 1,
+        latency_input_size: Optional[PositiveInt] = None,
+        latency_device: Optional[str] = None,
+        latency_warmup: NonNegativeInt = 3,
+        latency_repeats: PositiveInt = 10,
+        latency_cache: Optional[str] = None,
+        time_unit_ms: Optional[PositiveFloat] = None,
+        load_plan: Optional[str] = None,
+        save_plan: Optional[str] = None,
+        merge_at_end: bool = True,
+        plan_at_epoch: NonNegativeInt = 0,
+        progress: bool = True,
+        bn_recalibration_batches: NonNegativeInt = 20,
+    ) -> None:
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget < 1.0:
+            raise allowed("budget", budget, "a fraction of the original latency strictly between 0 and 1")
+        if importance not in ("finetune", "loss_proxy"):
+            raise allowed("importance", importance, "one of 'finetune', 'loss_proxy'")
+        for name, value in (
+            ("importance_steps", importance_steps),
+            ("importance_batches", importance_batches),
+            ("holdout_batches", holdout_batches),
+            ("latency_batch_size", latency_batch_size),
+            ("latency_repeats", latency_repeats),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise allowed(name, value, "an integer >= 1")
+        if latency_input_size is not None and (not isinstance(latency_input_size, int) or latency_input_size < 1):
+            raise allowed("latency_input_size", latency_input_size, "an integer >= 1 or None")
+        if not isinstance(latency_warmup, int) or latency_warmup < 0:
+            raise allowed("latency_warmup", latency_warmup, "an integer >= 0")
+        if not importance_lr > 0:
+            raise allowed("importance_lr", importance_lr, "a number > 0")
+        if time_unit_ms is not None and not (time_unit_ms > 0 and math.isfinite(time_unit_ms)):
+            raise allowed("time_unit_ms", time_unit_ms, "a finite number > 0, or None")
+        if isinstance(plan_at_epoch, bool) or not isinstance(plan_at_epoch, int) or plan_at_epoch < 0:
+            raise allowed("plan_at_epoch", plan_at_epoch, "an integer >= 0")
+        if load_plan is not None and not Path(load_plan).is_file():
+            raise allowed("load_plan", load_plan, "an existing plan file written with `save_plan`")
+        self.budget = float(budget)
+        self.importance = importance
+        self.importance_steps = importance_steps
+        self.importance_lr = float(importance_lr)
+        self.importance_batches = importance_batches
+        self.holdout_batches = holdout_batches
+        self.latency_batch_size = latency_batch_size
+        self.latency_input_size = latency_input_size
+        self.latency_device = latency_device
+        self.latency_warmup = latency_warmup
+        self.latency_repeats = latency_repeats
+        self.latency_cache = latency_cache
+        self.time_unit_ms = time_unit_ms
+        self.load_plan = load_plan
+        self.save_plan = save_plan
+        self.merge_at_end = merge_at_end
+        self.plan_at_epoch = plan_at_epoch
+        self.progress = progress
+        self.planned = False
+        self.merged = False
+        self.summary: dict[str, Any] = {}
+        self._next: Optional[str] = None
+
+    # ------------------------------------------------------------------ schedule
+    @override
+    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+        if not self.planned and (
+            (moment == "fit_start" and self.plan_at_epoch == 0)
+            or (moment == "epoch_start" and self.plan_at_epoch > 0 and trainer.current_epoch >= self.plan_at_epoch)
+        ):
+            self._next = "plan"
+            return True
+        if moment == "fit_end" and self.planned and not self.merged and self.merge_at_end:
+            self._next = "merge"
+            return True
+        return False
+
+    @override
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+        """Every conv, BN, activation and residual unit of the searched trunk."""
+        from lit_compress.surgery.merge_blocks import analyze_merge_space
+
+        try:
+            space = analyze_merge_space(pl_module)
+        except ConfigError:
+            return None
+        names = set(space.units)
+        for s in space.sites:
+            names.update(n for n in (s.conv, s.bn, s.act) if n)
+        for r in space.residuals:
+            if r.shortcut:
+                names.add(r.shortcut)
+        return sorted(names)
+
+    @override
+    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and not self.planned and not applied_events(pl_module):
+            from lit_compress.surgery.merge_blocks import analyze_merge_space
+
+            analyze_merge_space(pl_module)  # unsupported architectures fail before training starts
+
+    # ------------------------------------------------------------------ planning (rank 0)
+    @override
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Any:
+        if self._next == "merge":
+            return {"kind": "merge"}
+        from lit_compress.surgery.merge_blocks import analyze_merge_space
+
+        space = analyze_merge_space(pl_module)
+        if self.load_plan is not None:
+            blocks, summary = self._read_plan(space)
+        else:
+            blocks, summary = self._search(trainer, pl_module, space)
+        if self.save_plan is not None:
+            self._write_plan(space, blocks, summary)
+        return {"kind": "plan", "blocks": blocks, "summary": summary}
+
+    def _search(self, trainer: Any, pl_module: L.LightningModule, space: Any) -> tuple[list[Any], dict[str, Any]]:
+        from lit_compress.callbacks._inputs import isolated_rng, train_batches
+        from lit_compress.surgery.merge_blocks import enumerate_candidates, site_input_shapes
+        from lit_compress.surgery.merge_dp import DPEntry, solve_merge_dp
+        from lit_compress.surgery.merge_tables import importance_table, latency_table, original_latency
+
+        start = time.perf_counter()
+        inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
+        if inputs is None or not isinstance(inputs, torch.Tensor):
+            raise ConfigError("LayerMerge needs a tensor example input (example_input_array or a training batch).")
+        shape = list(inputs.shape[1:])
+        if self.latency_input_size is not None:
+            shape = [shape[0], self.latency_input_size, self.latency_input_size]
+        probe = torch.zeros([1, *shape], dtype=inputs.dtype, device=inputs.device)
+        site_input_shapes(pl_module, space, probe)
+        candidates = enumerate_candidates(pl_module, space)
+        device = torch.device(self.latency_device) if self.latency_device else pl_module.device
+        cache = self.latency_cache or str(Path(trainer.default_root_dir) / "layermerge_latency.json")
+        t0 = time.perf_counter()
+        latency = latency_table(
+            space, candidates, device=device, batch_size=self.latency_batch_size, warmup=self.latency_warmup,
+            repeats=self.latency_repeats, cache=cache, progress=self.progress, log=rank_zero_info,
+        )  # fmt: skip
+        latency_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with isolated_rng():
+            batches = list(train_batches(trainer, self.importance_batches + self.holdout_batches))
+        if len(batches) < 2:
+            raise ConfigError("LayerMerge importance needs at least 2 training batches.")
+        n_train = min(self.importance_batches, len(batches) - 1)
+        work = _detached_copy(pl_module)
+        with isolated_rng():
+            torch.manual_seed(0)
+            importance = importance_table(
+                work, space, candidates, train_batches=batches[:n_train], holdout_batches=batches[n_train:],
+                forward_loss=_classification_loss, method=self.importance, steps=self.importance_steps,
+                lr=self.importance_lr, progress=self.progress,
+            )  # fmt: skip
+        del work
+        importance_s = time.perf_counter() - t0
+        total = original_latency(space, candidates, latency)
+        unit = self.time_unit_ms or total / 1000.0
+        entries = [DPEntry(c.start, c.end, latency[c.key], importance[c.key], c) for c in candidates]
+        t0 = time.perf_counter()
+        result = solve_merge_dp(entries, space.depth, self.budget * total, unit)
+        dp_s = time.perf_counter() - t0
+        blocks = [[e.start, e.end, list(e.payload.kept)] for e in result.entries]
+        summary = {
+            "budget": self.budget,
+            "importance": self.importance,
+            "depth": space.depth,
+            "table_entries": len(candidates),
+            "original_table_ms": total,
+            "planned_table_ms": result.time,
+            "planned_fraction": result.time / total if total > 0 else None,
+            "dp_importance": result.importance,
+            "time_unit_ms": unit,
+            "kernels": [e.payload.kernel for e in result.entries],
+            "latency_table_s": latency_s,
+            "importance_table_s": importance_s,
+            "dp_s": dp_s,
+            "planning_s": time.perf_counter() - start,
+            "latency_device": str(device),
+            "latency_batch_size": self.latency_batch_size,
+            "latency_input_shape": shape,
+        }
+        rank_zero_info(
+            f"[lit_compress] LayerMerge plan: {len(blocks)} blocks for {space.depth} convs, table latency "
+            f"{total:.3f} -> {result.time:.3f} ms ({result.time / max(total, 1e-12):.0%}, budget {self.budget:.0%}); "
+            f"tables {latency_s:.1f} s + {importance_s:.1f} s, DP {dp_s:.2f} s"
+        )
+        return blocks, summary
+
+    def _read_plan(self, space: Any) -> tuple[list[Any], dict[str, Any]]:
+        data = json.loads(Path(self.load_plan).read_text())  # type: ignore[arg-type]
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise allowed("load_plan", self.load_plan, f"a plan file of format {PLAN_FORMAT!r}")
+        convs = [s.conv for s in space.sites]
+        if data.get("convs") != convs:
+            raise allowed("load_plan", self.load_plan, "a plan made for this network (its conv names differ)")
+        return data["blocks"], dict(data.get("summary") or {}, loaded_from=str(self.load_plan))
+
+    def _write_plan(self, space: Any, blocks: list[Any], summary: dict[str, Any]) -> None:
+        path = Path(self.save_plan)  # type: ignore[arg-type]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": PLAN_FORMAT, "version": 1, "arch": space.arch, "convs": [s.conv for s in space.sites],
+                "blocks": blocks, "summary": summary}  # fmt: skip
+        path.write_text(json.dumps(data, indent=1))
+
+    # ------------------------------------------------------------------ surgery (every rank)
+    @override
+    def apply_event(self, pl_module: L.LightningModule, plan: Any) -> list[dict[str, Any]]:
+        from lit_compress.surgery.merge_plan import apply_merge_plan_, merge_planned_
+
+        if plan["kind"] == "merge":
+            record = _plan_record(pl_module)
+            records = merge_planned_(pl_module, record)
+            self.merged = True
+            records[0]["summary"] = dict(self.summary)
+            return records
+        records = apply_merge_plan_(pl_module, plan["blocks"])
+        records[0]["summary"] = dict(plan["summary"])
+        self.summary = dict(plan["summary"])
+        self.planned = True
+        return records
+
+    @override
+    def _recalibrate_batchnorm(self, trainer: Any, pl_module: L.LightningModule) -> int:
+        if self._next == "merge":  # the merge is exact: no statistics may change
+            return 0
+        return super()._recalibrate_batchnorm(trainer, pl_module)
+
+    def merge_now(self, pl_module: nn.Module) -> list[dict[str, Any]]:
+        """Merge the planned network outside ``fit`` (e.g. with ``merge_at_end=False``); records are logged."""
+        from lit_compress.surgery.merge_plan import merge_planned_
+        from lit_compress.surgery.replay import record_events
+
+        records = merge_planned_(pl_module, _plan_record(pl_module))
+        record_events(pl_module, records)
+        self.merged = True
+        return records
+
+    # ------------------------------------------------------------------ state
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {"planned": self.planned, "merged": self.merged, "summary": dict(self.summary)}
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.planned = bool(state.get("planned", False))
+        self.merged = bool(state.get("merged", False))
+        self.summary = dict(state.get("summary") or {})
+
+
+def _plan_record(model: nn.Module) -> dict[str, Any]:
+    plans = [e for e in applied_events(model) if e.get("op") == "layer_merge_plan"]
+    if not plans:
+        raise ConfigError("LayerMerge: the model carries no applied plan to merge.")
+    if any(e.get("op") == "layer_merge_final" for e in applied_events(model)):
+        raise ConfigError("LayerMerge: the model is already merged.")
+    return plans[-1]
+
+
+def _detached_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without its Trainer reference (the copy is scored, not trained by Lightning)."""
+    trainer = module.__dict__.get("_trainer")
+    module.__dict__["_trainer"] = None
+    try:
+        return copy.deepcopy(module)
+    finally:
+        module.__dict__["_trainer"] = trainer
+
+
+__all__ = ["LayerMerge"]
