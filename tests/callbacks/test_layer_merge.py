@@ -84,7 +84,11 @@ def test_fine_tuned_network_equals_the_merged_one(tmp_path: Path, seed: int) -> 
         got = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
     assert ops(model) == ["layer_merge_plan", "layer_merge_final"]
-    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) < convs_before
+    # Each block keeping k >= 2 convs becomes one conv; the plan comes from measured latencies, so
+    # whether it has such a block depends on the machine (a plan of only pruned/single convs merges none).
+    convs_after = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    composed = sum(len(kept) - 1 for _, _, kept in blocks if len(kept) >= 2)
+    assert convs_after <= convs_before - composed
     assert json.loads((tmp_path / "plan.json").read_text())["blocks"] == applied_events(model)[0]["blocks"]
 
 
