@@ -223,6 +223,12 @@ class CompressionCallback(Callback):
     @override
     def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
         remove_one_shot_replay(pl_module)
+        if not pl_module.training:
+            rank_zero_warn(
+                f"{type(self).__name__}: the module is in eval mode at the start of training (Lightning keeps "
+                "the mode the module is given): BatchNorm statistics stay frozen and dropout is off. Call "
+                "`model.train()` before `trainer.fit(model)` unless that is intended."
+            )
         self._last_global_step = trainer.global_step
         if self.event_due(trainer, pl_module, "fit_start"):
             self.run_event(trainer, pl_module, "fit_start")

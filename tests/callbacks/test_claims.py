@@ -55,3 +55,10 @@ def test_layer_collapse_claims_the_traced_mlp(tmp_path: Path) -> None:
     assert claimed and all(name in dict(model.named_modules()) for name in claimed)
     with pytest.raises(ConfigError, match="claim the same module"):
         _fit(tmp_path, model, [LayerCollapse(), Claims([claimed[0]])])
+
+
+def test_a_module_left_in_eval_mode_gets_a_warning(tmp_path: Path) -> None:
+    model = ToyNet()
+    model.eval()
+    with pytest.warns(UserWarning, match=r"eval mode at the start of training"):
+        _fit(tmp_path, model, [Claims(["fc1"])])
