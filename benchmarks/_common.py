@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import math
+
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 
 def environment() -> dict[str, Any]:
@@ -32,6 +36,35 @@ def environment() -> dict[str, Any]:
         "lightning": lightning.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Any, every: int = 1) -> float:
+    """Top-1 % of a classifier on ``loader`` (only every ``every``-th batch), in eval mode; the mode is restored."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for i, (x, y) in enumerate(loader):
+        if i % every:
+            continue
+        correct += int((model(x).argmax(-1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return 100.0 * correct / total
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, loader: Any) -> float:
+    """Perplexity of a language model's (B, T, V) logits on ``(x, y)`` batches, in eval mode; the mode is restored."""
+    was = model.training
+    model.eval()
+    loss_sum = n = 0.0
+    for x, y in loader:
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+        n += y.numel()
+    model.train(was)
+    return math.exp(loss_sum / n)
 
 
 def headline(

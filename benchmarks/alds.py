@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import statistics
 import tempfile
 import time
@@ -43,9 +42,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.nn import functional as F
 
-from benchmarks._common import environment, write_results
+from benchmarks._common import accuracy, environment, perplexity, write_results
 from lit_compress.callbacks import ALDS, CompressionReport
 from lit_compress.data import MNIST5kDataModule, ShakespeareDataModule
 from lit_compress.measure import count_flops, count_parameters, measure_latency
@@ -68,30 +66,6 @@ def make_trainer(callbacks: list[Any], max_epochs: int = -1, max_steps: int = -1
     )  # fmt: skip
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: Any, every: int = 1) -> float:
-    """Top-1 % on ``loader`` (every ``every``-th batch only: the test set is ordered by class, so a prefix is biased)."""
-    was = model.training
-    model.eval()
-    correct = total = 0
-    for i, (x, y) in enumerate(loader):
-        if i % every:
-            continue
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    model.train(was)
-    return 100.0 * correct / total
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, loader: Any) -> float:
-    model.eval()
-    loss_sum = n = 0.0
-    for x, y in loader:
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-        n += y.numel()
-    return math.exp(loss_sum / n)
 
 
 def cost(model: nn.Module, one: torch.Tensor, repeats: int, batches: tuple[int, ...] = (1, 64)) -> dict[str, Any]:

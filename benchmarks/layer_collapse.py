@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import statistics
 import time
 import warnings
@@ -37,9 +36,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from benchmarks._common import environment, headline, write_results
+from benchmarks._common import accuracy, environment, headline, perplexity, write_results
 from lit_compress.callbacks import LayerCollapse
 from lit_compress.data import MNIST5kDataModule, ShakespeareDataModule
 from lit_compress.measure import count_flops, count_parameters, measure_latency
@@ -72,25 +70,6 @@ def mlp_links(model: nn.Module) -> list[Any]:
     return [link for chain in find_linear_chains(model, model.example_input_array) for link in chain.links()]
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: Any) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / total
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, loader: Any) -> float:
-    model.eval()
-    loss_sum = n = 0.0
-    for x, y in loader:
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-        n += y.numel()
-    return math.exp(loss_sum / n)
 
 
 def cost(model: nn.Module, one: torch.Tensor, latency: bool, repeats: int) -> dict[str, Any]:

@@ -49,9 +49,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
-from torch.nn import functional as F
 
-from benchmarks._common import environment, headline, write_results
+from benchmarks._common import accuracy, environment, headline, perplexity, write_results
 from lit_compress.callbacks import CompressionReport, LayerFusion
 from lit_compress.data import MNIST5kDataModule, ShakespeareDataModule
 from lit_compress.measure import count_flops, count_parameters, measure_latency
@@ -87,25 +86,6 @@ def fit(model: L.LightningModule, callbacks: list[Any], dm: Any, **kwargs: Any) 
     return time.perf_counter() - t
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: Any) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / total
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, loader: Any) -> float:
-    model.eval()
-    loss_sum = n = 0.0
-    for x, y in loader:
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-        n += y.numel()
-    return math.exp(loss_sum / n)
 
 
 def nonzero_params(model: nn.Module) -> int:
