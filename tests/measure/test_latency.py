@@ -91,3 +91,23 @@ def test_model_stats_plain_numbers():
     assert model_stats(model, input_shape=(8,))["flops"] == 2 * (2 * 1 * 8 * 8)
     with pytest.raises(ConfigError, match="`latency`"):
         model_stats(model, latency=True)
+
+
+def test_denormals_are_flushed_while_timing_and_the_setting_is_restored() -> None:
+    from lit_compress.measure.latency import denormals_flushed
+
+    seen: list[bool] = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(denormals_flushed())
+            return x
+
+    torch.set_flush_denormal(False)
+    assert not denormals_flushed()
+    measure_latency(Probe(), input_shape=(3,), warmup=0, repeats=2)
+    assert seen and all(seen)  # flushed during the measurement
+    assert not denormals_flushed()  # restored
+    seen.clear()
+    measure_latency(Probe(), input_shape=(3,), warmup=0, repeats=2, flush_denormal=False)
+    assert seen and not any(seen)
