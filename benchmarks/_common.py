@@ -38,6 +38,28 @@ def environment() -> dict[str, Any]:
     }
 
 
+def interleaved_latency(
+    models: list[nn.Module], input_shape: tuple[int, ...], batches: tuple[int, ...], repeats: int = 20, rounds: int = 5
+) -> list[dict[int, float]]:
+    """CPU latency (ms) of each model at each batch, robust to background load on a shared machine.
+
+    For each of ``rounds`` rounds, every model in turn is timed (``measure_latency``: eval mode,
+    2 threads, 3 warm-ups, median of ``repeats`` calls, denormals flushed); a model's latency is
+    its smallest round median. Interleaving gives every model the same share of whatever else runs
+    on the machine, and the minimum discards rounds another process disturbed (on this 2-core
+    machine one model's median varied by up to 20 % between back-to-back measurements).
+    """
+    from lit_compress.measure import measure_latency
+
+    best: list[dict[int, float]] = [{b: math.inf for b in batches} for _ in models]
+    for _ in range(rounds):
+        for i, model in enumerate(models):
+            for b in batches:
+                lat = measure_latency(model, input_shape=input_shape, batch_size=b, warmup=3, repeats=repeats, num_threads=2)
+                best[i][b] = min(best[i][b], float(lat["median_ms"]))
+    return best
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, loader: Any, every: int = 1) -> float:
     """Top-1 % of a classifier on ``loader`` (only every ``every``-th batch), in eval mode; the mode is restored."""

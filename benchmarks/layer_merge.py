@@ -11,7 +11,10 @@ for the CIFAR-style ResNet-20 and a small MobileNetV2 (torchvision MobileNetV2 b
       planned (unmerged) network ``F`` epochs, merge exactly, and test the *merged* network;
   (c) the half-width network of the same family trained from scratch for ``E + F`` epochs.
 
-Latency: the whole model, eval mode, median of repeats, 2 threads, batch 1 and batch 64.
+Latency: the whole model, eval mode, 2 threads, at batch 1, at the latency table's batch (16: the
+batch the DP plans for) and at batch 64; the models of one net are timed together, interleaved, in
+``--rounds`` rounds, each a median of ``--repeats`` calls, and a model's latency is its best round
+(``benchmarks._common.interleaved_latency``).
 
 Part 2, full-size structures (random weights: latency needs none): torchvision ResNet-34 and
 MobileNetV2-1.0 at 224x224, batch 1 on this CPU. The latency table is measured for every entry
@@ -21,12 +24,13 @@ network is timed against the BN-fused original.
 
     python -m benchmarks.layer_merge [--quick] [--seeds 0] [--out benchmarks/out]
 
-Run time: NOT yet measured on a quiet machine. On 2026-11-23 the machine ran three helpers'
-benchmarks at once (load average 8-9 on 2 cores): the ResNet-20 half of part 1 alone took 11 minutes
-with ``--epochs 3 --finetune 1``, and 2-thread latencies were dominated by scheduling (a 1x1 conv
-"took" 65 ms). Training runs on 1 thread for that reason; latency is measured with 2. Rows are
-written to ``<out>/layer_merge.{json,md}`` as they finish. Delete ``<out>/layermerge_latency.json``
-before a clean run (entries measured under load are cached there for the same device/batch context).
+Latency is measured with denormal floats flushed to zero (``measure_latency``'s default): fine-tuned
+merged weights carried denormals that made the merged MobileNetV2 look slower than the original.
+
+Run time: measured on a quiet 2-core machine (see ``wall_s`` in the output's config; the defaults took
+about 3.5 minutes with 4 + 2 epochs). Training runs on 1 thread; latency is measured with 2. Rows are
+written to ``<out>/layer_merge.{json,md}`` as they finish; the latency table is cached in
+``<out>/layermerge_latency.json`` per device/batch context (delete it to re-measure).
 """
 
 from __future__ import annotations
@@ -42,12 +46,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks._common import write_results
-from lit_compress.measure import count_flops, count_parameters, measure_latency
+from benchmarks._common import headline, interleaved_latency, write_results
+from lit_compress.measure import count_flops, count_parameters
 from lit_compress.surgery import fold_batchnorm_
 from lit_compress.surgery.chains import find_foldable_batchnorms
 from lit_compress.surgery.merge_blocks import analyze_merge_space, enumerate_candidates, site_input_shapes
-from lit_compress.surgery.merge_dp import DPEntry, solve_merge_dp
+from lit_compress.surgery.merge_dp import DPEntry, fastest_plan_time, solve_merge_dp
 from lit_compress.surgery.merge_plan import apply_merge_plan_, merge_planned_
 from lit_compress.surgery.merge_tables import importance_table, latency_table, original_latency
 
@@ -101,12 +105,22 @@ def _fold_all(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     return model.eval()
 
 
-def _stats(model: nn.Module, shape: tuple[int, ...], batches: tuple[int, ...], repeats: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"params": count_parameters(model), "flops": int(count_flops(model, torch.zeros(1, *shape)))}
-    for b in batches:
-        lat = measure_latency(model, input_shape=shape, batch_size=b, warmup=3, repeats=repeats, num_threads=2)
-        out[f"lat_b{b}_ms"] = float(lat["median_ms"])
+def _stats(model: nn.Module, shape: tuple[int, ...], batches: tuple[int, ...]) -> dict[str, Any]:
+    """Parameters, FLOPs, and empty speed-up/latency fields that :func:`_time_rows` fills in."""
+    out: dict[str, Any] = {f"speedup_b{b}": None for b in batches}
+    out.update(params=count_parameters(model), flops=int(count_flops(model, torch.zeros(1, *shape))))
+    out.update({f"lat_b{b}_ms": None for b in batches})
     return out
+
+
+def _time_rows(timed: list[tuple[dict[str, Any], nn.Module]], shape: tuple[int, ...], batches: tuple[int, ...],
+               repeats: int, rounds: int) -> None:  # fmt: skip
+    """Time the (folded) models of one net together, interleaved; the first is the reference (speed-up 1)."""
+    lats = interleaved_latency([m for _, m in timed], shape, batches, repeats=repeats, rounds=rounds)
+    for (row, _), lat in zip(timed, lats):
+        for b in batches:
+            row[f"lat_b{b}_ms"] = lat[b]
+            row[f"speedup_b{b}"] = lats[0][b] / lat[b]
 
 
 def _tables(model: nn.Module, shape: tuple[int, ...], args: argparse.Namespace, loader: Any, uniform: bool = False):
@@ -133,13 +147,20 @@ def _tables(model: nn.Module, shape: tuple[int, ...], args: argparse.Namespace, 
     return space, cands, lat, imp, lat_s, imp_s
 
 
-def _plan(space: Any, cands: Any, lat: dict, imp: dict, budget: float) -> tuple[list, float, float]:
+def _plan(space: Any, cands: Any, lat: dict, imp: dict, budget: float) -> tuple[list, float, float, str]:
+    """The DP's plan at ``budget``; an infeasible budget is raised to the fastest plan (and said so)."""
     total = original_latency(space, cands, lat)
     entries = [DPEntry(c.start, c.end, lat[c.key], imp[c.key], c) for c in cands]
+    unit = total / 1000.0
+    fastest = fastest_plan_time(entries, space.depth, unit) / total
+    note = ""
+    if fastest > budget:
+        note = f"no plan meets {budget:.0%} of the table latency (fastest {fastest:.1%}): run at the fastest plan; "
+        budget = fastest + 1e-6
     t0 = time.perf_counter()
-    res = solve_merge_dp(entries, space.depth, budget * total, total / 1000.0)
+    res = solve_merge_dp(entries, space.depth, budget * total, unit)
     dp_s = time.perf_counter() - t0
-    return [[e.start, e.end, list(e.payload.kept)] for e in res.entries], res.time / total, dp_s
+    return [[e.start, e.end, list(e.payload.kept)] for e in res.entries], res.time / total, dp_s, note
 
 
 def _save(args: argparse.Namespace, rows: list[dict[str, Any]], start: float) -> None:
@@ -147,7 +168,7 @@ def _save(args: argparse.Namespace, rows: list[dict[str, Any]], start: float) ->
     config = {k: v for k, v in vars(args).items() if k != "start"}
     config["wall_s"] = round(time.perf_counter() - start, 1)
     with contextlib.redirect_stdout(io.StringIO()):
-        write_results("layer_merge", rows, config, args.out)
+        write_results("layer_merge", rows, config, args.out, headlines=merge_headlines(rows))
 
 
 def part1(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -168,36 +189,36 @@ def part1(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
             pre_acc = _accuracy(pre, test)
             dense = copy.deepcopy(pre)
             _train(dense, train, args.finetune, lr=0.01)
-            base = _stats(_fold_all(dense, shape), shape, args.batches, args.repeats)
-            rows.append(dict(part="mnist5k", net=backbone, seed=seed, variant="dense (BN folded)",
-                             acc=_accuracy(dense, test), speedup_b1=1.0, speedup_b64=1.0, **base,
-                             note=f"pretrained {args.epochs} ep ({pre_acc:.2f} %, {pre_s:.0f} s) + {args.finetune} ep"))  # fmt: skip
+            folded = _fold_all(dense, shape)
+            timed = [(dict(part="mnist5k", net=backbone, seed=seed, variant="dense (BN folded)", acc=_accuracy(dense, test),
+                           **_stats(folded, shape, args.batches),
+                           note=f"pretrained {args.epochs} ep ({pre_acc:.2f} %, {pre_s:.0f} s) + {args.finetune} ep"), folded)]  # fmt: skip
             space, cands, lat, imp, lat_s, imp_s = _tables(pre, shape, args, train)
             for budget in args.budgets:
-                blocks, frac, dp_s = _plan(space, cands, lat, imp, budget)
+                blocks, frac, dp_s, infeasible = _plan(space, cands, lat, imp, budget)
                 model = copy.deepcopy(pre)
                 rec = apply_merge_plan_(model, blocks)[0]
                 _train(model, train, args.finetune, lr=0.01)
                 acc_unmerged = _accuracy(model, test)
                 merge_planned_(model, rec)
-                st = _stats(_fold_all(model, shape), shape, args.batches, args.repeats)
-                rows.append(dict(
+                folded = _fold_all(model, shape)
+                timed.append((dict(
                     part="mnist5k", net=backbone, seed=seed, variant=f"LayerMerge-{round(budget * 100)}%",
-                    acc=_accuracy(model, test), speedup_b1=base[f"lat_b{args.batches[0]}_ms"] / st[f"lat_b{args.batches[0]}_ms"],
-                    speedup_b64=base[f"lat_b{args.batches[-1]}_ms"] / st[f"lat_b{args.batches[-1]}_ms"], **st,
-                    note=(f"{len(blocks)}/{space.depth} blocks, table {frac:.0%}; unmerged acc {acc_unmerged:.2f}; "
+                    acc=_accuracy(model, test), **_stats(folded, shape, args.batches),
+                    note=(f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%}; unmerged acc {acc_unmerged:.2f}; "
                           f"tables {lat_s:.1f}+{imp_s:.1f} s ({len(cands)} entries, {args.importance}), DP {dp_s * 1000:.0f} ms"),
-                ))  # fmt: skip
+                ), folded))  # fmt: skip
             small = build_backbone(backbone, 10, 1, width_mult=0.5)
             _train(small, train, args.epochs + args.finetune)
-            st = _stats(_fold_all(small, shape), shape, args.batches, args.repeats)
-            rows.append(dict(part="mnist5k", net=backbone, seed=seed, variant="half width, from scratch",
-                             acc=_accuracy(small, test), speedup_b1=base[f"lat_b{args.batches[0]}_ms"] / st[f"lat_b{args.batches[0]}_ms"],
-                             speedup_b64=base[f"lat_b{args.batches[-1]}_ms"] / st[f"lat_b{args.batches[-1]}_ms"], **st,
-                             note=f"{args.epochs + args.finetune} ep"))  # fmt: skip
+            folded = _fold_all(small, shape)
+            timed.append((dict(part="mnist5k", net=backbone, seed=seed, variant="half width, from scratch",
+                               acc=_accuracy(small, test), **_stats(folded, shape, args.batches),
+                               note=f"{args.epochs + args.finetune} ep"), folded))  # fmt: skip
+            _time_rows(timed, shape, args.batches, args.repeats, args.rounds)
+            rows.extend(row for row, _ in timed)
             _save(args, rows, args.start)
-            for row in rows[-len(args.budgets) - 2 :]:
-                print({k: row[k] for k in ("net", "variant", "acc", "speedup_b1", "speedup_b64")}, flush=True)
+            for row, _ in timed:
+                print({k: v for k, v in row.items() if k in ("net", "variant", "acc") or k.startswith("speedup")}, flush=True)
 
 
 def part2(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -208,25 +229,47 @@ def part2(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     for name in args.full_nets:
         torch.manual_seed(0)
         net = torchvision.models.get_model(name, weights=None).eval()
-        base = _stats(_fold_all(net, shape), shape, (1,), args.full_repeats)
-        rows.append(dict(part=f"{size}x{size}", net=name, seed=0, variant="BN-fused original", acc=None,
-                         speedup_b1=1.0, speedup_b64=None, **base, note=PAPER.get(name, "")))  # fmt: skip
+        folded = _fold_all(net, shape)
+        timed = [(dict(part=f"{size}x{size}", net=name, seed=0, variant="BN-fused original", acc=None,
+                       **_stats(folded, shape, (1,)), note=PAPER.get(name, "")), folded)]  # fmt: skip
         space, cands, lat, imp, lat_s, imp_s = _tables(net, shape, args, None, uniform=True)
         total = original_latency(space, cands, lat)
         for budget in args.budgets:
-            blocks, frac, dp_s = _plan(space, cands, lat, imp, budget)
+            blocks, frac, dp_s, infeasible = _plan(space, cands, lat, imp, budget)
             model = copy.deepcopy(net)
             rec = apply_merge_plan_(model, blocks)[0]
             merge_planned_(model.eval(), rec)
-            st = _stats(_fold_all(model, shape), shape, (1,), args.full_repeats)
-            rows.append(dict(
+            folded = _fold_all(model, shape)
+            timed.append((dict(
                 part=f"{size}x{size}", net=name, seed=0, variant=f"LayerMerge-{round(budget * 100)}%", acc=None,
-                speedup_b1=base["lat_b1_ms"] / st["lat_b1_ms"], speedup_b64=None, **st,
-                note=(f"{len(blocks)}/{space.depth} blocks, table {frac:.0%} of {total:.0f} ms; latency table "
+                **_stats(folded, shape, (1,)),
+                note=(f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%} of {total:.0f} ms; latency table "
                       f"{lat_s:.0f} s ({len(cands)} entries, b1), DP {dp_s * 1000:.0f} ms; importance 1/block"),
-            ))  # fmt: skip
-            print(rows[-1], flush=True)
-            _save(args, rows, args.start)
+            ), folded))  # fmt: skip
+        _time_rows(timed, shape, (1,), args.full_repeats, args.rounds)
+        rows.extend(row for row, _ in timed)
+        for row, _ in timed:
+            print({k: v for k, v in row.items() if k in ("net", "variant") or k.startswith("speedup")}, flush=True)
+        _save(args, rows, args.start)
+
+
+def merge_headlines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per MNIST-5k net: the middle budget's merged model against the BN-fused dense one (seed 0)."""
+    out = []
+    for net in dict.fromkeys(r["net"] for r in rows if r["part"] == "mnist5k"):
+        mine = [r for r in rows if r["part"] == "mnist5k" and r["net"] == net and r["seed"] == rows[0]["seed"]]
+        dense = next(r for r in mine if r["variant"].startswith("dense"))
+        merged = [r for r in mine if r["variant"].startswith("LayerMerge")]
+        if not merged:
+            continue
+        pick = merged[len(merged) // 2]
+        out.append(headline(
+            "LayerMerge", f"MNIST-5k {net}", f"{pick['variant']} latency budget, merged", "test acc %",
+            pick["acc"], dense["acc"], pick["params"], dense["params"],
+            latency_b64_ms=pick["lat_b64_ms"], baseline_latency_b64_ms=dense["lat_b64_ms"],
+            note=", ".join(f"{v:.2f}x at batch {k[9:]}" for k, v in pick.items() if k.startswith("speedup_b")),
+        ))  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -234,30 +277,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--nets", nargs="+", default=["cifar_resnet20", "small_mobilenet_v2"])
-    parser.add_argument("--epochs", type=int, default=4, help="pretraining epochs")
-    parser.add_argument("--finetune", type=int, default=2, help="fine-tuning epochs after the plan")
+    parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs")
+    parser.add_argument("--finetune", type=int, default=4, help="fine-tuning epochs after the plan (the dense model gets them too)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35])
     parser.add_argument("--importance", choices=["loss_proxy", "finetune"], default="loss_proxy")
     parser.add_argument("--importance-steps", type=int, default=10)
     parser.add_argument("--importance-batches", type=int, default=2)
     parser.add_argument("--holdout-batches", type=int, default=2)
     parser.add_argument("--latency-batch", type=int, default=16)
-    parser.add_argument("--latency-warmup", type=int, default=1)
-    parser.add_argument("--latency-repeats", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls of whole models")
+    parser.add_argument("--latency-warmup", type=int, default=2)
+    parser.add_argument("--latency-repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls of whole models")
     parser.add_argument("--full-size", type=int, default=224)
     parser.add_argument("--full-nets", nargs="+", default=["resnet34", "mobilenet_v2"])
-    parser.add_argument("--full-repeats", type=int, default=3)
+    parser.add_argument("--full-repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; a model's latency is its best round")
     parser.add_argument("--cache", default=None, help="latency cache JSON (default: <out>/layermerge_latency.json)")
     parser.add_argument("--parts", nargs="+", default=["mnist", "full"], choices=["mnist", "full"])
     parser.add_argument("--out", default="benchmarks/out")
     args = parser.parse_args()
     if args.quick:
-        args.epochs, args.finetune, args.repeats, args.full_size, args.full_repeats = 1, 1, 3, 64, 2
+        args.epochs, args.finetune, args.repeats, args.full_size, args.full_repeats, args.rounds = 1, 1, 3, 64, 2, 1
         args.full_nets = ["mobilenet_v2"]
         args.budgets = [0.5]
         args.nets = ["cifar_resnet20"]
-    args.batches = (1, 64)
+    args.batches = tuple(sorted({1, args.latency_batch, 64}))  # the table's batch is the one the DP plans for
     args.cache = args.cache or f"{args.out}/layermerge_latency.json"
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -269,7 +313,7 @@ def main() -> None:
         part2(args, rows)
     config = {k: v for k, v in vars(args).items() if k != "start"}
     config["wall_s"] = round(time.perf_counter() - start, 1)
-    write_results("layer_merge", rows, config, args.out)
+    write_results("layer_merge", rows, config, args.out, headlines=merge_headlines(rows))
     print("\n".join(f"{PAPER[k]}  [paper's numbers]" for k in PAPER))
 
 

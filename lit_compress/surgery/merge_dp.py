@@ -21,7 +21,7 @@ import numpy as np
 
 from lit_compress.errors import ConfigError
 
-__all__ = ["DPEntry", "DPResult", "solve_merge_dp"]
+__all__ = ["DPEntry", "DPResult", "fastest_plan_time", "solve_merge_dp"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,14 @@ def solve_merge_dp(entries: Sequence[DPEntry], depth: int, budget: float, unit: 
         time=float(sum(c.time for c in chosen)),
         budget_units=budget_units,
     )
+
+
+def fastest_plan_time(entries: Sequence[DPEntry], depth: int, unit: float) -> float:
+    """The smallest budget any plan can meet: the least summed discretised time of a tiling, times ``unit``.
+
+    ``inf`` when no tiling of 0..L exists.
+    """
+    return _min_time(entries, depth, unit)
 
 
 def _min_time(entries: Sequence[DPEntry], depth: int, unit: float) -> float:
