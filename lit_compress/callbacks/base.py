@@ -70,6 +70,7 @@ class CompressionCallback(Callback):
         self.events_done = 0
         self._last_global_step = -1
         self._reporter: Optional[CompressionReport] = None
+        self._train_loop_started = False
 
     # ------------------------------------------------------------------ subclass API
     def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
@@ -217,11 +218,13 @@ class CompressionCallback(Callback):
         check_strategy_supported(trainer, type(self).__name__)
         self.reporter(trainer)
         if stage == "fit":
+            self._train_loop_started = False
             install_one_shot_replay(pl_module)
             _check_claims_once(trainer, pl_module, self)
 
     @override
     def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
+        self._train_loop_started = True
         remove_one_shot_replay(pl_module)
         if not pl_module.training:
             rank_zero_warn(
@@ -253,6 +256,13 @@ class CompressionCallback(Callback):
     @override
     def on_train_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
         if self.event_due(trainer, pl_module, "fit_end"):
+            self.run_event(trainer, pl_module, "fit_end")
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
+        # Resuming from a checkpoint taken after the last epoch skips the whole training loop, and
+        # with it `on_train_end`: the fit-end event (e.g. LayerMerge's final merge) would be lost.
+        if not self._train_loop_started and self.event_due(trainer, pl_module, "fit_end"):
             self.run_event(trainer, pl_module, "fit_end")
 
     @override

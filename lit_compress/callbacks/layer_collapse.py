@@ -148,7 +148,7 @@ class LayerCollapse(CompressionCallback):
         converted = self.selected[len(self.selected) - self.converted :]  # converted from the output side
         ready = [
             link for link in converted
-            if link["activation"] in live and abs(float(live[link["activation"]].slope) - 1.0) < self.tau
+            if link["activation"] in live and abs(float(live[link["activation"]].slope.detach()) - 1.0) < self.tau
         ]
         collapse = []
         for link in ready:
