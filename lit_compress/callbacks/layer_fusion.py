@@ -110,6 +110,7 @@ class LayerFusion(CompressionCallback):
         self.optimizer_state, self.seed = optimizer_state, int(seed)
         self.increments_done = 0
         self.base_params: Optional[int] = None  # unique parameters before the first fusion step
+        self.removed_params = 0  # removed by this callback's ties (other methods' events do not count)
         self.unit: Optional[str] = None  # "epochs" or "steps", resolved at setup
         self.interval: Optional[int] = None
 
@@ -188,7 +189,7 @@ class LayerFusion(CompressionCallback):
         base = int(self.base_params or count_parameters(pl_module))
         k = self.increments_done + 1
         goal = math.ceil(self.fraction * base * k / self.increments)
-        remove = goal - (base - count_parameters(pl_module))
+        remove = goal - self.removed_params
         if remove <= 0:
             return None
         units = self._units(pl_module)
@@ -209,6 +210,7 @@ class LayerFusion(CompressionCallback):
         snapshot = OptimizerSnapshot.capture(trainer, pl_module) if trainer.optimizers else None
         records = super().run_event(trainer, pl_module, moment)
         self.increments_done += 1  # on every rank, also when the plan was empty
+        self.removed_params += sum(int(r.get("removed_params", 0)) for r in records)
         if records and snapshot is not None:
             merge_fused_optimizer_state_(trainer.optimizers, pl_module, records, snapshot.states, self.optimizer_state)
         if records and trainer.is_global_zero and self.base_params:
@@ -224,7 +226,7 @@ class LayerFusion(CompressionCallback):
     @override
     def extra_state(self) -> dict[str, Any]:
         return {
-            "increments_done": self.increments_done, "base_params": self.base_params,
+            "increments_done": self.increments_done, "base_params": self.base_params, "removed_params": self.removed_params,
             "unit": self.unit, "interval": self.interval,
         }  # fmt: skip
 
@@ -232,6 +234,7 @@ class LayerFusion(CompressionCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.increments_done = int(state.get("increments_done", 0))
         self.base_params = state.get("base_params", self.base_params)
+        self.removed_params = int(state.get("removed_params", 0))
         self.unit = state.get("unit", self.unit)
         self.interval = state.get("interval", self.interval)
 

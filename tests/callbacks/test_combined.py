@@ -163,3 +163,20 @@ def test_two_methods_claiming_one_layer_fail_before_training(tmp_path: Path, lat
         trainer_for(tmp_path, callbacks).fit(model)
     assert not applied_events(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one step was taken
+
+
+def test_fusion_counts_only_its_own_ties_after_another_method_shrank_the_model(tmp_path: Path) -> None:
+    # The collapse at epoch 1 removes 4,160 of 22,292 parameters (18.7 %), more than Layer Fusion's
+    # 15 % target: fusion at epoch 2 must still tie its layers instead of counting that as its own.
+    callbacks = [
+        LayerCollapse(targets=COLLAPSE_TARGETS, lambda_final=20.0, warmup=1, tau=0.05, penalty="decoupled"),
+        LayerFusion(fraction=0.15, increments=1, every_n_epochs=1, start=2, targets=FUSION_TARGETS,
+                    bn_recalibration_batches=0),
+    ]  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    model = FourPartNet()
+    trainer_for(tmp_path, callbacks, max_epochs=3).fit(model)
+    epochs = {e["op"]: e["epoch"] for e in applied_events(model)}
+    assert epochs["collapse"] < epochs["fuse_layers"] == 2
+    assert model.fuse_a.weight is model.fuse_b.weight
+    assert callbacks[1].removed_params == 64 * 64 + 64
