@@ -39,9 +39,12 @@ def environment() -> dict[str, Any]:
 
 
 def interleaved_latency(
-    models: list[nn.Module], input_shape: tuple[int, ...], batches: tuple[int, ...], repeats: int = 20, rounds: int = 5
+    models: list[nn.Module], example: torch.Tensor, batches: tuple[int, ...], repeats: int = 20, rounds: int = 5
 ) -> list[dict[int, float]]:
     """CPU latency (ms) of each model at each batch, robust to background load on a shared machine.
+
+    ``example`` is one input of batch 1 (e.g. ``(1, 1, 28, 28)`` images or ``(1, T)`` token ids); it
+    is repeated along the batch dimension to each batch size.
 
     For each of ``rounds`` rounds, every model in turn is timed (``measure_latency``: eval mode,
     2 threads, 3 warm-ups, median of ``repeats`` calls, denormals flushed); a model's latency is
@@ -55,9 +58,17 @@ def interleaved_latency(
     for _ in range(rounds):
         for i, model in enumerate(models):
             for b in batches:
-                lat = measure_latency(model, input_shape=input_shape, batch_size=b, warmup=3, repeats=repeats, num_threads=2)
+                lat = measure_latency(model, example, batch_size=b, warmup=3, repeats=repeats, num_threads=2)
                 best[i][b] = min(best[i][b], float(lat["median_ms"]))
     return best
+
+
+def time_rows(timed: list[tuple[dict[str, Any], nn.Module]], example: torch.Tensor, batches: tuple[int, ...],
+              repeats: int, rounds: int = 5) -> None:  # fmt: skip
+    """Fill ``row["lat_b<B>_ms"]`` of every ``(row, model)``: the models timed together (:func:`interleaved_latency`)."""
+    lats = interleaved_latency([m for _, m in timed], example, batches, repeats=repeats, rounds=rounds)
+    for (row, _), lat in zip(timed, lats):
+        row.update({f"lat_b{b}_ms": lat[b] for b in batches})
 
 
 @torch.no_grad()
@@ -129,7 +140,9 @@ def write_results(
     env = environment()
     payload = {"env": env, "config": config, "rows": rows, "headlines": headlines or []}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
-    cols = list(rows[0]) if rows else []
+    cols: list[str] = []
+    for row in rows:  # the union of every row's columns, in first-seen order
+        cols += [c for c in row if c not in cols]
     lines = [f"# {name}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")

@@ -50,10 +50,10 @@ import torch
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
-from benchmarks._common import accuracy, environment, headline, perplexity, write_results
+from benchmarks._common import accuracy, environment, headline, perplexity, time_rows, write_results
 from lit_compress.callbacks import CompressionReport, LayerFusion
 from lit_compress.data import MNIST5kDataModule, ShakespeareDataModule
-from lit_compress.measure import count_flops, count_parameters, measure_latency
+from lit_compress.measure import count_flops, count_parameters
 from lit_compress.models import CausalLanguageModel, ImageClassifier
 from lit_compress.surgery import applied_events, fuse_layers_, fusion_units, plan_fusions
 from lit_compress.surgery.bn_stats import reestimate_batchnorm_
@@ -96,15 +96,9 @@ def nonzero_params(model: nn.Module) -> int:
     return int(sum(int((p != 0).sum()) for p in seen.values()))
 
 
-def cost(model: nn.Module, one: torch.Tensor, repeats: int) -> dict[str, Any]:
+def cost(model: nn.Module, one: torch.Tensor) -> dict[str, Any]:
     model.eval()
-    out: dict[str, Any] = {"params": count_parameters(model), "nonzero": nonzero_params(model)}
-    out["flops"] = count_flops(model, one)
-    if repeats:
-        for b in (1, 64):
-            lat = measure_latency(model, one, batch_size=b, warmup=3, repeats=repeats, num_threads=2)
-            out[f"lat_b{b}_ms"] = lat["median_ms"]
-    return out
+    return {"params": count_parameters(model), "nonzero": nonzero_params(model), "flops": count_flops(model, one)}
 
 
 def mean_std(values: list[float]) -> str:
@@ -151,12 +145,15 @@ def image_part(
         test = [batch for i, batch in enumerate(test) if i % 8 == 0]
     one = torch.zeros(1, 1, 28, 28)
     raw: list[dict[str, Any]] = []
+    timed: list[tuple[dict[str, Any], nn.Module]] = []
 
     def record(variant: str, seed: int, model: nn.Module, wall: float, latency: bool = True, **extra: Any) -> dict[str, Any]:
         row = {"variant": variant, "seed": seed, "acc": accuracy(model, test), "train_s": round(wall, 1)}
-        row.update(cost(model, one, repeats if latency else 0))
+        row.update(cost(model, one))
         row.update(extra)
         raw.append(row)
+        if latency and repeats:
+            timed.append((row, model))
         print(f"  [{variant} seed {seed}] acc {row['acc']:.2f} params {row['params']} nonzero {row['nonzero']} ({wall:.0f}s)", flush=True)
         return row
 
@@ -206,6 +203,9 @@ def image_part(
             small = resnet(width, 0.05)
             wall = fit(small, [], dm, max_epochs=epochs + retrain, limit=limit)
             record(f"(e) ResNet-20 width {width:.2f} from scratch, matched to {cr}", seed, small, wall)
+        if timed:
+            time_rows(timed, torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)), (1, 64), repeats)
+            timed.clear()
 
     rows = []
     for variant in dict.fromkeys(r["variant"] for r in raw):
@@ -243,7 +243,7 @@ def lm_part(steps: int, retrain: int, block: int = 64, d_model: int = 96) -> tup
     rows: list[dict[str, Any]] = []
 
     def record(variant: str, model: nn.Module, wall: float, **extra: Any) -> dict[str, Any]:
-        c = cost(model, one, 0)
+        c = cost(model, one)
         row = {"variant": variant, "val ppl": perplexity(model, val), "unique params": c["params"]}
         row.update({"size vs dense": c["params"] / base, "MFLOPs (1×T)": c["flops"] / 1e6, "train s": round(wall, 1), **extra})
         rows.append(row)
@@ -307,7 +307,7 @@ def images(
         "optimizer": "SGD momentum 0.9, wd 5e-4 on weights, cosine; pretrain lr 0.05, retrain lr 0.01; from-scratch lr 0.05",
         "pruning": "ModelPruning l1_unstructured, global over conv/linear weights, same count per step as fusion, no LTH",
         "bn": "BatchNorm re-estimated on 20 batches after each fusion step (16 for one-shot)",
-        "latency": f"median of {repeats} after 3 warm-up, 2 threads, eval mode", "part_wall_time_s": round(t_img, 1),
+        "latency": f"best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, 2 threads, eval mode", "part_wall_time_s": round(t_img, 1),
         "per_seed": img_raw,
     }  # fmt: skip
     dense_acc = statistics.mean(r["acc"] for r in img_raw if r["variant"].startswith("(a)"))

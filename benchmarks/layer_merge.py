@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks._common import headline, interleaved_latency, write_results
+from benchmarks._common import headline, time_rows, write_results
 from lit_compress.measure import count_flops, count_parameters
 from lit_compress.surgery import fold_batchnorm_
 from lit_compress.surgery.chains import find_foldable_batchnorms
@@ -116,11 +116,9 @@ def _stats(model: nn.Module, shape: tuple[int, ...], batches: tuple[int, ...]) -
 def _time_rows(timed: list[tuple[dict[str, Any], nn.Module]], shape: tuple[int, ...], batches: tuple[int, ...],
                repeats: int, rounds: int) -> None:  # fmt: skip
     """Time the (folded) models of one net together, interleaved; the first is the reference (speed-up 1)."""
-    lats = interleaved_latency([m for _, m in timed], shape, batches, repeats=repeats, rounds=rounds)
-    for (row, _), lat in zip(timed, lats):
-        for b in batches:
-            row[f"lat_b{b}_ms"] = lat[b]
-            row[f"speedup_b{b}"] = lats[0][b] / lat[b]
+    time_rows(timed, torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)), batches, repeats, rounds)
+    for row, _ in timed:
+        row.update({f"speedup_b{b}": timed[0][0][f"lat_b{b}_ms"] / row[f"lat_b{b}_ms"] for b in batches})
 
 
 def _tables(model: nn.Module, shape: tuple[int, ...], args: argparse.Namespace, loader: Any, uniform: bool = False):
