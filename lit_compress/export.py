@@ -64,6 +64,7 @@ def export_compressed(
     example_inputs: ExampleInputs = None,
     *,
     torch_export: bool = True,
+    dynamic_batch: bool = True,
 ) -> dict[str, str]:
     """Write ``model`` (weights, class, init kwargs, structural events) to ``path``.
 
@@ -73,6 +74,9 @@ def export_compressed(
         example_inputs: A tensor, tuple/list of arguments or dict of kwargs. With
             ``torch_export``, also writes ``<stem>.pt2`` via ``torch.export`` in eval mode.
         torch_export: Whether to try the ``.pt2`` export (a failure warns and skips it).
+        dynamic_batch: Export the first dimension of the positional tensor inputs as a dynamic
+            batch size, so the program runs on any batch (falls back to the example's fixed
+            shapes, with a warning, if the model does not allow it).
 
     Returns:
         ``{"state": path}`` plus ``"pt2": path`` when the program was exported.
@@ -105,19 +109,32 @@ def export_compressed(
     written = {"state": str(path)}
     if torch_export and example_inputs is not None:
         pt2 = path.with_suffix(".pt2")
-        if _export_program(model, example_inputs, pt2):
+        if _export_program(model, example_inputs, pt2, dynamic_batch):
             written["pt2"] = str(pt2)
     return written
 
 
-def _export_program(model: nn.Module, example_inputs: ExampleInputs, pt2: Path) -> bool:
+def _export_program(model: nn.Module, example_inputs: ExampleInputs, pt2: Path, dynamic_batch: bool = True) -> bool:
     """``torch.export`` ``model`` in eval mode to ``pt2``; warn and return False on failure."""
     device, _ = module_device_dtype(model)
     args, kwargs = split_inputs(inputs_to(example_inputs, device))
     with preserve_mode(model):
         model.eval()
         try:
-            program = torch.export.export(model, args, kwargs=kwargs or None)
+            program = None
+            if dynamic_batch and not kwargs and args:
+                batch = torch.export.Dim.AUTO
+                shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+                try:
+                    program = torch.export.export(model, args, dynamic_shapes=shapes)
+                except Exception as err:  # noqa: BLE001 - fall back to the example's static shapes
+                    warnings.warn(
+                        f"lit_compress export: a dynamic batch size failed for {type(model).__name__} "
+                        f"({type(err).__name__}); the .pt2 takes the example's shapes only.",
+                        stacklevel=4,
+                    )
+            if program is None:
+                program = torch.export.export(model, args, kwargs=kwargs or None)
             torch.export.save(program, pt2)
         except Exception as err:  # noqa: BLE001 - the .pt2 is optional
             pt2.unlink(missing_ok=True)

@@ -147,3 +147,17 @@ def test_failed_torch_export_warns_and_skips_pt2(tmp_path):
     with pytest.warns(UserWarning, match="was not written"):
         paths = export_compressed(model, tmp_path / "dd.pt", torch.randn(3))
     assert set(paths) == {"state"} and not (tmp_path / "dd.pt2").exists() and model.training
+
+
+def test_pt2_takes_any_batch_size(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    paths = export_compressed(model, tmp_path / "cnn.pt", torch.randn(2, 1, 8, 8))
+    program = torch.export.load(paths["pt2"]).module()
+    for batch in (1, 5, 64):
+        x = torch.randn(batch, 1, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-6)
+    static = export_compressed(model, tmp_path / "static.pt", torch.randn(2, 1, 8, 8), dynamic_batch=False)
+    with pytest.raises(Exception):  # the example's batch only
+        torch.export.load(static["pt2"]).module()(torch.randn(5, 1, 8, 8))
