@@ -111,13 +111,22 @@ class SurgeryTransaction(contextlib.AbstractContextManager):
 
 @contextlib.contextmanager
 def preserve_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Remember the train/eval flag of every submodule and restore it on exit."""
+    """Remember the train/eval flag of every submodule and restore it on exit.
+
+    Modules created inside the block (by surgery done while the model was switched to eval) take
+    their parent's restored flag, so a model that entered in train mode leaves in train mode.
+    """
     modes = [(m, m.training) for m in model.modules()]
+    known = {id(m) for m, _ in modes}
     try:
         yield model
     finally:
         for m, training in modes:
             m.training = training
+        for parent in model.modules():  # pre-order: a parent's flag is final before its children's
+            for child in parent.children():
+                if id(child) not in known:
+                    child.training = parent.training
 
 
 def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -230,3 +230,15 @@ def test_surgery_package_has_no_lightning_import() -> None:
 
     src = open(mod.__file__).read()
     assert "lightning" not in src.replace("lit_compress", "")
+
+
+def test_post_training_collapse_leaves_a_training_model_in_train_mode() -> None:
+    # It measures in eval mode; the Linear/Identity modules it creates there must not stay in eval
+    # (a model then trained would run with frozen BatchNorm statistics and no dropout).
+    model = vgg_like(bn=True).train()
+    x = x64(16)
+    collapse_post_training_(model, find_linear_chains(model, x), x)
+    assert [name for name, m in model.named_modules() if not m.training] == []
+    model.eval()
+    collapse_post_training_(model, find_linear_chains(model, x), x)  # nothing left to collapse; mode kept
+    assert not any(m.training for m in model.modules())
