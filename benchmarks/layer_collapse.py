@@ -37,10 +37,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from benchmarks._common import accuracy, environment, headline, perplexity, write_results
+from benchmarks._common import accuracy, environment, headline, perplexity, time_rows, write_results
 from lit_compress.callbacks import LayerCollapse
 from lit_compress.data import MNIST5kDataModule, ShakespeareDataModule
-from lit_compress.measure import count_flops, count_parameters, measure_latency
+from lit_compress.measure import count_flops, count_parameters
 from lit_compress.models import CausalLanguageModel, ImageClassifier
 from lit_compress.surgery.chains import find_linear_chains
 from lit_compress.surgery.collapse import collapse_post_training_, collapsible_activations
@@ -72,14 +72,9 @@ def mlp_links(model: nn.Module) -> list[Any]:
 
 
 
-def cost(model: nn.Module, one: torch.Tensor, latency: bool, repeats: int) -> dict[str, Any]:
+def cost(model: nn.Module, one: torch.Tensor) -> dict[str, Any]:
     model.eval()
-    out: dict[str, Any] = {"params": count_parameters(model), "flops": count_flops(model, one)}
-    if latency:
-        for b in (1, 64):
-            lat = measure_latency(model, one, batch_size=b, warmup=5, repeats=repeats, num_threads=2)
-            out[f"lat_b{b}_ms"] = lat["median_ms"]
-    return out
+    return {"params": count_parameters(model), "flops": count_flops(model, one)}
 
 
 def mean_std(values: list[float]) -> str:
@@ -109,12 +104,14 @@ def image_part(seeds: list[int], epochs: int, repeats: int) -> tuple[list[dict[s
     probe = next(iter(test))[0][:256]  # for collapse_post_training_'s output error
     one = torch.zeros(1, 1, 28, 28)
     raw: list[dict[str, Any]] = []
+    timed: list[tuple[dict[str, Any], nn.Module]] = []
 
     def record(variant: str, seed: int, model: nn.Module, wall: float, **extra: Any) -> None:
         row = {"variant": variant, "seed": seed, "acc": accuracy(model, test), "train_s": wall}
-        row.update(cost(model, one, True, repeats))
+        row.update(cost(model, one))
         row.update(extra)
         raw.append(row)
+        timed.append((row, model))
         print(f"  [{variant} seed {seed}] acc {row['acc']:.2f} params {row['params']} ({wall:.0f}s)", flush=True)
 
     for seed in seeds:
@@ -150,6 +147,7 @@ def image_part(seeds: list[int], epochs: int, repeats: int) -> tuple[list[dict[s
         L.seed_everything(seed, verbose=False)
         linear_head = classifier(1.0)
         collapse_post_training_(linear_head, mlp_links(linear_head), probe)
+        linear_head.train()
         t = time.perf_counter()
         make_trainer([], max_epochs=epochs, clip=IMG_CLIP).fit(linear_head, datamodule=dm)
         record("(d) linear head from scratch", seed, linear_head, time.perf_counter() - t)
@@ -160,6 +158,8 @@ def image_part(seeds: list[int], epochs: int, repeats: int) -> tuple[list[dict[s
         t = time.perf_counter()
         make_trainer([], max_epochs=epochs, clip=IMG_CLIP).fit(half, datamodule=dm)
         record("(e) half-width VGG from scratch", seed, half, time.perf_counter() - t)
+        time_rows(timed, torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)), (1, 64), repeats)
+        timed.clear()
 
     rows = []
     for variant in dict.fromkeys(r["variant"] for r in raw):
@@ -216,7 +216,7 @@ def lm_part(steps: int, n_layer: int, d_model: int, block: int, lam: float) -> t
             err = 0.0
             if k:
                 _, err = collapse_post_training_(m, links[-k:], one)
-            c = cost(m, one, False, 0)
+            c = cost(m, one)
             rows.append(
                 {
                     "model": name,
@@ -307,7 +307,7 @@ def main() -> None:
             "steps_per_epoch": 16,
             "optimizer": f"SGD lr {IMG_LR} momentum 0.9, gradient-norm clip {IMG_CLIP}, cosine, weight_decay 0 (ImageClassifier never decays the slopes anyway)",
             "layer_collapse": "lambda 0 -> 5 over 2 epochs, tau 0.05, penalty in the gradient (SGD), collapse_at epoch_start",
-            "latency": f"median of {repeats} after 5 warm-up, 2 threads, eval mode",
+            "latency": f"the models of a seed timed together: best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, 2 threads, eval mode",
             "part_wall_time_s": round(t_img, 1),
             "per_seed": img_raw,
         },
