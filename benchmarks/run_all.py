@@ -107,7 +107,7 @@ def plot_headlines(headlines: list[dict[str, Any]], path: Path) -> bool:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(12, 6.2))
     panels = [("higher", [h for h in headlines if h["higher_is_better"]]), ("lower", [h for h in headlines if not h["higher_is_better"]])]
     panels = [p for p in panels if p[1]]
     markers = "osD^v<>P*X"
@@ -120,13 +120,14 @@ def plot_headlines(headlines: list[dict[str, Any]], path: Path) -> bool:
                 y = h["value"] - h["baseline"]
             else:
                 y = 100.0 * (h["value"] / h["baseline"] - 1.0)
-            ax.scatter(kept, y, marker=markers[methods.index(h["method"]) % len(markers)], s=60, label=f"{h['method']}: {h['variant']}")
+            ax.scatter(kept, y, marker=markers[methods.index(h["method"]) % len(markers)], s=60, label=f"{h['method']} · {h['task']}: {h['variant']}")
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xlabel("parameters kept (% of the baseline, unique storage)")
         ax.set_ylabel("Δ metric (points)" if kind == "higher" else "Δ metric (% of baseline; lower is better)")
         ax.set_title("accuracy-type metrics" if kind == "higher" else "perplexity-type metrics")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="best")
+        # The legend goes under its panel, so it never hides a point.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     fig.tight_layout()
     FigureCanvasAgg(fig).print_png(str(path))
     return True
