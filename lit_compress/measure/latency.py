@@ -7,8 +7,9 @@ CPU threads (``torch.set_num_threads(2)`` in the benchmarks).
 On CPU, denormal (subnormal) floats are flushed to zero while timing, by default: trained and
 merged weights can carry denormal values, and x86 arithmetic on them is much slower, which made a
 fine-tuned merged MobileNetV2 look slower than the original (batch 64, measured once: merged 35.5 ms
-without flushing and 22.7 ms with it; the original 34.4 and 30.5 ms). Flushing is the setting CPU inference is normally deployed with
-(``torch.set_flush_denormal(True)``); ``flush_denormal=False`` times the arithmetic as it is.
+without flushing and 22.7 ms with it; the original 34.4 and 30.5 ms). Flushing is the setting CPU
+inference is normally deployed with (``torch.set_flush_denormal(True)``); ``flush_denormal=False``
+times the arithmetic as it is.
 """
 
 from __future__ import annotations
