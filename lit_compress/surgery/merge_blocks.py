@@ -174,6 +174,17 @@ def _conv_info(module: nn.Module, name: str) -> nn.Conv2d:
     return module
 
 
+def _conv_site(
+    index: int, name: str, conv: nn.Conv2d, bn: Optional[str], act: Optional[str], unit: str, local: int
+) -> ConvSite:
+    """A :class:`ConvSite` for ``conv`` (checked by :func:`_conv_info`), named ``name`` in the model."""
+    return ConvSite(
+        index=index, conv=name, bn=bn, act=act, unit=unit, local=local, in_channels=conv.in_channels,
+        out_channels=conv.out_channels, kernel=conv.kernel_size[0], stride=conv.stride[0],
+        padding=int(conv.padding[0]), groups=conv.groups,
+    )  # fmt: skip
+
+
 def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
@@ -314,20 +325,7 @@ def analyze_merge_space(model: nn.Module) -> MergeSpace:
             if bn is not None and not isinstance(model.get_submodule(bn), nn.BatchNorm2d):
                 raise ConfigError(f"LayerMerge: `{bn}` is not a BatchNorm2d.")
             sites.append(
-                ConvSite(
-                    index=len(sites) + 1,
-                    conv=cname,
-                    bn=bn,
-                    act=act,
-                    unit=uname,
-                    local=local,
-                    in_channels=conv.in_channels,
-                    out_channels=conv.out_channels,
-                    kernel=conv.kernel_size[0],
-                    stride=conv.stride[0],
-                    padding=int(conv.padding[0]),
-                    groups=conv.groups,
-                )
+                _conv_site(len(sites) + 1, cname, conv, bn, act, uname, local)
             )
         for local in range(len(entries)):
             site = sites[start + local]
@@ -354,20 +352,7 @@ def _analyze_sequential(model: nn.Module, root: str, seq: nn.Module) -> MergeSpa
         if pending:
             conv = pending["conv_mod"]
             sites.append(
-                ConvSite(
-                    index=len(sites) + 1,
-                    conv=pending["conv"],
-                    bn=pending.get("bn"),
-                    act=pending.get("act"),
-                    unit=root,
-                    local=len(sites),
-                    in_channels=conv.in_channels,
-                    out_channels=conv.out_channels,
-                    kernel=conv.kernel_size[0],
-                    stride=conv.stride[0],
-                    padding=int(conv.padding[0]),
-                    groups=conv.groups,
-                )
+                _conv_site(len(sites) + 1, pending["conv"], conv, pending.get("bn"), pending.get("act"), root, len(sites))
             )
             pending.clear()
 
