@@ -32,6 +32,7 @@ from lit_compress.callbacks._distributed import (
     broadcast_from_rank_zero,
     check_strategy_supported,
     convert_for_precision,
+    destroy_gloo_group_at_exit,
     is_spawn_launcher,
     rewrap_ddp,
 )
@@ -216,6 +217,7 @@ class CompressionCallback(Callback):
     @override
     def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
         check_strategy_supported(trainer, type(self).__name__)
+        destroy_gloo_group_at_exit()
         self.reporter(trainer)
         if stage == "fit":
             self._train_loop_started = False
@@ -274,15 +276,7 @@ class CompressionCallback(Callback):
         remove_one_shot_replay(pl_module)
         if stage != "fit" or not is_spawn_launcher(trainer):
             return
-        try:
-            self._hand_over_to_launcher(pl_module)
-        finally:
-            # Leave together: a `ddp_spawn` worker that exits (tearing down gloo) while rank 0 is still in
-            # its teardown hooks was seen to abort with SIGABRT (2 ddp_spawn tests in one CI run of 456;
-            # not reproduced in 5 reruns). Teardown hooks run only after a successful fit, so no rank waits
-            # here for one that crashed.
-            if trainer.world_size > 1:
-                trainer.strategy.barrier("lit_compress.teardown")
+        self._hand_over_to_launcher(pl_module)
 
     def _hand_over_to_launcher(self, pl_module: L.LightningModule) -> None:
         if not applied_events(pl_module):

@@ -88,3 +88,33 @@ def test_ddp_popen_launcher_event_keeps_ranks_identical(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0 ok" in proc.stdout
     assert_ranks_identical_and_trained(tmp_path)
+
+
+_EXIT_CHECK = """
+import atexit, sys
+import torch.distributed as dist
+from lit_compress.callbacks._distributed import destroy_gloo_group_at_exit
+
+def report():  # registered first, so it runs after the handler under test (atexit is last-in, first-out)
+    open(sys.argv[1], "w").write("initialized" if dist.is_initialized() else "destroyed")
+
+atexit.register(report)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+if sys.argv[3] == "register":
+    before = atexit._ncallbacks()
+    destroy_gloo_group_at_exit()
+    destroy_gloo_group_at_exit()
+    assert atexit._ncallbacks() == before + 1, "the handler must be registered once per process"
+"""
+
+
+@pytest.mark.parametrize("register", [True, False])
+def test_gloo_group_is_destroyed_before_the_interpreter_exits(tmp_path: Path, register: bool) -> None:
+    """A gloo group alive at interpreter shutdown can abort the process (pytorch/pytorch#190489)."""
+    result = tmp_path / "state.txt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_CHECK, str(result), str(tmp_path / "store"), "register" if register else "no"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert result.read_text() == ("destroyed" if register else "initialized")
