@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 import torch
@@ -98,8 +99,6 @@ def destroy_gloo_group_at_exit() -> None:
         return
     if dist.get_backend() != "gloo":
         return
-    import atexit
-
     atexit.register(_destroy_if_gloo)
     _GLOO_EXIT_HANDLER_REGISTERED = True
 
