@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
-
-import math
 
 import torch
 from torch import nn
@@ -63,8 +62,13 @@ def interleaved_latency(
     return best
 
 
-def time_rows(timed: list[tuple[dict[str, Any], nn.Module]], example: torch.Tensor, batches: tuple[int, ...],
-              repeats: int, rounds: int = 5) -> None:  # fmt: skip
+def time_rows(
+    timed: list[tuple[dict[str, Any], nn.Module]],
+    example: torch.Tensor,
+    batches: tuple[int, ...],
+    repeats: int,
+    rounds: int = 5,
+) -> None:
     """Fill ``row["lat_b<B>_ms"]`` of every ``(row, model)``: the models timed together (:func:`interleaved_latency`)."""
     lats = interleaved_latency([m for _, m in timed], example, batches, repeats=repeats, rounds=rounds)
     for (row, _), lat in zip(timed, lats):
@@ -116,11 +120,19 @@ def headline(
 ) -> dict[str, Any]:
     """One headline row for ``benchmarks/RESULTS.md`` and the README plot: a method against its baseline."""
     return {
-        "method": method, "task": task, "variant": variant, "metric": metric, "value": float(value),
-        "baseline": float(baseline), "params": int(params), "baseline_params": int(baseline_params),
-        "higher_is_better": higher_is_better, "latency_b64_ms": latency_b64_ms,
-        "baseline_latency_b64_ms": baseline_latency_b64_ms, "note": note,
-    }  # fmt: skip
+        "method": method,
+        "task": task,
+        "variant": variant,
+        "metric": metric,
+        "value": float(value),
+        "baseline": float(baseline),
+        "params": int(params),
+        "baseline_params": int(baseline_params),
+        "higher_is_better": higher_is_better,
+        "latency_b64_ms": latency_b64_ms,
+        "baseline_latency_b64_ms": baseline_latency_b64_ms,
+        "note": note,
+    }
 
 
 def write_results(

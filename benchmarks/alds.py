@@ -66,12 +66,19 @@ def make_trainer(callbacks: list[Any], max_epochs: int = -1, max_steps: int = -1
     if any(isinstance(cb, ALDS) for cb in callbacks):
         callbacks = [*callbacks, CompressionReport(output_dir=_TMP, print_report=False, measure_latency=False)]
     return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, max_steps=max_steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=_TMP,
-    )  # fmt: skip
-
-
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=_TMP,
+    )
 
 
 def cost(model: nn.Module, one: torch.Tensor) -> dict[str, Any]:
@@ -104,9 +111,12 @@ def compress_and_retrain(
         callbacks_fit(model, [alds, probe])
     summary = alds.allocations[0]
     return model, {
-        "after_compression": probe.value, "retrain_s": time.perf_counter() - t,
-        "alloc_s": summary["seconds"], "max_error": summary["max_error"], "achieved_keep": summary["achieved_ratio"],
-    }  # fmt: skip
+        "after_compression": probe.value,
+        "retrain_s": time.perf_counter() - t,
+        "alloc_s": summary["seconds"],
+        "max_error": summary["max_error"],
+        "achieved_keep": summary["achieved_ratio"],
+    }
 
 
 def mean_std(values: list[float], digits: int = 2) -> str:
@@ -129,9 +139,16 @@ def image_part(
 
     def classifier(width: float = 1.0) -> ImageClassifier:
         return ImageClassifier(
-            backbone="cifar_resnet20", in_channels=1, image_size=28, width_mult=width, optimizer="sgd", lr=0.05,
-            momentum=0.9, weight_decay=5e-4, scheduler="cosine",
-        )  # fmt: skip
+            backbone="cifar_resnet20",
+            in_channels=1,
+            image_size=28,
+            width_mult=width,
+            optimizer="sgd",
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=5e-4,
+            scheduler="cosine",
+        )
 
     def fit(model: nn.Module, callbacks: list[Any], n: int) -> None:
         model.train()  # Lightning keeps the mode it is given: after an accuracy pass BatchNorm would stay frozen
@@ -140,11 +157,21 @@ def image_part(
     timed: list[tuple[dict[str, Any], nn.Module]] = []
 
     def record(variant: str, keep: Any, seed: int, model: nn.Module, **extra: Any) -> None:
-        row = {"variant": variant, "keep": keep, "seed": seed, "acc": accuracy(model, test), **cost(model, one), **extra}
+        row = {
+            "variant": variant,
+            "keep": keep,
+            "seed": seed,
+            "acc": accuracy(model, test),
+            **cost(model, one),
+            **extra,
+        }
         raw.append(row)
         timed.append((row, model))
-        print(f"  [{variant} keep {keep} seed {seed}] acc {row['acc']:.2f} params {row['params']} "
-              f"({extra.get('train_s', extra.get('retrain_s', 0)):.0f}s)", flush=True)  # fmt: skip
+        print(
+            f"  [{variant} keep {keep} seed {seed}] acc {row['acc']:.2f} params {row['params']} "
+            f"({extra.get('train_s', extra.get('retrain_s', 0)):.0f}s)",
+            flush=True,
+        )
 
     for seed in seeds:
         L.seed_everything(seed, verbose=False)
@@ -158,19 +185,36 @@ def image_part(
             longer.hparams.lr = retrain_lr
         t = time.perf_counter()
         fit(longer, [], retrain)
-        record(f"dense + {retrain} ep retrain (same budget, no compression)", 1.0, seed, longer, train_s=time.perf_counter() - t)
+        record(
+            f"dense + {retrain} ep retrain (same budget, no compression)",
+            1.0,
+            seed,
+            longer,
+            train_s=time.perf_counter() - t,
+        )
         for keep in keeps:
             for method in METHODS:
                 L.seed_everything(seed, verbose=False)
                 model, info = compress_and_retrain(
-                    dense, method, keep, lambda m, cbs: fit(m, cbs, retrain), lambda m: accuracy(m, test, every=4), retrain_lr
+                    dense,
+                    method,
+                    keep,
+                    lambda m, cbs: fit(m, cbs, retrain),
+                    lambda m: accuracy(m, test, every=4),
+                    retrain_lr,
                 )
                 record(f"{method} + {retrain} ep retrain", keep, seed, model, **info)
         L.seed_everything(seed, verbose=False)
         half = classifier(0.5)
         t = time.perf_counter()
         fit(half, [], epochs + retrain)
-        record(f"half-width ResNet-20 from scratch ({epochs + retrain} ep)", "–", seed, half, train_s=time.perf_counter() - t)
+        record(
+            f"half-width ResNet-20 from scratch ({epochs + retrain} ep)",
+            "–",
+            seed,
+            half,
+            train_s=time.perf_counter() - t,
+        )
         time_rows(timed, torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)), (1, 64), repeats)
         timed.clear()
 
@@ -178,14 +222,21 @@ def image_part(
     for key in dict.fromkeys((r["variant"], r["keep"]) for r in raw):
         rs = [r for r in raw if (r["variant"], r["keep"]) == key]
         after = [r["after_compression"] for r in rs if r.get("after_compression") is not None]
-        rows.append({
-            "variant": key[0], "target keep": key[1], "test acc % (4,000)": mean_std([r["acc"] for r in rs]),
-            "acc right after compression % (every 4th test batch)": mean_std(after) if after else None,
-            "params": rs[0]["params"], "MFLOPs (b1)": rs[0]["MFLOPs"],
-            "lat b1 ms": statistics.median(r["lat_b1_ms"] for r in rs),
-            "lat b64 ms": statistics.median(r["lat_b64_ms"] for r in rs),
-            "max rel. error": rs[0].get("max_error"), "alloc s": rs[0].get("alloc_s"), "seeds": len(rs),
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": key[0],
+                "target keep": key[1],
+                "test acc % (4,000)": mean_std([r["acc"] for r in rs]),
+                "acc right after compression % (every 4th test batch)": mean_std(after) if after else None,
+                "params": rs[0]["params"],
+                "MFLOPs (b1)": rs[0]["MFLOPs"],
+                "lat b1 ms": statistics.median(r["lat_b1_ms"] for r in rs),
+                "lat b64 ms": statistics.median(r["lat_b64_ms"] for r in rs),
+                "max rel. error": rs[0].get("max_error"),
+                "alloc s": rs[0].get("alloc_s"),
+                "seeds": len(rs),
+            }
+        )
     return rows, raw
 
 
@@ -196,12 +247,16 @@ def lm_part(steps: int, retrain: int, keeps: list[float], repeats: int) -> tuple
     batch, block = 32, 64
 
     def data(n: int) -> ShakespeareDataModule:
-        dm = ShakespeareDataModule(block_size=block, batch_size=batch, samples_per_epoch=batch * n, val_samples=256, seed=0)
+        dm = ShakespeareDataModule(
+            block_size=block, batch_size=batch, samples_per_epoch=batch * n, val_samples=256, seed=0
+        )
         dm.setup("fit")
         return dm
 
     def lm(d_model: int, n: int) -> CausalLanguageModel:
-        return CausalLanguageModel(vocab_size=84, block_size=block, n_layer=4, n_head=4, d_model=d_model, lr=1e-3, warmup_steps=max(1, n // 10))
+        return CausalLanguageModel(
+            vocab_size=84, block_size=block, n_layer=4, n_head=4, d_model=d_model, lr=1e-3, warmup_steps=max(1, n // 10)
+        )
 
     def fit(model: nn.Module, callbacks: list[Any], n: int) -> None:
         model.train()  # Lightning keeps the mode it is given
@@ -214,8 +269,15 @@ def lm_part(steps: int, retrain: int, keeps: list[float], repeats: int) -> tuple
     timed: list[tuple[dict[str, Any], nn.Module]] = []
 
     def record(variant: str, keep: Any, model: nn.Module, **extra: Any) -> None:
-        row = {"variant": variant, "target keep": keep, "val ppl": perplexity(model, val), **cost(model, one),
-               "lat_b1_ms": None, "lat_b32_ms": None, **extra}  # fmt: skip
+        row = {
+            "variant": variant,
+            "target keep": keep,
+            "val ppl": perplexity(model, val),
+            **cost(model, one),
+            "lat_b1_ms": None,
+            "lat_b32_ms": None,
+            **extra,
+        }
         rows.append(row)
         timed.append((row, model))
         print(f"  [LM {variant} keep {keep}] ppl {row['val ppl']:.3f} params {row['params']}", flush=True)
@@ -230,11 +292,15 @@ def lm_part(steps: int, retrain: int, keeps: list[float], repeats: int) -> tuple
     longer = copy.deepcopy(dense)
     t = time.perf_counter()
     fit(longer, [], retrain)
-    record(f"dense + {retrain} steps retrain (same budget, no compression)", 1.0, longer, train_s=time.perf_counter() - t)
+    record(
+        f"dense + {retrain} steps retrain (same budget, no compression)", 1.0, longer, train_s=time.perf_counter() - t
+    )
     for keep in keeps:
         for method in METHODS:
             L.seed_everything(0, verbose=False)
-            model, extra = compress_and_retrain(dense, method, keep, lambda m, cbs: fit(m, cbs, retrain), lambda m: perplexity(m, val))
+            model, extra = compress_and_retrain(
+                dense, method, keep, lambda m, cbs: fit(m, cbs, retrain), lambda m: perplexity(m, val)
+            )
             extra["ppl right after compression"] = extra.pop("after_compression")
             record(f"{method} + {retrain} steps retrain", keep, model, **extra)
     L.seed_everything(0, verbose=False)
@@ -259,11 +325,18 @@ def allocator_time(repeats: int) -> list[dict[str, Any]]:
     for i in range(repeats):
         t = time.perf_counter()
         alloc = allocate(model, names, 0.3, progress=i == 0)
-        rows.append({
-            "model": "torchvision ResNet-18 (random init, 11.7M params)", "keep": 0.3, "run": i,
-            "wall s": time.perf_counter() - t, "layers": len(names), "decomposed": len(alloc.plan),
-            "achieved keep": alloc.achieved_ratio, "max rel. error": alloc.max_error,
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": "torchvision ResNet-18 (random init, 11.7M params)",
+                "keep": 0.3,
+                "run": i,
+                "wall s": time.perf_counter() - t,
+                "layers": len(names),
+                "decomposed": len(alloc.plan),
+                "achieved keep": alloc.achieved_ratio,
+                "max rel. error": alloc.max_error,
+            }
+        )
         print(f"  [allocator ResNet-18 run {i}] {rows[-1]['wall s']:.1f}s", flush=True)
     return rows
 
@@ -276,38 +349,87 @@ def image_headlines(raw: list[dict[str, Any]], keep: float) -> list[dict[str, An
     """ALDS and the best SVD baseline at ``keep``, and the half-width network, against dense (seed means)."""
     dense = [r for r in raw if r["variant"].startswith("dense +")] or [r for r in raw if r["variant"] == "dense"]
     out = []
-    for prefix, label in (("alds", "ALDS"), ("uniform", "baseline: uniform-rank SVD"), ("half-width", "baseline: half-width from scratch")):
+    for prefix, label in (
+        ("alds", "ALDS"),
+        ("uniform", "baseline: uniform-rank SVD"),
+        ("half-width", "baseline: half-width from scratch"),
+    ):
         rows = [r for r in raw if r["variant"].startswith(prefix) and (prefix == "half-width" or r["keep"] == keep)]
         if not rows or not dense:
             continue
         variant = f"{label}, keep {keep:g}" if prefix != "half-width" else label
-        out.append(headline(
-            "ALDS", "MNIST-5k ResNet-20", variant, "test acc %", _mean(rows, "acc"), _mean(dense, "acc"),
-            int(_mean(rows, "params")), int(_mean(dense, "params")),
-            latency_b64_ms=_mean(rows, "lat_b64_ms"), baseline_latency_b64_ms=_mean(dense, "lat_b64_ms"),
-        ))  # fmt: skip
+        out.append(
+            headline(
+                "ALDS",
+                "MNIST-5k ResNet-20",
+                variant,
+                "test acc %",
+                _mean(rows, "acc"),
+                _mean(dense, "acc"),
+                int(_mean(rows, "params")),
+                int(_mean(dense, "params")),
+                latency_b64_ms=_mean(rows, "lat_b64_ms"),
+                baseline_latency_b64_ms=_mean(dense, "lat_b64_ms"),
+            )
+        )
     return out
 
 
 def lm_headlines(rows: list[dict[str, Any]], keep: float) -> list[dict[str, Any]]:
-    dense = next((r for r in rows if r["variant"].startswith("dense +")), None) or next(r for r in rows if r["variant"] == "dense")
+    dense = next((r for r in rows if r["variant"].startswith("dense +")), None) or next(
+        r for r in rows if r["variant"] == "dense"
+    )
     out = []
     for prefix, label in (("alds", "ALDS"), ("uniform", "baseline: uniform-rank SVD")):
         row = next((r for r in rows if r["variant"].startswith(prefix) and r["target keep"] == keep), None)
         if row is not None:
-            out.append(headline(
-                "ALDS", "Shakespeare char transformer", f"{label}, every Linear, keep {keep:g}", "val ppl",
-                row["val ppl"], dense["val ppl"], row["params"], dense["params"], higher_is_better=False,
-            ))  # fmt: skip
+            out.append(
+                headline(
+                    "ALDS",
+                    "Shakespeare char transformer",
+                    f"{label}, every Linear, keep {keep:g}",
+                    "val ppl",
+                    row["val ppl"],
+                    dense["val ppl"],
+                    row["params"],
+                    dense["params"],
+                    higher_is_better=False,
+                )
+            )
     return out
 
 
 PAPER_ROWS = [
-    {"paper's result (spec §1.5, submission version)": "CIFAR-10 ResNet-20 (91.39 %), ALDS one-shot, retrain r = e", "Δ top-1": "−0.47", "CR-P % (params removed)": "74.91", "CR-F % (FLOPs removed)": "67.86"},
-    {"paper's result (spec §1.5, submission version)": "CIFAR-10 ResNet-20, SVD-Energy", "Δ top-1": "−0.21", "CR-P % (params removed)": "49.88", "CR-F % (FLOPs removed)": "49.08"},
-    {"paper's result (spec §1.5, submission version)": "CIFAR-10 ResNet-20, SVD (uniform)", "Δ top-1": "−0.29", "CR-P % (params removed)": "39.81", "CR-F % (FLOPs removed)": "38.95"},
-    {"paper's result (spec §1.5, submission version)": "ImageNet ResNet-18, ALDS", "Δ top-1": "−0.40", "CR-P % (params removed)": "66.70", "CR-F % (FLOPs removed)": "43.51"},
-    {"paper's result (spec §1.5, submission version)": "compression time", "Δ top-1": "–", "CR-P % (params removed)": "seconds (CIFAR) to minutes (ImageNet)", "CR-F % (FLOPs removed)": "–"},
+    {
+        "paper's result (spec §1.5, submission version)": "CIFAR-10 ResNet-20 (91.39 %), ALDS one-shot, retrain r = e",
+        "Δ top-1": "−0.47",
+        "CR-P % (params removed)": "74.91",
+        "CR-F % (FLOPs removed)": "67.86",
+    },
+    {
+        "paper's result (spec §1.5, submission version)": "CIFAR-10 ResNet-20, SVD-Energy",
+        "Δ top-1": "−0.21",
+        "CR-P % (params removed)": "49.88",
+        "CR-F % (FLOPs removed)": "49.08",
+    },
+    {
+        "paper's result (spec §1.5, submission version)": "CIFAR-10 ResNet-20, SVD (uniform)",
+        "Δ top-1": "−0.29",
+        "CR-P % (params removed)": "39.81",
+        "CR-F % (FLOPs removed)": "38.95",
+    },
+    {
+        "paper's result (spec §1.5, submission version)": "ImageNet ResNet-18, ALDS",
+        "Δ top-1": "−0.40",
+        "CR-P % (params removed)": "66.70",
+        "CR-F % (FLOPs removed)": "43.51",
+    },
+    {
+        "paper's result (spec §1.5, submission version)": "compression time",
+        "Δ top-1": "–",
+        "CR-P % (params removed)": "seconds (CIFAR) to minutes (ImageNet)",
+        "CR-F % (FLOPs removed)": "–",
+    },
 ]
 
 
@@ -316,11 +438,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke version")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="image seeds; default 0")
     parser.add_argument("--epochs", type=int, default=None, help="dense training epochs; default 6 (quick 1)")
-    parser.add_argument("--retrain-epochs", type=int, default=None, help="retraining epochs; default 6 = the dense epochs, the paper's r = e (quick 1)")
-    parser.add_argument("--retrain-lr", type=float, default=None, help="peak lr of the image retraining fits; default: 0.05, the dense run's")
+    parser.add_argument(
+        "--retrain-epochs",
+        type=int,
+        default=None,
+        help="retraining epochs; default 6 = the dense epochs, the paper's r = e (quick 1)",
+    )
+    parser.add_argument(
+        "--retrain-lr",
+        type=float,
+        default=None,
+        help="peak lr of the image retraining fits; default: 0.05, the dense run's",
+    )
     parser.add_argument("--keeps", type=float, nargs="+", default=None, help="keep ratios; default 0.5 0.25")
     parser.add_argument("--lm-steps", type=int, default=None, help="LM training steps; default 300 (quick 20)")
-    parser.add_argument("--lm-retrain-steps", type=int, default=None, help="LM retraining steps; default 300 = the dense steps (quick 5)")
+    parser.add_argument(
+        "--lm-retrain-steps",
+        type=int,
+        default=None,
+        help="LM retraining steps; default 300 = the dense steps (quick 5)",
+    )
     parser.add_argument("--lm-keeps", type=float, nargs="+", default=None, help="LM keep ratios; default 0.5 0.3")
     parser.add_argument("--parts", nargs="+", choices=["alloc", "images", "lm"], default=["alloc", "images", "lm"])
     parser.add_argument("--out", default="benchmarks/out")
@@ -339,39 +476,63 @@ def main() -> None:
     if "alloc" in args.parts:
         print("Part 3: allocator time on ResNet-18", flush=True)
         alloc_rows = allocator_time(1 if args.quick else 3)
-        write_results("alds_allocator_time", alloc_rows, {**common, "budget": "under 30 s on 2 CPU cores (issue 5)"}, args.out)
+        write_results(
+            "alds_allocator_time", alloc_rows, {**common, "budget": "under 30 s on 2 CPU cores (issue 5)"}, args.out
+        )
     if "images" in args.parts:
         print(f"Part 1: ResNet-20 on MNIST-5k, seeds {seeds}, {epochs} + {retrain} epochs, keeps {keeps}", flush=True)
         t1 = time.perf_counter()
         img_rows, img_raw = image_part(seeds, epochs, retrain, keeps, repeats, args.retrain_lr)
         write_results(
-            "alds_mnist5k_resnet20", img_rows,
+            "alds_mnist5k_resnet20",
+            img_rows,
             {
-                **common, "task": "MNIST-5k, 1,000 train / 4,000 test (split seed 0)", "model": "cifar_resnet20, 1x28x28",
-                "seeds": seeds, "epochs": epochs, "retrain_epochs": retrain, "retrain_lr": args.retrain_lr or 0.05, "keep_ratios": keeps, "batch_size": 64,
+                **common,
+                "task": "MNIST-5k, 1,000 train / 4,000 test (split seed 0)",
+                "model": "cifar_resnet20, 1x28x28",
+                "seeds": seeds,
+                "epochs": epochs,
+                "retrain_epochs": retrain,
+                "retrain_lr": args.retrain_lr or 0.05,
+                "keep_ratios": keeps,
+                "batch_size": 64,
                 "optimizer": "SGD lr 0.05 momentum 0.9, wd 5e-4 (weights only), cosine over each fit",
                 "alds": "15 seeds x 4 alternations, error_bound=code (no sqrt k), BN re-estimated on 20 batches after the event",
                 "latency": f"best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, 2 threads, eval mode",
-                "part_wall_time_s": round(time.perf_counter() - t1, 1), "per_seed": img_raw,
+                "part_wall_time_s": round(time.perf_counter() - t1, 1),
+                "per_seed": img_raw,
             },
-            args.out, headlines=image_headlines(img_raw, keeps[0]),
-        )  # fmt: skip
+            args.out,
+            headlines=image_headlines(img_raw, keeps[0]),
+        )
     if "lm" in args.parts:
         print(f"Part 2: transformer LM on Shakespeare, {lm_steps} + {lm_retrain} steps, keeps {lm_keeps}", flush=True)
         t2 = time.perf_counter()
         lm_rows, lm_info = lm_part(lm_steps, lm_retrain, lm_keeps, repeats)
         write_results(
-            "alds_shakespeare", lm_rows,
+            "alds_shakespeare",
+            lm_rows,
             {
-                **common, "task": "Shakespeare char-level, 90/10 split, val ppl on 256 windows of 64",
+                **common,
+                "task": "Shakespeare char-level, 90/10 split, val ppl on 256 windows of 64",
                 "model": "CausalLanguageModel n_layer 4, d_model 128, n_head 4, block 64; targets: every Linear",
-                "steps": lm_steps, "retrain_steps": lm_retrain, "keep_ratios": lm_keeps, "batch_size": 32,
+                "steps": lm_steps,
+                "retrain_steps": lm_retrain,
+                "keep_ratios": lm_keeps,
+                "batch_size": 32,
                 "optimizer": "AdamW lr 1e-3, wd 0.1, warm-up 10 % + cosine (per fit)",
-                "part_wall_time_s": round(time.perf_counter() - t2, 1), "train": lm_info,
+                "part_wall_time_s": round(time.perf_counter() - t2, 1),
+                "train": lm_info,
             },
-            args.out, headlines=lm_headlines(lm_rows, lm_keeps[0]),
-        )  # fmt: skip
-    write_results("alds_paper", PAPER_ROWS, {"source": "shared/specs/alds_and_layermerge.md §1.5 (the paper's numbers, not ours)"}, args.out)
+            args.out,
+            headlines=lm_headlines(lm_rows, lm_keeps[0]),
+        )
+    write_results(
+        "alds_paper",
+        PAPER_ROWS,
+        {"source": "shared/specs/alds_and_layermerge.md §1.5 (the paper's numbers, not ours)"},
+        args.out,
+    )
     wall = time.perf_counter() - start
     print(f"Total wall time: {wall:.0f}s ({wall / 60:.1f} min)")
 

@@ -45,13 +45,21 @@ class ResNet18Module(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(0)
-        return DataLoader(TensorDataset(torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 10, (8,), generator=g)), batch_size=4)
+        return DataLoader(
+            TensorDataset(torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 10, (8,), generator=g)), batch_size=4
+        )
 
 
 @register_replay("bench_factorize_fc")
 def _replay(model: nn.Module, record: dict[str, Any]) -> None:
     old = model.get_submodule(record["target"])
-    replace_submodule(model, record["target"], nn.Sequential(nn.Linear(old.in_features, record["rank"], bias=False), nn.Linear(record["rank"], old.out_features)))
+    replace_submodule(
+        model,
+        record["target"],
+        nn.Sequential(
+            nn.Linear(old.in_features, record["rank"], bias=False), nn.Linear(record["rank"], old.out_features)
+        ),
+    )
 
 
 class FactorizeFC(CompressionCallback):
@@ -70,7 +78,11 @@ class FactorizeFC(CompressionCallback):
 def time_event(make_callback: Any) -> float:
     model = ResNet18Module()
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[make_callback(), CompressionReport(measure_flops=False, print_report=False)],
     )
@@ -87,10 +99,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
     rows = []
-    for name, factory in [("fold all BatchNorms (traced plan)", lambda: FoldBatchNorm(at_step=1)), ("factorize fc (no tracing)", FactorizeFC)]:
+    for name, factory in [
+        ("fold all BatchNorms (traced plan)", lambda: FoldBatchNorm(at_step=1)),
+        ("factorize fc (no tracing)", FactorizeFC),
+    ]:
         times = [time_event(factory) for _ in range(args.repeats)]
-        rows.append({"event": name, "median_s": statistics.median(times), "max_s": max(times), "repeats": args.repeats, "under_1s": max(times) < 1.0})
-    write_results("event_overhead", rows, {"model": "torchvision resnet18 (11.7 M params)", "threads": args.threads, "seed": 0}, args.out)
+        rows.append(
+            {
+                "event": name,
+                "median_s": statistics.median(times),
+                "max_s": max(times),
+                "repeats": args.repeats,
+                "under_1s": max(times) < 1.0,
+            }
+        )
+    write_results(
+        "event_overhead",
+        rows,
+        {"model": "torchvision resnet18 (11.7 M params)", "threads": args.threads, "seed": 0},
+        args.out,
+    )
 
 
 if __name__ == "__main__":

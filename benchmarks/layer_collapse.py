@@ -48,7 +48,9 @@ from lit_compress.surgery.collapse import collapse_post_training_, collapsible_a
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def make_trainer(callbacks: list[Any], max_epochs: int = -1, max_steps: int = -1, clip: float | None = None) -> L.Trainer:
+def make_trainer(
+    callbacks: list[Any], max_epochs: int = -1, max_steps: int = -1, clip: float | None = None
+) -> L.Trainer:
     return L.Trainer(
         gradient_clip_val=clip,
         accelerator="cpu",
@@ -68,8 +70,6 @@ def make_trainer(callbacks: list[Any], max_epochs: int = -1, max_steps: int = -1
 def mlp_links(model: nn.Module) -> list[Any]:
     """Every ``Linear → act → Linear`` link of ``model`` in dataflow order (the last is nearest the output)."""
     return [link for chain in find_linear_chains(model, model.example_input_array) for link in chain.links()]
-
-
 
 
 def cost(model: nn.Module, one: torch.Tensor) -> dict[str, Any]:
@@ -93,7 +93,13 @@ IMG_LR, IMG_CLIP = 0.02, 2.0
 
 def classifier(width: float) -> ImageClassifier:
     return ImageClassifier(
-        backbone="vgg_cnn", width_mult=width, optimizer="sgd", lr=IMG_LR, momentum=0.9, weight_decay=0.0, scheduler="cosine"
+        backbone="vgg_cnn",
+        width_mult=width,
+        optimizer="sgd",
+        lr=IMG_LR,
+        momentum=0.9,
+        weight_decay=0.0,
+        scheduler="cosine",
     )
 
 
@@ -137,7 +143,14 @@ def image_part(seeds: list[int], epochs: int, repeats: int) -> tuple[list[dict[s
             make_trainer([lc], max_epochs=epochs, clip=IMG_CLIP).fit(lc_model, datamodule=dm)
         wall = time.perf_counter() - t
         left = {n: float(a.slope) for n, a in collapsible_activations(lc_model)}
-        record("(b) LayerCollapse λ=5, τ=0.05", seed, lc_model, wall, collapsed=len(lc.collapsed), not_collapsed_slopes=left or None)
+        record(
+            "(b) LayerCollapse λ=5, τ=0.05",
+            seed,
+            lc_model,
+            wall,
+            collapsed=len(lc.collapsed),
+            not_collapsed_slopes=left or None,
+        )
         if left:  # some slope never reached τ: force the rest, for the record
             forced = copy.deepcopy(lc_model)
             _, err = collapse_post_training_(forced, mlp_links(forced), probe)
@@ -173,7 +186,9 @@ def image_part(seeds: list[int], epochs: int, repeats: int) -> tuple[list[dict[s
                 "MFLOPs (b1)": rs[0]["flops"] / 1e6,
                 "lat b1 ms": statistics.median(r["lat_b1_ms"] for r in rs),
                 "lat b64 ms": statistics.median(r["lat_b64_ms"] for r in rs),
-                "MLPs collapsed in training": ",".join(str(r["collapsed"]) for r in rs) if "collapsed" in rs[0] else None,
+                "MLPs collapsed in training": ",".join(str(r["collapsed"]) for r in rs)
+                if "collapsed" in rs[0]
+                else None,
                 "max |Δlogit| of collapse": f"{max(errs):.3g}" if errs else None,
                 "seeds": len(rs),
             }
@@ -184,9 +199,13 @@ def image_part(seeds: list[int], epochs: int, repeats: int) -> tuple[list[dict[s
 # --------------------------------------------------------------------------------------------- part 2
 
 
-def lm_part(steps: int, n_layer: int, d_model: int, block: int, lam: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def lm_part(
+    steps: int, n_layer: int, d_model: int, block: int, lam: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     batch = 32
-    dm = ShakespeareDataModule(block_size=block, batch_size=batch, samples_per_epoch=batch * steps, val_samples=256, seed=0)
+    dm = ShakespeareDataModule(
+        block_size=block, batch_size=batch, samples_per_epoch=batch * steps, val_samples=256, seed=0
+    )
     dm.setup("fit")
     val = dm.val_dataloader()
     one = torch.zeros(1, block, dtype=torch.long)
@@ -195,17 +214,28 @@ def lm_part(steps: int, n_layer: int, d_model: int, block: int, lam: float) -> t
     for name, regularise in (("LayerCollapse-regularised", True), ("unregularised", False)):
         L.seed_everything(0, verbose=False)
         model = CausalLanguageModel(
-            vocab_size=dm.vocab_size, block_size=block, n_layer=n_layer, n_head=4, d_model=d_model, lr=1e-3, warmup_steps=steps // 10
+            vocab_size=dm.vocab_size,
+            block_size=block,
+            n_layer=n_layer,
+            n_head=4,
+            d_model=d_model,
+            lr=1e-3,
+            warmup_steps=steps // 10,
         )
         callbacks: list[Any] = []
         if regularise:
             # tau tiny: nothing collapses during training; the sweep below collapses the last k blocks.
-            callbacks = [LayerCollapse(fraction=1.0, lambda_final=lam, tau=1e-6, collapse_at="fit_end", penalty="decoupled")]
+            callbacks = [
+                LayerCollapse(fraction=1.0, lambda_final=lam, tau=1e-6, collapse_at="fit_end", penalty="decoupled")
+            ]
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             make_trainer(callbacks, max_epochs=1, max_steps=steps).fit(model, datamodule=dm)
-        info[name] = {"train_s": time.perf_counter() - t, "slopes": {n: float(a.slope) for n, a in collapsible_activations(model)}}
+        info[name] = {
+            "train_s": time.perf_counter() - t,
+            "slopes": {n: float(a.slope) for n, a in collapsible_activations(model)},
+        }
         print(f"  [LM {name}] {info[name]['train_s']:.0f}s, slopes {info[name]['slopes']}", flush=True)
         models[name] = model
     rows = []
@@ -238,38 +268,83 @@ def image_headlines(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     dense, lc = "(a)", "(b)"
     return [
         headline(
-            "LayerCollapse", "MNIST-5k VGG-style CNN", "classifier collapsed in training", "test acc %",
-            mean(lc, "acc"), mean(dense, "acc"), int(mean(lc, "params")), int(mean(dense, "params")),
-            latency_b64_ms=mean(lc, "lat_b64_ms"), baseline_latency_b64_ms=mean(dense, "lat_b64_ms"),
+            "LayerCollapse",
+            "MNIST-5k VGG-style CNN",
+            "classifier collapsed in training",
+            "test acc %",
+            mean(lc, "acc"),
+            mean(dense, "acc"),
+            int(mean(lc, "params")),
+            int(mean(dense, "params")),
+            latency_b64_ms=mean(lc, "lat_b64_ms"),
+            baseline_latency_b64_ms=mean(dense, "lat_b64_ms"),
         ),
         headline(
-            "LayerCollapse", "MNIST-5k VGG-style CNN", "baseline: half-width from scratch", "test acc %",
-            mean("(e)", "acc"), mean(dense, "acc"), int(mean("(e)", "params")), int(mean(dense, "params")),
-            latency_b64_ms=mean("(e)", "lat_b64_ms"), baseline_latency_b64_ms=mean(dense, "lat_b64_ms"),
+            "LayerCollapse",
+            "MNIST-5k VGG-style CNN",
+            "baseline: half-width from scratch",
+            "test acc %",
+            mean("(e)", "acc"),
+            mean(dense, "acc"),
+            int(mean("(e)", "params")),
+            int(mean(dense, "params")),
+            latency_b64_ms=mean("(e)", "lat_b64_ms"),
+            baseline_latency_b64_ms=mean(dense, "lat_b64_ms"),
         ),
-    ]  # fmt: skip
+    ]
 
 
 def lm_headlines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     reg = [r for r in rows if r["model"] == "LayerCollapse-regularised"]
-    dense = [r for r in rows if r["model"] == "unregularised" and r["FFN blocks collapsed (last k)"] == 0][0]
+    dense = next(r for r in rows if r["model"] == "unregularised" and r["FFN blocks collapsed (last k)"] == 0)
     last = reg[-1]
     return [
         headline(
-            "LayerCollapse", "Shakespeare char transformer", f"all {last['FFN blocks collapsed (last k)']} FFNs collapsed",
-            "val ppl", last["val ppl"], dense["val ppl"], last["params"], dense["params"], higher_is_better=False,
+            "LayerCollapse",
+            "Shakespeare char transformer",
+            f"all {last['FFN blocks collapsed (last k)']} FFNs collapsed",
+            "val ppl",
+            last["val ppl"],
+            dense["val ppl"],
+            last["params"],
+            dense["params"],
+            higher_is_better=False,
             note="baseline: the same model trained without the regulariser",
         )
-    ]  # fmt: skip
+    ]
 
 
 PAPER_ROWS = [
-    {"paper's result (spec §2.6)": "VGG-11-bn (torchvision), whole classifier collapsed [arithmetic]", "metric": "–", "params": "132.86M → 34.31M (−74.2 %)"},
-    {"paper's result (spec §2.6)": "VGG-19, own head, from scratch, classifier collapsed (τ 0.1, λ 0.5)", "metric": "top-1 67.65 → 67.16", "params": "126.90M → 45.12M"},
-    {"paper's result (spec §2.6)": "VGG-11-bn (torchvision), λ 5, 20 ep, slopes only", "metric": "top-1 69.03 → 66.36 (a = 0.992 / 0.991, before collapse)", "params": "132.86M"},
-    {"paper's result (spec §2.6)": "GPT-2 WikiText-103, block 11 collapsed", "metric": "ppl 18.87 → 19.47", "params": "124.44M → 120.31M"},
-    {"paper's result (spec §2.6)": "GPT-2 WikiText-103, blocks 10–11 collapsed", "metric": "ppl 18.87 → 20.09", "params": "124.44M → 116.18M"},
-    {"paper's result (spec §2.6)": "ViT-Ti progressive, 1..5 MLPs collapsed", "metric": "top-1 75.34 → 75.79, 75.34, 74.42, 73.13, 71.35", "params": "77.4 % left at 5"},
+    {
+        "paper's result (spec §2.6)": "VGG-11-bn (torchvision), whole classifier collapsed [arithmetic]",
+        "metric": "–",
+        "params": "132.86M → 34.31M (−74.2 %)",
+    },
+    {
+        "paper's result (spec §2.6)": "VGG-19, own head, from scratch, classifier collapsed (τ 0.1, λ 0.5)",
+        "metric": "top-1 67.65 → 67.16",
+        "params": "126.90M → 45.12M",
+    },
+    {
+        "paper's result (spec §2.6)": "VGG-11-bn (torchvision), λ 5, 20 ep, slopes only",
+        "metric": "top-1 69.03 → 66.36 (a = 0.992 / 0.991, before collapse)",
+        "params": "132.86M",
+    },
+    {
+        "paper's result (spec §2.6)": "GPT-2 WikiText-103, block 11 collapsed",
+        "metric": "ppl 18.87 → 19.47",
+        "params": "124.44M → 120.31M",
+    },
+    {
+        "paper's result (spec §2.6)": "GPT-2 WikiText-103, blocks 10–11 collapsed",
+        "metric": "ppl 18.87 → 20.09",
+        "params": "124.44M → 116.18M",
+    },
+    {
+        "paper's result (spec §2.6)": "ViT-Ti progressive, 1..5 MLPs collapsed",
+        "metric": "top-1 75.34 → 75.79, 75.34, 74.42, 73.13, 71.35",
+        "params": "77.4 % left at 5",
+    },
 ]
 
 
@@ -331,7 +406,12 @@ def main() -> None:
         args.out,
         headlines=lm_headlines(lm_rows),
     )
-    write_results("layer_collapse_paper", PAPER_ROWS, {"source": "shared/specs/layer_fusion_and_collapse.md §2.6 (the paper's numbers, not ours)"}, args.out)
+    write_results(
+        "layer_collapse_paper",
+        PAPER_ROWS,
+        {"source": "shared/specs/layer_fusion_and_collapse.md §2.6 (the paper's numbers, not ours)"},
+        args.out,
+    )
     print(f"Total wall time: {wall:.0f}s ({wall / 60:.1f} min)")
 
 

@@ -64,14 +64,26 @@ MEASURE, POLICY = "wasserstein", "mean"
 _WORK_DIR = tempfile.mkdtemp(prefix="lit_compress_bench_")  # trainer and compression-report files go here
 
 
-def make_trainer(callbacks: list[Any], max_epochs: int = -1, max_steps: int = -1, limit: int | None = None) -> L.Trainer:
+def make_trainer(
+    callbacks: list[Any], max_epochs: int = -1, max_steps: int = -1, limit: int | None = None
+) -> L.Trainer:
     if any(isinstance(cb, LayerFusion) for cb in callbacks):
         callbacks = [*callbacks, CompressionReport(print_report=False, output_dir=_WORK_DIR)]
     return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, max_steps=max_steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=limit, default_root_dir=_WORK_DIR,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        limit_train_batches=limit,
+        default_root_dir=_WORK_DIR,
+    )
 
 
 def fit(model: L.LightningModule, callbacks: list[Any], dm: Any, **kwargs: Any) -> float:
@@ -81,8 +93,6 @@ def fit(model: L.LightningModule, callbacks: list[Any], dm: Any, **kwargs: Any) 
         warnings.simplefilter("ignore")
         make_trainer(callbacks, **kwargs).fit(model, datamodule=dm)
     return time.perf_counter() - t
-
-
 
 
 def nonzero_params(model: nn.Module) -> int:
@@ -118,7 +128,13 @@ def fusion_removals(model: nn.Module) -> dict[int, int]:
 
 def resnet(width: float, lr: float) -> ImageClassifier:
     return ImageClassifier(
-        backbone="cifar_resnet20", width_mult=width, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=5e-4, scheduler="cosine"
+        backbone="cifar_resnet20",
+        width_mult=width,
+        optimizer="sgd",
+        lr=lr,
+        momentum=0.9,
+        weight_decay=5e-4,
+        scheduler="cosine",
     )
 
 
@@ -144,14 +160,19 @@ def image_part(
     raw: list[dict[str, Any]] = []
     timed: list[tuple[dict[str, Any], nn.Module]] = []
 
-    def record(variant: str, seed: int, model: nn.Module, wall: float, latency: bool = True, **extra: Any) -> dict[str, Any]:
+    def record(
+        variant: str, seed: int, model: nn.Module, wall: float, latency: bool = True, **extra: Any
+    ) -> dict[str, Any]:
         row = {"variant": variant, "seed": seed, "acc": accuracy(model, test), "train_s": round(wall, 1)}
         row.update(cost(model, one))
         row.update(extra)
         raw.append(row)
         if latency and repeats:
             timed.append((row, model))
-        print(f"  [{variant} seed {seed}] acc {row['acc']:.2f} params {row['params']} nonzero {row['nonzero']} ({wall:.0f}s)", flush=True)
+        print(
+            f"  [{variant} seed {seed}] acc {row['acc']:.2f} params {row['params']} nonzero {row['nonzero']} ({wall:.0f}s)",
+            flush=True,
+        )
         return row
 
     for seed in seeds:
@@ -171,19 +192,27 @@ def image_part(
         record("(a) dense, retrained", seed, dense, wall_pre + wall)
         for p in FRACTIONS:
             cr = f"p={p} (CR {1 / (1 - p):.2f})"
-            fusion = LayerFusion(fraction=p, increments=increments, every_n_epochs=1, start=1, measure=MEASURE, policy=POLICY)
+            fusion = LayerFusion(
+                fraction=p, increments=increments, every_n_epochs=1, start=1, measure=MEASURE, policy=POLICY
+            )
             fused, wall = retrained([fusion])
-            fused_row = record(f"(b) Layer Fusion {cr}", seed, fused, wall_pre + wall, False, cr=base / count_parameters(fused))
+            fused_row = record(
+                f"(b) Layer Fusion {cr}", seed, fused, wall_pre + wall, False, cr=base / count_parameters(fused)
+            )
 
             removed = fusion_removals(fused)  # fusion at the START of epoch e  <->  pruning at the END of e - 1
             schedule = {e - 1: n for e, n in removed.items()}
             model = copy.deepcopy(pre)
             model.hparams.lr = 0.01
             pruning = ModelPruning(
-                "l1_unstructured", parameters_to_prune=prune_params(model), use_global_unstructured=True,
-                amount=lambda epoch, s=schedule: s.get(epoch, 0), use_lottery_ticket_hypothesis=False,
-                make_pruning_permanent=True, verbose=0,
-            )  # fmt: skip
+                "l1_unstructured",
+                parameters_to_prune=prune_params(model),
+                use_global_unstructured=True,
+                amount=lambda epoch, s=schedule: s.get(epoch, 0),
+                use_lottery_ticket_hypothesis=False,
+                make_pruning_permanent=True,
+                verbose=0,
+            )
             L.seed_everything(seed + 100, verbose=False)
             wall = fit(model, [pruning], dm, max_epochs=retrain, limit=limit)
             record(f"(c) global magnitude pruning, same count {cr}", seed, model, wall_pre + wall, False)
@@ -227,12 +256,18 @@ def image_part(
 
 
 def lm(vocab: int, block: int, d_model: int, lr: float, warmup: int) -> CausalLanguageModel:
-    return CausalLanguageModel(vocab_size=vocab, block_size=block, n_layer=6, n_head=4, d_model=d_model, lr=lr, warmup_steps=warmup)
+    return CausalLanguageModel(
+        vocab_size=vocab, block_size=block, n_layer=6, n_head=4, d_model=d_model, lr=lr, warmup_steps=warmup
+    )
 
 
-def lm_part(steps: int, retrain: int, block: int = 64, d_model: int = 96) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def lm_part(
+    steps: int, retrain: int, block: int = 64, d_model: int = 96
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     batch = 32
-    dm = ShakespeareDataModule(block_size=block, batch_size=batch, samples_per_epoch=batch * (steps + retrain), val_samples=256, seed=0)
+    dm = ShakespeareDataModule(
+        block_size=block, batch_size=batch, samples_per_epoch=batch * (steps + retrain), val_samples=256, seed=0
+    )
     dm.setup("fit")
     val = dm.val_dataloader()
     one = torch.zeros(1, block, dtype=torch.long)
@@ -242,7 +277,9 @@ def lm_part(steps: int, retrain: int, block: int = 64, d_model: int = 96) -> tup
     def record(variant: str, model: nn.Module, wall: float, **extra: Any) -> dict[str, Any]:
         c = cost(model, one)
         row = {"variant": variant, "val ppl": perplexity(model, val), "unique params": c["params"]}
-        row.update({"size vs dense": c["params"] / base, "MFLOPs (1×T)": c["flops"] / 1e6, "train s": round(wall, 1), **extra})
+        row.update(
+            {"size vs dense": c["params"] / base, "MFLOPs (1×T)": c["flops"] / 1e6, "train s": round(wall, 1), **extra}
+        )
         rows.append(row)
         print(f"  [LM {variant}] ppl {row['val ppl']:.3f} params {c['params']} ({wall:.0f}s)", flush=True)
         return row
@@ -264,14 +301,24 @@ def lm_part(steps: int, retrain: int, block: int = 64, d_model: int = 96) -> tup
     record("(a) dense, retrained", dense, wall_pre + wall)
     k = 8
     fusion = LayerFusion(
-        fraction=0.8, increments=k, every_n_steps=max(1, retrain // (k + 2)), start=1, measure=MEASURE, policy=POLICY,
+        fraction=0.8,
+        increments=k,
+        every_n_steps=max(1, retrain // (k + 2)),
+        start=1,
+        measure=MEASURE,
+        policy=POLICY,
         include_norms=True,
     )
     fused, wall = retrained([fusion])
     fused_row = record("(b) Layer Fusion to 20 % of the size (p=0.8)", fused, wall_pre + wall)
-    info["fused_tie_groups"] = sorted({f["a"][0].rsplit(".", 1)[-1] for e in applied_events(fused) if e["op"] == "fuse_layers" for f in e["fusions"]})
+    info["fused_tie_groups"] = sorted(
+        {f["a"][0].rsplit(".", 1)[-1] for e in applied_events(fused) if e["op"] == "fuse_layers" for f in e["fusions"]}
+    )
 
-    width = min(range(8, d_model + 1, 4), key=lambda d: abs(count_parameters(lm(dm.vocab_size, block, d, 1e-3, 1)) - fused_row["unique params"]))
+    width = min(
+        range(8, d_model + 1, 4),
+        key=lambda d: abs(count_parameters(lm(dm.vocab_size, block, d, 1e-3, 1)) - fused_row["unique params"]),
+    )
     L.seed_everything(0, verbose=False)
     small = lm(dm.vocab_size, block, width, 2e-3, max(1, (steps + retrain) // 10))
     wall = fit(small, [], dm, max_epochs=1, max_steps=steps + retrain)
@@ -280,16 +327,47 @@ def lm_part(steps: int, retrain: int, block: int = 64, d_model: int = 96) -> tup
 
 
 PAPER_ROWS = [
-    {"paper's result (spec §1.5, read from figures)": "CIFAR-10 ResNet, 70 % fused (CR 3.33), retrained", "baseline": "~93.5", "fusion": "~92.3 (wasserstein-mean)", "other": "svd-tune ~92.9"},
-    {"paper's result (spec §1.5, read from figures)": "CIFAR-10 ResNet-ELU, 70 % fused", "baseline": "~94.4", "fusion": "~93.9 (wasserstein-mean)", "other": "global-prune ~91.3"},
-    {"paper's result (spec §1.5, read from figures)": "CIFAR-10 Wide-ResNet, 70 % fused", "baseline": "~95.8", "fusion": "~95.6 (wasserstein-mean)", "other": "covariance-drop ~95.1"},
-    {"paper's result (spec §1.5, read from figures)": "GPT-2 'wiki2' ppl, fuse_kl 10/20/30/50/70 %", "baseline": "~14.1", "fusion": "20.1/19.1/15.1/15.3/17.3", "other": "global_prune 30/70 %: 10.8/14.1"},
-    {"paper's result (spec §1.5, read from figures)": "Abstract claims", "baseline": "–", "fusion": "CIFAR-10 within 2 points at CR 3.33; WikiText-2 within 5 ppl at 20 % of size", "other": "no plotted point at 80 % compression"},
+    {
+        "paper's result (spec §1.5, read from figures)": "CIFAR-10 ResNet, 70 % fused (CR 3.33), retrained",
+        "baseline": "~93.5",
+        "fusion": "~92.3 (wasserstein-mean)",
+        "other": "svd-tune ~92.9",
+    },
+    {
+        "paper's result (spec §1.5, read from figures)": "CIFAR-10 ResNet-ELU, 70 % fused",
+        "baseline": "~94.4",
+        "fusion": "~93.9 (wasserstein-mean)",
+        "other": "global-prune ~91.3",
+    },
+    {
+        "paper's result (spec §1.5, read from figures)": "CIFAR-10 Wide-ResNet, 70 % fused",
+        "baseline": "~95.8",
+        "fusion": "~95.6 (wasserstein-mean)",
+        "other": "covariance-drop ~95.1",
+    },
+    {
+        "paper's result (spec §1.5, read from figures)": "GPT-2 'wiki2' ppl, fuse_kl 10/20/30/50/70 %",
+        "baseline": "~14.1",
+        "fusion": "20.1/19.1/15.1/15.3/17.3",
+        "other": "global_prune 30/70 %: 10.8/14.1",
+    },
+    {
+        "paper's result (spec §1.5, read from figures)": "Abstract claims",
+        "baseline": "–",
+        "fusion": "CIFAR-10 within 2 points at CR 3.33; WikiText-2 within 5 ppl at 20 % of size",
+        "other": "no plotted point at 80 % compression",
+    },
 ]
 
 
 def images(
-    out: str, common: dict[str, Any], seeds: list[int], epochs: int, retrain: int, increments: int, repeats: int,
+    out: str,
+    common: dict[str, Any],
+    seeds: list[int],
+    epochs: int,
+    retrain: int,
+    increments: int,
+    repeats: int,
     limit: int | None,
 ) -> float:
     """Part 1 with its result files; returns its wall time."""
@@ -298,31 +376,52 @@ def images(
     img_rows, img_raw = image_part(seeds, epochs, retrain, increments, repeats, limit)
     t_img = time.perf_counter() - start
     img_cfg = {
-        **common, "task": "MNIST-5k, 1,000 train / 4,000 test (split seed 0)", "model": "cifar_resnet20 (272,186 params)",
-        "seeds": seeds, "pretrain_epochs": epochs, "retrain_epochs": retrain, "increments": increments,
-        "fusion_schedule": f"start of retraining epochs 1..{increments}", "batch_size": 64, "limit_train_batches": limit,
+        **common,
+        "task": "MNIST-5k, 1,000 train / 4,000 test (split seed 0)",
+        "model": "cifar_resnet20 (272,186 params)",
+        "seeds": seeds,
+        "pretrain_epochs": epochs,
+        "retrain_epochs": retrain,
+        "increments": increments,
+        "fusion_schedule": f"start of retraining epochs 1..{increments}",
+        "batch_size": 64,
+        "limit_train_batches": limit,
         "optimizer": "SGD momentum 0.9, wd 5e-4 on weights, cosine; pretrain lr 0.05, retrain lr 0.01; from-scratch lr 0.05",
         "pruning": "ModelPruning l1_unstructured, global over conv/linear weights, same count per step as fusion, no LTH",
         "bn": "BatchNorm re-estimated on 20 batches after each fusion step (16 for one-shot)",
-        "latency": f"best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, 2 threads, eval mode", "part_wall_time_s": round(t_img, 1),
+        "latency": f"best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, 2 threads, eval mode",
+        "part_wall_time_s": round(t_img, 1),
         "per_seed": img_raw,
-    }  # fmt: skip
+    }
     dense_acc = statistics.mean(r["acc"] for r in img_raw if r["variant"].startswith("(a)"))
     fused70 = [r for r in img_raw if r["variant"].startswith("(b)") and "p=0.7" in r["variant"]]
     prune70 = [r for r in img_raw if r["variant"].startswith("(c)") and "p=0.7" in r["variant"]]
     dense_row = next(r for r in img_raw if r["variant"].startswith("(a)"))
     heads = [
         headline(
-            "Layer Fusion", "MNIST-5k ResNet-20", "70 % fused (CR 3.33), retrained", "test acc %",
-            statistics.mean(r["acc"] for r in fused70), dense_acc, fused70[0]["params"], dense_row["params"],
-            latency_b64_ms=dense_row.get("lat_b64_ms"), baseline_latency_b64_ms=dense_row.get("lat_b64_ms"),
+            "Layer Fusion",
+            "MNIST-5k ResNet-20",
+            "70 % fused (CR 3.33), retrained",
+            "test acc %",
+            statistics.mean(r["acc"] for r in fused70),
+            dense_acc,
+            fused70[0]["params"],
+            dense_row["params"],
+            latency_b64_ms=dense_row.get("lat_b64_ms"),
+            baseline_latency_b64_ms=dense_row.get("lat_b64_ms"),
             note="storage only: every layer still runs, so the latency is the dense network's",
         ),
         headline(
-            "Layer Fusion", "MNIST-5k ResNet-20", "baseline: global magnitude pruning, same count", "test acc %",
-            statistics.mean(r["acc"] for r in prune70), dense_acc, prune70[0]["nonzero"], dense_row["params"],
+            "Layer Fusion",
+            "MNIST-5k ResNet-20",
+            "baseline: global magnitude pruning, same count",
+            "test acc %",
+            statistics.mean(r["acc"] for r in prune70),
+            dense_acc,
+            prune70[0]["nonzero"],
+            dense_row["params"],
         ),
-    ]  # fmt: skip
+    ]
     write_results("layer_fusion_mnist5k", img_rows, img_cfg, out, headlines=heads)
     return t_img
 
@@ -357,22 +456,39 @@ def main() -> None:
         print(f"Part 2: transformer LM on Shakespeare, {lm_steps} + {lm_retrain} steps", flush=True)
         lm_rows, lm_info = lm_part(lm_steps, lm_retrain)
         lm_cfg = {
-            **common, "task": "Shakespeare char-level, 90/10 split, val ppl on 256 windows of 64",
-            "model": "CausalLanguageModel n_layer 6, d_model 96, n_head 4, block 64, GELU", "seed": 0,
-            "pretrain_steps": lm_steps, "retrain_steps": lm_retrain, "batch_size": 32,
+            **common,
+            "task": "Shakespeare char-level, 90/10 split, val ppl on 256 windows of 64",
+            "model": "CausalLanguageModel n_layer 6, d_model 96, n_head 4, block 64, GELU",
+            "seed": 0,
+            "pretrain_steps": lm_steps,
+            "retrain_steps": lm_retrain,
+            "batch_size": 32,
             "optimizer": "AdamW wd 0.1 on matrices; pretrain lr 2e-3 (10 % warm-up), retrain lr 1e-3 (5 % warm-up), cosine",
-            "fusion": "p=0.8, 8 increments every retrain//10 steps from step 1, include_norms", "info": lm_info,
+            "fusion": "p=0.8, 8 increments every retrain//10 steps from step 1, include_norms",
+            "info": lm_info,
             "part_wall_time_s": round(time.perf_counter() - start - t_img, 1),
-        }  # fmt: skip
+        }
         dense, fused = lm_rows[0], lm_rows[1]
         lm_heads = [
             headline(
-                "Layer Fusion", "Shakespeare char transformer", "fused to 20 % of the size", "val ppl", fused["val ppl"],
-                dense["val ppl"], fused["unique params"], dense["unique params"], higher_is_better=False,
+                "Layer Fusion",
+                "Shakespeare char transformer",
+                "fused to 20 % of the size",
+                "val ppl",
+                fused["val ppl"],
+                dense["val ppl"],
+                fused["unique params"],
+                dense["unique params"],
+                higher_is_better=False,
             )
-        ]  # fmt: skip
+        ]
         write_results("layer_fusion_shakespeare", lm_rows, lm_cfg, args.out, headlines=lm_heads)
-    write_results("layer_fusion_paper", PAPER_ROWS, {"source": "shared/specs/layer_fusion_and_collapse.md §1.5 (the paper's numbers, not ours)"}, args.out)
+    write_results(
+        "layer_fusion_paper",
+        PAPER_ROWS,
+        {"source": "shared/specs/layer_fusion_and_collapse.md §1.5 (the paper's numbers, not ours)"},
+        args.out,
+    )
     wall = time.perf_counter() - start
     print(f"Total wall time: {wall:.0f}s ({wall / 60:.1f} min)")
 

@@ -71,8 +71,9 @@ def _train(model: nn.Module, loader: Any, epochs: int, lr: float = 0.05) -> None
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
-                          lr=lr, momentum=0.9)  # fmt: skip
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}], lr=lr, momentum=0.9
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
     model.train()
     torch.set_num_threads(1)  # measured latency still uses 2 threads (measure_latency(num_threads=2))
@@ -113,8 +114,13 @@ def _stats(model: nn.Module, shape: tuple[int, ...], batches: tuple[int, ...]) -
     return out
 
 
-def _time_rows(timed: list[tuple[dict[str, Any], nn.Module]], shape: tuple[int, ...], batches: tuple[int, ...],
-               repeats: int, rounds: int) -> None:  # fmt: skip
+def _time_rows(
+    timed: list[tuple[dict[str, Any], nn.Module]],
+    shape: tuple[int, ...],
+    batches: tuple[int, ...],
+    repeats: int,
+    rounds: int,
+) -> None:
     """Time the (folded) models of one net together, interleaved; the first is the reference (speed-up 1)."""
     time_rows(timed, torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)), batches, repeats, rounds)
     for row, _ in timed:
@@ -126,8 +132,15 @@ def _tables(model: nn.Module, shape: tuple[int, ...], args: argparse.Namespace, 
     site_input_shapes(model, space, torch.zeros(1, *shape))
     cands = enumerate_candidates(model, space)
     t0 = time.perf_counter()
-    lat = latency_table(space, cands, batch_size=args.latency_batch if not uniform else 1, warmup=args.latency_warmup,
-                        repeats=args.latency_repeats, cache=args.cache, progress=False)  # fmt: skip
+    lat = latency_table(
+        space,
+        cands,
+        batch_size=args.latency_batch if not uniform else 1,
+        warmup=args.latency_warmup,
+        repeats=args.latency_repeats,
+        cache=args.cache,
+        progress=False,
+    )
     lat_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if uniform:
@@ -138,9 +151,17 @@ def _tables(model: nn.Module, shape: tuple[int, ...], args: argparse.Namespace, 
             if i >= args.importance_batches + args.holdout_batches:
                 break
             batches.append(b)
-        imp = importance_table(model, space, cands, train_batches=batches[: args.importance_batches],
-                               holdout_batches=batches[args.importance_batches:], forward_loss=_loss,
-                               method=args.importance, steps=args.importance_steps, progress=False)  # fmt: skip
+        imp = importance_table(
+            model,
+            space,
+            cands,
+            train_batches=batches[: args.importance_batches],
+            holdout_batches=batches[args.importance_batches :],
+            forward_loss=_loss,
+            method=args.importance,
+            steps=args.importance_steps,
+            progress=False,
+        )
     imp_s = time.perf_counter() - t0
     return space, cands, lat, imp, lat_s, imp_s
 
@@ -188,9 +209,20 @@ def part1(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
             dense = copy.deepcopy(pre)
             _train(dense, train, args.finetune, lr=0.01)
             folded = _fold_all(dense, shape)
-            timed = [(dict(part="mnist5k", net=backbone, seed=seed, variant="dense (BN folded)", acc=_accuracy(dense, test),
-                           **_stats(folded, shape, args.batches),
-                           note=f"pretrained {args.epochs} ep ({pre_acc:.2f} %, {pre_s:.0f} s) + {args.finetune} ep"), folded)]  # fmt: skip
+            timed = [
+                (
+                    dict(
+                        part="mnist5k",
+                        net=backbone,
+                        seed=seed,
+                        variant="dense (BN folded)",
+                        acc=_accuracy(dense, test),
+                        **_stats(folded, shape, args.batches),
+                        note=f"pretrained {args.epochs} ep ({pre_acc:.2f} %, {pre_s:.0f} s) + {args.finetune} ep",
+                    ),
+                    folded,
+                )
+            ]
             space, cands, lat, imp, lat_s, imp_s = _tables(pre, shape, args, train)
             for budget in args.budgets:
                 blocks, frac, dp_s, infeasible = _plan(space, cands, lat, imp, budget)
@@ -200,23 +232,48 @@ def part1(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                 acc_unmerged = _accuracy(model, test)
                 merge_planned_(model, rec)
                 folded = _fold_all(model, shape)
-                timed.append((dict(
-                    part="mnist5k", net=backbone, seed=seed, variant=f"LayerMerge-{round(budget * 100)}%",
-                    acc=_accuracy(model, test), **_stats(folded, shape, args.batches),
-                    note=(f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%}; unmerged acc {acc_unmerged:.2f}; "
-                          f"tables {lat_s:.1f}+{imp_s:.1f} s ({len(cands)} entries, {args.importance}), DP {dp_s * 1000:.0f} ms"),
-                ), folded))  # fmt: skip
+                timed.append(
+                    (
+                        dict(
+                            part="mnist5k",
+                            net=backbone,
+                            seed=seed,
+                            variant=f"LayerMerge-{round(budget * 100)}%",
+                            acc=_accuracy(model, test),
+                            **_stats(folded, shape, args.batches),
+                            note=(
+                                f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%}; unmerged acc {acc_unmerged:.2f}; "
+                                f"tables {lat_s:.1f}+{imp_s:.1f} s ({len(cands)} entries, {args.importance}), DP {dp_s * 1000:.0f} ms"
+                            ),
+                        ),
+                        folded,
+                    )
+                )
             small = build_backbone(backbone, 10, 1, width_mult=0.5)
             _train(small, train, args.epochs + args.finetune)
             folded = _fold_all(small, shape)
-            timed.append((dict(part="mnist5k", net=backbone, seed=seed, variant="half width, from scratch",
-                               acc=_accuracy(small, test), **_stats(folded, shape, args.batches),
-                               note=f"{args.epochs + args.finetune} ep"), folded))  # fmt: skip
+            timed.append(
+                (
+                    dict(
+                        part="mnist5k",
+                        net=backbone,
+                        seed=seed,
+                        variant="half width, from scratch",
+                        acc=_accuracy(small, test),
+                        **_stats(folded, shape, args.batches),
+                        note=f"{args.epochs + args.finetune} ep",
+                    ),
+                    folded,
+                )
+            )
             _time_rows(timed, shape, args.batches, args.repeats, args.rounds)
             rows.extend(row for row, _ in timed)
             _save(args, rows, args.start)
             for row, _ in timed:
-                print({k: v for k, v in row.items() if k in ("net", "variant", "acc") or k.startswith("speedup")}, flush=True)
+                print(
+                    {k: v for k, v in row.items() if k in ("net", "variant", "acc") or k.startswith("speedup")},
+                    flush=True,
+                )
 
 
 def part2(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -228,9 +285,21 @@ def part2(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         torch.manual_seed(0)
         net = torchvision.models.get_model(name, weights=None).eval()
         folded = _fold_all(net, shape)
-        timed = [(dict(part=f"{size}x{size}", net=name, seed=0, variant="BN-fused original", acc=None,
-                       **_stats(folded, shape, (1,)), note=PAPER.get(name, "")), folded)]  # fmt: skip
-        space, cands, lat, imp, lat_s, imp_s = _tables(net, shape, args, None, uniform=True)
+        timed = [
+            (
+                dict(
+                    part=f"{size}x{size}",
+                    net=name,
+                    seed=0,
+                    variant="BN-fused original",
+                    acc=None,
+                    **_stats(folded, shape, (1,)),
+                    note=PAPER.get(name, ""),
+                ),
+                folded,
+            )
+        ]
+        space, cands, lat, imp, lat_s, _imp_s = _tables(net, shape, args, None, uniform=True)
         total = original_latency(space, cands, lat)
         for budget in args.budgets:
             blocks, frac, dp_s, infeasible = _plan(space, cands, lat, imp, budget)
@@ -238,12 +307,23 @@ def part2(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
             rec = apply_merge_plan_(model, blocks)[0]
             merge_planned_(model.eval(), rec)
             folded = _fold_all(model, shape)
-            timed.append((dict(
-                part=f"{size}x{size}", net=name, seed=0, variant=f"LayerMerge-{round(budget * 100)}%", acc=None,
-                **_stats(folded, shape, (1,)),
-                note=(f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%} of {total:.0f} ms; latency table "
-                      f"{lat_s:.0f} s ({len(cands)} entries, b1), DP {dp_s * 1000:.0f} ms; importance 1/block"),
-            ), folded))  # fmt: skip
+            timed.append(
+                (
+                    dict(
+                        part=f"{size}x{size}",
+                        net=name,
+                        seed=0,
+                        variant=f"LayerMerge-{round(budget * 100)}%",
+                        acc=None,
+                        **_stats(folded, shape, (1,)),
+                        note=(
+                            f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%} of {total:.0f} ms; latency table "
+                            f"{lat_s:.0f} s ({len(cands)} entries, b1), DP {dp_s * 1000:.0f} ms; importance 1/block"
+                        ),
+                    ),
+                    folded,
+                )
+            )
         _time_rows(timed, shape, (1,), args.full_repeats, args.rounds)
         rows.extend(row for row, _ in timed)
         for row, _ in timed:
@@ -261,12 +341,21 @@ def merge_headlines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not merged:
             continue
         pick = merged[len(merged) // 2]
-        out.append(headline(
-            "LayerMerge", f"MNIST-5k {net}", f"{pick['variant']} latency budget, merged", "test acc %",
-            pick["acc"], dense["acc"], pick["params"], dense["params"],
-            latency_b64_ms=pick["lat_b64_ms"], baseline_latency_b64_ms=dense["lat_b64_ms"],
-            note=", ".join(f"{v:.2f}x at batch {k[9:]}" for k, v in pick.items() if k.startswith("speedup_b")),
-        ))  # fmt: skip
+        out.append(
+            headline(
+                "LayerMerge",
+                f"MNIST-5k {net}",
+                f"{pick['variant']} latency budget, merged",
+                "test acc %",
+                pick["acc"],
+                dense["acc"],
+                pick["params"],
+                dense["params"],
+                latency_b64_ms=pick["lat_b64_ms"],
+                baseline_latency_b64_ms=dense["lat_b64_ms"],
+                note=", ".join(f"{v:.2f}x at batch {k[9:]}" for k, v in pick.items() if k.startswith("speedup_b")),
+            )
+        )
     return out
 
 
@@ -276,7 +365,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--nets", nargs="+", default=["cifar_resnet20", "small_mobilenet_v2"])
     parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs")
-    parser.add_argument("--finetune", type=int, default=4, help="fine-tuning epochs after the plan (the dense model gets them too)")
+    parser.add_argument(
+        "--finetune", type=int, default=4, help="fine-tuning epochs after the plan (the dense model gets them too)"
+    )
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35])
     parser.add_argument("--importance", choices=["loss_proxy", "finetune"], default="loss_proxy")
     parser.add_argument("--importance-steps", type=int, default=10)
@@ -289,7 +380,9 @@ def main() -> None:
     parser.add_argument("--full-size", type=int, default=224)
     parser.add_argument("--full-nets", nargs="+", default=["resnet34", "mobilenet_v2"])
     parser.add_argument("--full-repeats", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; a model's latency is its best round")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved timing rounds; a model's latency is its best round"
+    )
     parser.add_argument("--cache", default=None, help="latency cache JSON (default: <out>/layermerge_latency.json)")
     parser.add_argument("--parts", nargs="+", default=["mnist", "full"], choices=["mnist", "full"])
     parser.add_argument("--out", default="benchmarks/out")

@@ -46,14 +46,29 @@ class UserCNN(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.trunk = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
-        )  # fmt: skip
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 256),
+            nn.ReLU(),
+            nn.Linear(256, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, 28, 28)`` → logits ``(B, 10)``."""
@@ -80,10 +95,15 @@ def compression_schedule(out: Path) -> list[L.Callback]:
     return [
         LayerCollapse(targets=["classifier.*"], last_n=1, lambda_final=5.0, warmup=2, tau=0.05, penalty="loss"),
         ALDS(keep_ratio=0.35, at_epoch=3, targets=["classifier.1"], rewind_lr=False),
-        LayerMerge(budget=0.6, plan_at_epoch=2, importance="loss_proxy", latency_batch_size=16,
-                   latency_cache=str(out / "latency.json")),
+        LayerMerge(
+            budget=0.6,
+            plan_at_epoch=2,
+            importance="loss_proxy",
+            latency_batch_size=16,
+            latency_cache=str(out / "latency.json"),
+        ),
         CompressionReport(measure_latency=True, latency_batch_size=64, output_dir=str(out)),
-    ]  # fmt: skip
+    ]
 
 
 INFERENCE_WITH_TORCH_ONLY = textwrap.dedent(
@@ -105,9 +125,13 @@ def main(out: Path) -> None:
     model = UserCNN()
     data = MNIST5kDataModule(train_size=1000, batch_size=64, seed=0)
     trainer = L.Trainer(
-        max_epochs=8, accelerator="cpu", devices=1, gradient_clip_val=2.0, default_root_dir=str(out),
+        max_epochs=8,
+        accelerator="cpu",
+        devices=1,
+        gradient_clip_val=2.0,
+        default_root_dir=str(out),
         callbacks=compression_schedule(out),
-    )  # fmt: skip
+    )
     trainer.fit(model, datamodule=data)
     print("events:", [e["op"] for e in applied_events(model)])
     print("report:", out / "compression_report.md")
@@ -122,8 +146,11 @@ def main(out: Path) -> None:
         expected = (model(images).argmax(1) == labels).float().mean().item()
     print(f"compressed model in this process: accuracy {expected:.2%}")
     # Inference in a fresh interpreter that imports torch only.
-    subprocess.run([sys.executable, "-c", INFERENCE_WITH_TORCH_ONLY, paths["pt2"], str(out / "test_images.pt")],
-                   check=True, cwd=out)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", INFERENCE_WITH_TORCH_ONLY, paths["pt2"], str(out / "test_images.pt")],
+        check=True,
+        cwd=out,
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ exposes ``vocab_size`` and the model takes one, it is filled in automatically.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -41,7 +41,7 @@ def _fill_vocab_size(config: Any) -> None:
         model_args["vocab_size"] = int(vocab_size)
 
 
-def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LitCompressCLI:
+def build_cli(args: list[str] | None = None, run: bool = True) -> LitCompressCLI:
     """Build (and with ``run=True`` run) the CLI; ``args`` default to ``sys.argv[1:]``."""
     return LitCompressCLI(
         LightningModule,
@@ -54,7 +54,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LitCompress
     )
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main(args: list[str] | None = None) -> None:
     """Console entry point: ``lit_compress <subcommand> --config X.yaml``."""
     build_cli(args)
 

@@ -127,7 +127,7 @@ def _export_program(model: nn.Module, example_inputs: ExampleInputs, pt2: Path, 
                 shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
                 try:
                     program = torch.export.export(model, args, dynamic_shapes=shapes)
-                except Exception as err:  # noqa: BLE001 - fall back to the example's static shapes
+                except Exception as err:
                     warnings.warn(
                         f"lit_compress export: a dynamic batch size failed for {type(model).__name__} "
                         f"({type(err).__name__}); the .pt2 takes the example's shapes only.",
@@ -136,7 +136,7 @@ def _export_program(model: nn.Module, example_inputs: ExampleInputs, pt2: Path, 
             if program is None:
                 program = torch.export.export(model, args, kwargs=kwargs or None)
             torch.export.save(program, pt2)
-        except Exception as err:  # noqa: BLE001 - the .pt2 is optional
+        except Exception as err:
             pt2.unlink(missing_ok=True)
             reason = (str(err).strip().splitlines() or [""])[0]
             warnings.warn(
@@ -182,7 +182,7 @@ def read_export(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise allowed("path", str(path), "an existing file written by export_compressed") from None
-    except Exception as err:  # noqa: BLE001 - pickles of whole models, other formats
+    except Exception as err:
         reason = (str(err).strip().splitlines() or [""])[0]
         raise allowed("path", str(path), f"{what}; torch.load(weights_only=True) failed: {reason}") from err
     if not isinstance(payload, Mapping) or payload.get("format") != EXPORT_FORMAT:
@@ -221,7 +221,7 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             raise allowed("model", None, f"an instance of the exported class, since {err}; {hint}") from None
         try:
             model = cls(**init_kwargs)
-        except Exception as err:  # noqa: BLE001 - re-raised with what to do
+        except Exception as err:
             failure = f"{name}(**{init_kwargs!r}) failed ({type(err).__name__}: {err})"
             raise allowed("model", None, f"an instance, since {failure}; {hint}") from err
     elif not isinstance(model, nn.Module):

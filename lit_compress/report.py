@@ -155,17 +155,26 @@ def report_rows(
 
     The original model first, then each event (its ``"after"`` metrics), then the final model.
     """
-    rows = [{"label": "original", "short": "orig", "position": _position(_metrics_of(initial)),
-             "metrics": _metrics_of(initial)}]
+    rows = [
+        {
+            "label": "original",
+            "short": "orig",
+            "position": _position(_metrics_of(initial)),
+            "metrics": _metrics_of(initial),
+        }
+    ]
     for i, event in enumerate(events):
-        rows.append({
-            "label": _event_label(event, i),
-            "short": f"#{event.get('index', i)} {event.get('op', '?')}",
-            "position": _position(event),
-            "metrics": _metrics_of(event.get("after")),
-        })
-    rows.append({"label": "final", "short": "final", "position": _position(_metrics_of(final)),
-                 "metrics": _metrics_of(final)})
+        rows.append(
+            {
+                "label": _event_label(event, i),
+                "short": f"#{event.get('index', i)} {event.get('op', '?')}",
+                "position": _position(event),
+                "metrics": _metrics_of(event.get("after")),
+            }
+        )
+    rows.append(
+        {"label": "final", "short": "final", "position": _position(_metrics_of(final)), "metrics": _metrics_of(final)}
+    )
     return rows
 
 
@@ -184,12 +193,16 @@ def _summary_lines(initial: Mapping | None, final: Mapping | None) -> list[str]:
     for key, label, fmt in (("params", "params", format_count), ("flops", "FLOPs", format_flops)):
         ratio = _ratio(b.get(key), a.get(key))
         if ratio is not None:
-            lines.append(f"- {label}: {fmt(a.get(key))} → {fmt(b.get(key))} (×{ratio:.3g}, "
-                         f"{format_change(b.get(key), a.get(key))})")
+            lines.append(
+                f"- {label}: {fmt(a.get(key))} → {fmt(b.get(key))} (×{ratio:.3g}, "
+                f"{format_change(b.get(key), a.get(key))})"
+            )
     ratio = _ratio(a.get("latency_ms"), b.get("latency_ms"))
     if ratio is not None:
-        lines.append(f"- latency: {format_ms(a.get('latency_ms'))} ms → {format_ms(b.get('latency_ms'))} ms "
-                     f"(speed-up ×{ratio:.3g})")
+        lines.append(
+            f"- latency: {format_ms(a.get('latency_ms'))} ms → {format_ms(b.get('latency_ms'))} ms "
+            f"(speed-up ×{ratio:.3g})"
+        )
     return lines
 
 
@@ -270,20 +283,22 @@ def report_dict(
     """The JSON document: format, version, meta, initial, final, events and a summary of ratios."""
     _check_inputs(events, initial, final, meta)
     a, b = _metrics_of(initial), _metrics_of(final)
-    return _jsonable({
-        "format": REPORT_FORMAT,
-        "version": REPORT_VERSION,
-        "meta": dict(meta or {}),
-        "initial": dict(a),
-        "final": dict(b),
-        "events": [dict(e) for e in events],
-        "summary": {
-            "num_events": len(events),
-            "params_ratio": _ratio(b.get("params"), a.get("params")),
-            "flops_ratio": _ratio(b.get("flops"), a.get("flops")),
-            "latency_speedup": _ratio(a.get("latency_ms"), b.get("latency_ms")),
-        },
-    })
+    return _jsonable(
+        {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "meta": dict(meta or {}),
+            "initial": dict(a),
+            "final": dict(b),
+            "events": [dict(e) for e in events],
+            "summary": {
+                "num_events": len(events),
+                "params_ratio": _ratio(b.get("params"), a.get("params")),
+                "flops_ratio": _ratio(b.get("flops"), a.get("flops")),
+                "latency_speedup": _ratio(a.get("latency_ms"), b.get("latency_ms")),
+            },
+        }
+    )
 
 
 # --------------------------------------------------------------------------- plot
@@ -311,8 +326,7 @@ def plot_report(
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2, sharex=True).ravel()
     original = _metrics_of(initial)
-    for ax, (key, title) in zip(axes[:3], (("params", "parameters"), ("flops", "FLOPs"),
-                                           ("latency_ms", "latency"))):
+    for ax, (key, title) in zip(axes[:3], (("params", "parameters"), ("flops", "FLOPs"), ("latency_ms", "latency"))):
         raw = [_number(r["metrics"].get(key)) for r in rows]
         ref = _number(original.get(key))
         relative = ref is not None and ref != 0
@@ -375,7 +389,7 @@ def write_report(
     Path(paths["markdown"]).write_text(markdown, encoding="utf-8")
     try:
         paths["png"] = plot_report(out / PNG_NAME, events=events, initial=initial, final=final)
-    except Exception as err:  # noqa: BLE001 - the plot is optional; JSON and Markdown are written
+    except Exception as err:
         warnings.warn(f"lit_compress: the compression plot was not drawn ({type(err).__name__}: {err}).", stacklevel=2)
     return paths
 

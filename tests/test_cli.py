@@ -44,7 +44,10 @@ def test_quickstart_config_runs_with_an_event_and_writes_the_report(tmp_path: Pa
 def test_print_config_round_trips(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "lit_compress", "fit", "--config", QUICKSTART, "--print_config"],
-        capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     printed = yaml.safe_load(out.stdout)
@@ -54,7 +57,10 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     saved.write_text(out.stdout)
     again = subprocess.run(
         [sys.executable, "-m", "lit_compress", "fit", "--config", str(saved), "--print_config"],
-        capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert yaml.safe_load(again.stdout) == printed
@@ -64,7 +70,10 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     ("override", "expected"),
     [
         (["--model.init_args.optimizer=lion"], r'Parser key "model.optimizer"|optimizer.*lion'),
-        (["--trainer.callbacks+=lit_compress.callbacks.FoldBatchNorm", "--trainer.callbacks.at_epoch=-2"], r"at_epoch.*v>=0|-2"),
+        (
+            ["--trainer.callbacks+=lit_compress.callbacks.FoldBatchNorm", "--trainer.callbacks.at_epoch=-2"],
+            r"at_epoch.*v>=0|-2",
+        ),
         (["--model.init_args.lr=-1"], r"model.init_args.lr.*v>0.*-1|lr.*-1"),
     ],
 )

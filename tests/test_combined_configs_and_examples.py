@@ -32,8 +32,11 @@ def test_combined_cnn_recipe_on_few_batches(tmp_path: Path) -> None:
     cli = run_config("combined_cnn.yaml", tmp_path, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2")
     found = ops(cli)  # the collapse needs the full warm-up: not within 2 batches per epoch
     assert [op for op in found if op != "collapse"] == [
-        "make_collapsible", "layer_merge_plan", "low_rank_decompose", "layer_merge_final"
-    ]  # fmt: skip
+        "make_collapsible",
+        "layer_merge_plan",
+        "low_rank_decompose",
+        "layer_merge_final",
+    ]
     assert (Path(cli.trainer.log_dir) / "compression_report.json").is_file()
 
 
@@ -57,8 +60,11 @@ def test_combined_lm_recipe_as_it_is(tmp_path: Path) -> None:
 def test_example_runs(tmp_path: Path, script: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if script == "combined_schedule.py":
         assert "torch-only inference on 4000 test images" in proc.stdout

@@ -151,7 +151,9 @@ def test_failed_torch_export_warns_and_skips_pt2(tmp_path):
 
 def test_pt2_takes_any_batch_size(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    ).eval()
     paths = export_compressed(model, tmp_path / "cnn.pt", torch.randn(2, 1, 8, 8))
     program = torch.export.load(paths["pt2"]).module()
     for batch in (1, 5, 64):

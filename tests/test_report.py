@@ -21,12 +21,26 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def sample():
     initial = {"params": 1_234_567, "params_all": 1_234_567, "flops": 45_600_000, "latency_ms": 2.5, "val_acc": 0.981}
     events = [
-        {"op": "layer_fusion", "index": 0, "epoch": 2, "global_step": 120, "callback": "LayerFusion",
-         "before": dict(initial), "after": {"params": 1_000_000, "flops": 45_600_000, "latency_ms": 2.4,
-                                            "val_acc": 0.975}, "wall_s": 0.12},
-        {"op": "collapse", "index": 1, "epoch": 4, "global_step": 240, "callback": "LayerCollapse",
-         "before": {"params": 1_000_000}, "after": {"params": 617_000, "flops": None, "latency_ms": None,
-                                                    "val_acc": None}, "wall_s": 0.3},
+        {
+            "op": "layer_fusion",
+            "index": 0,
+            "epoch": 2,
+            "global_step": 120,
+            "callback": "LayerFusion",
+            "before": dict(initial),
+            "after": {"params": 1_000_000, "flops": 45_600_000, "latency_ms": 2.4, "val_acc": 0.975},
+            "wall_s": 0.12,
+        },
+        {
+            "op": "collapse",
+            "index": 1,
+            "epoch": 4,
+            "global_step": 240,
+            "callback": "LayerCollapse",
+            "before": {"params": 1_000_000},
+            "after": {"params": 617_000, "flops": None, "latency_ms": None, "val_acc": None},
+            "wall_s": 0.3,
+        },
     ]
     final = {"params": 617_000, "params_all": 700_000, "flops": 20_000_000, "latency_ms": 1.25, "val_acc": 0.979}
     meta = {"torch": "2.14.1", "lightning": "2.6.6", "machine": "cpu x2", "seed": 0}

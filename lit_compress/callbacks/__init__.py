@@ -8,4 +8,12 @@ from lit_compress.callbacks.layer_fusion import LayerFusion
 from lit_compress.callbacks.layer_merge import LayerMerge
 from lit_compress.callbacks.report import CompressionReport
 
-__all__ = ["ALDS", "CompressionCallback", "CompressionReport", "FoldBatchNorm", "LayerCollapse", "LayerFusion", "LayerMerge"]
+__all__ = [
+    "ALDS",
+    "CompressionCallback",
+    "CompressionReport",
+    "FoldBatchNorm",
+    "LayerCollapse",
+    "LayerFusion",
+    "LayerMerge",
+]

@@ -17,9 +17,10 @@ after each event; recomposed layers likewise.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -71,17 +72,17 @@ class ALDS(CompressionCallback):
 
     def __init__(
         self,
-        keep_ratio: Optional[float] = None,
+        keep_ratio: float | None = None,
         at_epoch: NonNegativeInt = 0,
-        cascade: Optional[list[tuple[int, float]]] = None,
+        cascade: list[tuple[int, float]] | None = None,
         method: Literal["alds", "uniform", "energy"] = "alds",
-        targets: Optional[list[str]] = None,
+        targets: list[str] | None = None,
         seed: int = 0,
         num_seeds: PositiveInt = 15,
         alternations: PositiveInt = 4,
         error_bound: Literal["code", "theorem"] = "code",
         rewind_lr: bool = True,
-        retrain_epochs: Optional[NonNegativeInt] = None,
+        retrain_epochs: NonNegativeInt | None = None,
         progress: bool = True,
         bn_recalibration_batches: NonNegativeInt = 20,
     ) -> None:
@@ -102,7 +103,7 @@ class ALDS(CompressionCallback):
                 if not isinstance(epoch, int) or epoch < 0:
                     raise allowed("cascade", cascade, f"epochs must be integers >= 0 (got {epoch!r})")
                 _check_ratio("cascade", ratio, f"keep ratios must be in (0, 1] (got {ratio!r})")
-            if any(b[0] <= a[0] for a, b in zip(cascade, cascade[1:])):
+            if any(b[0] <= a[0] for a, b in itertools.pairwise(cascade)):
                 raise allowed("cascade", cascade, "epochs must be strictly increasing")
         if method not in ("alds", "uniform", "energy"):
             raise allowed("method", method, "must be one of 'alds', 'uniform', 'energy'")
@@ -120,7 +121,7 @@ class ALDS(CompressionCallback):
         self.seed, self.num_seeds, self.alternations = int(seed), num_seeds, alternations
         self.error_bound, self.rewind_lr, self.retrain_epochs = error_bound, rewind_lr, retrain_epochs
         self.progress = progress
-        self.layer_names: Optional[list[str]] = None  # resolved once, before the first event
+        self.layer_names: list[str] | None = None  # resolved once, before the first event
         self.allocations: list[dict[str, Any]] = []  # a summary per event (rank 0's plan, broadcast)
 
     # ------------------------------------------------------------------ targets
@@ -135,15 +136,16 @@ class ALDS(CompressionCallback):
                 rank_zero_warn(f"ALDS: skipping `{name}`: {reason}.")
             if not ok:
                 raise allowed(
-                    "targets", self.targets,
+                    "targets",
+                    self.targets,
                     "it must select at least one decomposable layer (Conv2d with groups=1, or Linear, weight not shared)"
                     + (f"; skipped: {'; '.join(f'{n}: {r}' for n, r in list(skipped.items())[:5])}" if skipped else ""),
-                )  # fmt: skip
+                )
             self.layer_names = ok
         return self.layer_names
 
     @override
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
         return list(self.resolve_targets(pl_module))
 
     @override
@@ -160,15 +162,22 @@ class ALDS(CompressionCallback):
         return trainer.current_epoch >= self.schedule[self.events_done][0]
 
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Optional[dict[str, Any]]:
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any] | None:
         names = self.resolve_targets(pl_module)
         keep = self.schedule[self.events_done][1]
         current = sum(p.numel() for p in pl_module.parameters()) / dense_param_count(pl_module, names)
         alloc = allocate(
-            pl_module, names, keep, method=self.method, seed=self.seed, num_seeds=self.num_seeds,
-            alternations=self.alternations, error_bound=self.error_bound,
-            progress=self.progress and trainer.is_global_zero, current_ratio=min(1.0, current),
-        )  # fmt: skip
+            pl_module,
+            names,
+            keep,
+            method=self.method,
+            seed=self.seed,
+            num_seeds=self.num_seeds,
+            alternations=self.alternations,
+            error_bound=self.error_bound,
+            progress=self.progress and trainer.is_global_zero,
+            current_ratio=min(1.0, current),
+        )
         rank_zero_info(
             f"[lit_compress] ALDS ({self.method}) keep {keep:.4g}: {len(alloc.plan)} layer(s) decomposed, "
             f"{len(alloc.kept_dense)} kept dense, params {alloc.params_dense:,} -> {alloc.params_after:,} "
@@ -184,9 +193,12 @@ class ALDS(CompressionCallback):
         decompose = low_rank_decompose_(pl_module, plan["decompose"])
         s = plan["summary"]
         decompose[0].update(
-            method=s["method"], keep_ratio=s["keep_ratio"], achieved_ratio=s["achieved_ratio"],
-            max_error=s["max_error"], kept_dense=list(s["kept_dense"]),
-        )  # fmt: skip
+            method=s["method"],
+            keep_ratio=s["keep_ratio"],
+            achieved_ratio=s["achieved_ratio"],
+            max_error=s["max_error"],
+            kept_dense=list(s["kept_dense"]),
+        )
         self.allocations.append(dict(s))
         return records + decompose
 
@@ -200,7 +212,7 @@ class ALDS(CompressionCallback):
                 record["lr_rewound_to"] = positions
         return records
 
-    def _retrain_epochs(self, trainer: Any, index: int) -> Optional[int]:
+    def _retrain_epochs(self, trainer: Any, index: int) -> int | None:
         if self.retrain_epochs is not None:
             return self.retrain_epochs
         epoch = int(trainer.current_epoch)
@@ -227,21 +239,21 @@ def _check_ratio(name: str, value: Any, what: str = "must be in (0, 1]") -> None
         raise allowed(name, value, what)
 
 
-def _steps_per_epoch(trainer: Any) -> Optional[int]:
+def _steps_per_epoch(trainer: Any) -> int | None:
     batches = trainer.num_training_batches
     if batches is None or batches == float("inf") or batches <= 0:
         return None
     return max(1, math.ceil(int(batches) / trainer.accumulate_grad_batches))
 
 
-def rewind_schedulers(trainer: Any, epochs: Optional[int]) -> list[Optional[int]]:
+def rewind_schedulers(trainer: Any, epochs: int | None) -> list[int | None]:
     """Move every LR scheduler back ``epochs`` epochs (clamped at its start); return the new positions.
 
     The scheduler is replayed from its start (param groups reset to ``base_lrs``, then stepped to the
     target position), so closed-form and chainable schedulers alike land on the learning rate they
     had there. ``ReduceLROnPlateau``, ``SequentialLR`` and ``ChainedScheduler`` are left alone (a warning).
     """
-    positions: list[Optional[int]] = []
+    positions: list[int | None] = []
     for cfg in trainer.lr_scheduler_configs:
         sched = cfg.scheduler
         unsupported = (torch.optim.lr_scheduler.SequentialLR, torch.optim.lr_scheduler.ChainedScheduler)

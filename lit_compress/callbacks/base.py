@@ -18,7 +18,7 @@ replayed on the fresh module before its weights load (see :mod:`lit_compress.che
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 from jsonargparse.typing import NonNegativeInt
@@ -70,7 +70,7 @@ class CompressionCallback(Callback):
         self.bn_recalibration_batches = bn_recalibration_batches
         self.events_done = 0
         self._last_global_step = -1
-        self._reporter: Optional[CompressionReport] = None
+        self._reporter: CompressionReport | None = None
         self._train_loop_started = False
 
     # ------------------------------------------------------------------ subclass API
@@ -86,7 +86,7 @@ class CompressionCallback(Callback):
         """Apply ``plan`` to the module (every rank); return the log records of what was done."""
         raise NotImplementedError
 
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
         """Qualified names of the modules this callback will restructure, or ``None`` if unknown.
 
         Called once at ``setup`` (before any event) for every lit_compress callback of the Trainer; two
@@ -159,7 +159,7 @@ class CompressionCallback(Callback):
         if trainer.is_global_zero:
             try:
                 outcome = ("ok", self.plan_event(trainer, pl_module))
-            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            except Exception as err:
                 if trainer.world_size <= 1:
                     raise
                 outcome = ("error", f"{type(err).__name__}: {err}")
@@ -320,7 +320,8 @@ def _check_claims_once(trainer: Any, pl_module: L.LightningModule, caller: Compr
             owner.setdefault(name, label)
     if clashes:
         raise ConfigError(
-            "two lit_compress callbacks claim the same module(s): " + ", ".join(clashes[:10])
+            "two lit_compress callbacks claim the same module(s): "
+            + ", ".join(clashes[:10])
             + (f" and {len(clashes) - 10} more" if len(clashes) > 10 else "")
             + ". Give each callback disjoint `targets`."
         )

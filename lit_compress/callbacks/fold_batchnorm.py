@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 from jsonargparse.typing import NonNegativeInt
@@ -36,9 +36,9 @@ class FoldBatchNorm(CompressionCallback):
 
     def __init__(
         self,
-        targets: Optional[list[str]] = None,
-        at_epoch: Optional[NonNegativeInt] = None,
-        at_step: Optional[NonNegativeInt] = None,
+        targets: list[str] | None = None,
+        at_epoch: NonNegativeInt | None = None,
+        at_step: NonNegativeInt | None = None,
         bn_recalibration_batches: NonNegativeInt = 0,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches)
@@ -69,7 +69,7 @@ class FoldBatchNorm(CompressionCallback):
         return moment == "fit_end"
 
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[list[str]]]:
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> list[list[str]] | None:
         from lit_compress.surgery.chains import find_foldable_batchnorms
 
         inputs = self.reporter(trainer).example_inputs(trainer, pl_module)

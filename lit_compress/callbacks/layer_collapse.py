@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -67,10 +67,10 @@ class LayerCollapse(CompressionCallback):
 
     def __init__(
         self,
-        targets: Optional[list[str]] = None,
-        last_n: Optional[PositiveInt] = None,
-        fraction: Optional[float] = None,
-        stage_size: Optional[PositiveInt] = None,
+        targets: list[str] | None = None,
+        last_n: PositiveInt | None = None,
+        fraction: float | None = None,
+        stage_size: PositiveInt | None = None,
         lambda_start: NonNegativeFloat = 0.0,
         lambda_final: NonNegativeFloat = 1.0,
         warmup: NonNegativeFloat = 0,
@@ -107,7 +107,7 @@ class LayerCollapse(CompressionCallback):
         self.warmup, self.warmup_unit = float(warmup), warmup_unit
         self.tau, self.collapse_at, self.penalty = float(tau), collapse_at, penalty
         self.log_every_n_steps = log_every_n_steps
-        self.selected: Optional[list[dict[str, Any]]] = None  # the chosen MLPs, output side last
+        self.selected: list[dict[str, Any]] | None = None  # the chosen MLPs, output side last
         self.converted = 0  # how many of `selected` have been converted so far
         self.collapsed: list[str] = []  # activation names collapsed so far
 
@@ -141,13 +141,14 @@ class LayerCollapse(CompressionCallback):
 
     # ------------------------------------------------------------------ plan / apply
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Optional[dict[str, Any]]:
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any] | None:
         if self.selected is None:
             self.selected = self._select(trainer, pl_module)
         live = dict(collapsible_activations(pl_module))
         converted = self.selected[len(self.selected) - self.converted :]  # converted from the output side
         ready = [
-            link for link in converted
+            link
+            for link in converted
             if link["activation"] in live and abs(float(live[link["activation"]].slope.detach()) - 1.0) < self.tau
         ]
         collapse = []
@@ -184,7 +185,9 @@ class LayerCollapse(CompressionCallback):
         """The MLPs to work on, in model order (the last ones are nearest the output)."""
         inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
         if inputs is None:
-            raise ConfigError("LayerCollapse needs an example input to find MLPs: set `example_input_array` on the module.")
+            raise ConfigError(
+                "LayerCollapse needs an example input to find MLPs: set `example_input_array` on the module."
+            )
         links = [asdict(link) for chain in find_linear_chains(pl_module, inputs) for link in chain.links()]
         found = [link for link in links if any(name_matches(n, self.targets) for n in link.values() if n)]
         if not found:
@@ -200,12 +203,16 @@ class LayerCollapse(CompressionCallback):
         return found
 
     @override
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
         """The linears, activations, dropouts and norms of the selected MLPs (needs ``example_input_array``)."""
         if self.selected is None:
             if getattr(pl_module, "example_input_array", None) is None:
                 return None
-            links = [asdict(link) for chain in find_linear_chains(pl_module, pl_module.example_input_array) for link in chain.links()]
+            links = [
+                asdict(link)
+                for chain in find_linear_chains(pl_module, pl_module.example_input_array)
+                for link in chain.links()
+            ]
             found = [link for link in links if any(name_matches(n, self.targets) for n in link.values() if n)]
             if self.last_n is not None:
                 found = found[-self.last_n :]
@@ -233,7 +240,9 @@ class LayerCollapse(CompressionCallback):
             act.slope.grad.add_(2.0 * lam * (act.slope.detach() - 1.0))
 
     @override
-    def on_train_batch_end(self, trainer: Any, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         stepped = trainer.global_step != self._last_global_step
         if stepped and self._mode(trainer) == "decoupled":
             self._decoupled_step(trainer, pl_module)
@@ -254,7 +263,9 @@ class LayerCollapse(CompressionCallback):
         if not trainer.is_global_zero:
             return
         metrics = {"collapse/lambda": self.current_lambda(trainer)}
-        metrics.update({f"collapse/slope/{name}": float(a.slope.detach()) for name, a in collapsible_activations(pl_module)})
+        metrics.update(
+            {f"collapse/slope/{name}": float(a.slope.detach()) for name, a in collapsible_activations(pl_module)}
+        )
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -274,7 +285,7 @@ class LayerCollapse(CompressionCallback):
         self.collapsed = list(state.get("collapsed", []))
 
 
-def _no_saving_reason(model: torch.nn.Module, link: dict[str, Any]) -> Optional[str]:
+def _no_saving_reason(model: torch.nn.Module, link: dict[str, Any]) -> str | None:
     first, second = model.get_submodule(link["first"]), model.get_submodule(link["second"])
     pair = sum(p.numel() for p in first.parameters()) + sum(p.numel() for p in second.parameters())
     merged = first.in_features * second.out_features + second.out_features
@@ -289,7 +300,9 @@ def _no_saving_reason(model: torch.nn.Module, link: dict[str, Any]) -> Optional[
 def _warn_about_weight_decay(trainer: Any, pl_module: L.LightningModule) -> None:
     for opt in trainer.optimizers:
         for group in opt.param_groups:
-            if group.get("weight_decay", 0) and any(isinstance(p, torch.nn.Parameter) and p.dim() == 0 for p in group["params"]):
+            if group.get("weight_decay", 0) and any(
+                isinstance(p, torch.nn.Parameter) and p.dim() == 0 for p in group["params"]
+            ):
                 slopes = {id(a.slope) for _, a in collapsible_activations(pl_module)}
                 if any(id(p) in slopes for p in group["params"]):
                     rank_zero_warn(
@@ -301,4 +314,4 @@ def _warn_about_weight_decay(trainer: Any, pl_module: L.LightningModule) -> None
                     return
 
 
-__all__ = ["LayerCollapse", "CollapsibleActivation"]
+__all__ = ["CollapsibleActivation", "LayerCollapse"]

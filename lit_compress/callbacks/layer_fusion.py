@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -72,12 +72,12 @@ class LayerFusion(CompressionCallback):
         self,
         fraction: float = 0.5,
         increments: PositiveInt = 10,
-        every_n_epochs: Optional[PositiveInt] = None,
-        every_n_steps: Optional[PositiveInt] = None,
+        every_n_epochs: PositiveInt | None = None,
+        every_n_steps: PositiveInt | None = None,
         start: NonNegativeInt = 0,
         measure: MeasureName = "wasserstein",
         policy: PolicyName = "mean",
-        targets: Optional[list[str]] = None,
+        targets: list[str] | None = None,
         include_norms: bool = False,
         include_embeddings: bool = False,
         optimizer_state: Literal["reset", "average"] = "reset",
@@ -109,10 +109,10 @@ class LayerFusion(CompressionCallback):
         self.include_norms, self.include_embeddings = bool(include_norms), bool(include_embeddings)
         self.optimizer_state, self.seed = optimizer_state, int(seed)
         self.increments_done = 0
-        self.base_params: Optional[int] = None  # unique parameters before the first fusion step
+        self.base_params: int | None = None  # unique parameters before the first fusion step
         self.removed_params = 0  # removed by this callback's ties (other methods' events do not count)
-        self.unit: Optional[str] = None  # "epochs" or "steps", resolved at setup
-        self.interval: Optional[int] = None
+        self.unit: str | None = None  # "epochs" or "steps", resolved at setup
+        self.interval: int | None = None
 
     # ------------------------------------------------------------------ setup and schedule
     def _units(self, pl_module: L.LightningModule) -> list:
@@ -169,8 +169,9 @@ class LayerFusion(CompressionCallback):
             self.unit, total = "steps", int(max_steps)
         else:
             raise allowed(
-                "every_n_epochs", None, "must be set when the Trainer has neither `max_epochs` nor `max_steps` to spread "
-                "the fusion steps over"
+                "every_n_epochs",
+                None,
+                "must be set when the Trainer has neither `max_epochs` nor `max_steps` to spread the fusion steps over",
             )
         self.interval = max(1, (total - self.start) // (self.increments + 1))
 
@@ -185,7 +186,7 @@ class LayerFusion(CompressionCallback):
 
     # ------------------------------------------------------------------ plan / apply
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Optional[dict[str, Any]]:
+    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any] | None:
         base = int(self.base_params or count_parameters(pl_module))
         k = self.increments_done + 1
         goal = math.ceil(self.fraction * base * k / self.increments)
@@ -220,15 +221,18 @@ class LayerFusion(CompressionCallback):
         return records
 
     @override
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
         return [u.name for members in candidate_groups(self._units(pl_module)).values() for u in members]
 
     @override
     def extra_state(self) -> dict[str, Any]:
         return {
-            "increments_done": self.increments_done, "base_params": self.base_params, "removed_params": self.removed_params,
-            "unit": self.unit, "interval": self.interval,
-        }  # fmt: skip
+            "increments_done": self.increments_done,
+            "base_params": self.base_params,
+            "removed_params": self.removed_params,
+            "unit": self.unit,
+            "interval": self.interval,
+        }
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -271,10 +275,10 @@ def merge_fused_optimizer_state_(
     changed = 0
     for opt, states in zip(optimizers, before):
         in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-        current: dict[str, Optional[dict[str, Any]]] = {}
-        final: dict[int, tuple[torch.nn.Parameter, Optional[dict[str, Any]]]] = {}
+        current: dict[str, dict[str, Any] | None] = {}
+        final: dict[int, tuple[torch.nn.Parameter, dict[str, Any] | None]] = {}
 
-        def state_of(names: Sequence[str], pname: str) -> Optional[dict[str, Any]]:
+        def state_of(names: Sequence[str], pname: str) -> dict[str, Any] | None:
             for n in names:
                 key = f"{n}.{pname}"
                 if key in current:
@@ -290,7 +294,7 @@ def merge_fused_optimizer_state_(
             for fusion in record["fusions"]:
                 a, b = list(fusion["a"]), list(fusion["b"])
                 for pname in fusion["params"]:
-                    merged: Optional[dict[str, Any]] = None
+                    merged: dict[str, Any] | None = None
                     if mode == "average":
                         sa, sb = state_of(a, pname), state_of(b, pname)
                         if sa and sb:

@@ -19,7 +19,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -36,7 +36,7 @@ ImportanceMethod = Literal["finetune", "loss_proxy"]
 PLAN_FORMAT = "lit_compress.layermerge_plan"
 
 
-def _classification_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Optional[int], int]:
+def _classification_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int | None, int]:
     """Cross-entropy (and the number correct) of ``model`` on an ``(x, y)`` classification batch."""
     if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor)):
         raise ConfigError(
@@ -92,14 +92,14 @@ class LayerMerge(CompressionCallback):
         importance_batches: PositiveInt = 8,
         holdout_batches: PositiveInt = 4,
         latency_batch_size: PositiveInt = 1,
-        latency_input_size: Optional[PositiveInt] = None,
-        latency_device: Optional[str] = None,
+        latency_input_size: PositiveInt | None = None,
+        latency_device: str | None = None,
         latency_warmup: NonNegativeInt = 3,
         latency_repeats: PositiveInt = 10,
-        latency_cache: Optional[str] = None,
-        time_unit_ms: Optional[PositiveFloat] = None,
-        load_plan: Optional[str] = None,
-        save_plan: Optional[str] = None,
+        latency_cache: str | None = None,
+        time_unit_ms: PositiveFloat | None = None,
+        load_plan: str | None = None,
+        save_plan: str | None = None,
         merge_at_end: bool = True,
         plan_at_epoch: NonNegativeInt = 0,
         progress: bool = True,
@@ -152,7 +152,7 @@ class LayerMerge(CompressionCallback):
         self.planned = False
         self.merged = False
         self.summary: dict[str, Any] = {}
-        self._next: Optional[str] = None
+        self._next: str | None = None
 
     # ------------------------------------------------------------------ schedule
     @override
@@ -169,7 +169,7 @@ class LayerMerge(CompressionCallback):
         return False
 
     @override
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
         """Every conv, BN, activation and residual unit of the searched trunk."""
         from lit_compress.surgery.merge_blocks import analyze_merge_space
 
@@ -229,9 +229,16 @@ class LayerMerge(CompressionCallback):
         cache = self.latency_cache or str(Path(trainer.default_root_dir) / "layermerge_latency.json")
         t0 = time.perf_counter()
         latency = latency_table(
-            space, candidates, device=device, batch_size=self.latency_batch_size, warmup=self.latency_warmup,
-            repeats=self.latency_repeats, cache=cache, progress=self.progress, log=rank_zero_info,
-        )  # fmt: skip
+            space,
+            candidates,
+            device=device,
+            batch_size=self.latency_batch_size,
+            warmup=self.latency_warmup,
+            repeats=self.latency_repeats,
+            cache=cache,
+            progress=self.progress,
+            log=rank_zero_info,
+        )
         latency_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         with isolated_rng():
@@ -243,10 +250,17 @@ class LayerMerge(CompressionCallback):
         with isolated_rng():
             torch.manual_seed(0)
             importance = importance_table(
-                work, space, candidates, train_batches=batches[:n_train], holdout_batches=batches[n_train:],
-                forward_loss=_classification_loss, method=self.importance, steps=self.importance_steps,
-                lr=self.importance_lr, progress=self.progress,
-            )  # fmt: skip
+                work,
+                space,
+                candidates,
+                train_batches=batches[:n_train],
+                holdout_batches=batches[n_train:],
+                forward_loss=_classification_loss,
+                method=self.importance,
+                steps=self.importance_steps,
+                lr=self.importance_lr,
+                progress=self.progress,
+            )
         del work
         importance_s = time.perf_counter() - t0
         total = original_latency(space, candidates, latency)
@@ -294,8 +308,14 @@ class LayerMerge(CompressionCallback):
     def _write_plan(self, space: Any, blocks: list[Any], summary: dict[str, Any]) -> None:
         path = Path(self.save_plan)  # type: ignore[arg-type]
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"format": PLAN_FORMAT, "version": 1, "arch": space.arch, "convs": [s.conv for s in space.sites],
-                "blocks": blocks, "summary": summary}  # fmt: skip
+        data = {
+            "format": PLAN_FORMAT,
+            "version": 1,
+            "arch": space.arch,
+            "convs": [s.conv for s in space.sites],
+            "blocks": blocks,
+            "summary": summary,
+        }
         path.write_text(json.dumps(data, indent=1))
 
     # ------------------------------------------------------------------ surgery (every rank)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
-from jsonargparse.typing import PositiveInt
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -43,9 +43,9 @@ class CompressionReport(Callback):
         measure_flops: bool = True,
         measure_latency: bool = False,
         latency_batch_size: PositiveInt = 1,
-        latency_input_shape: Optional[list[PositiveInt]] = None,
+        latency_input_shape: list[PositiveInt] | None = None,
         latency_repeats: PositiveInt = 20,
-        output_dir: Optional[str] = None,
+        output_dir: str | None = None,
         print_report: bool = True,
     ) -> None:
         if latency_batch_size < 1:
@@ -63,8 +63,8 @@ class CompressionReport(Callback):
         self.latency_repeats = latency_repeats
         self.output_dir = output_dir
         self.print_report = print_report
-        self.initial: Optional[dict[str, Any]] = None
-        self.final: Optional[dict[str, Any]] = None
+        self.initial: dict[str, Any] | None = None
+        self.final: dict[str, Any] | None = None
         self.paths: dict[str, str] = {}
         self._cached_inputs: Any = None
 
@@ -79,7 +79,7 @@ class CompressionReport(Callback):
 
     def measure(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any]:
         """Parameters, FLOPs, latency and the latest validation metrics, measured on rank 0 and broadcast."""
-        stats: Optional[dict[str, Any]] = None
+        stats: dict[str, Any] | None = None
         if trainer is None or trainer.is_global_zero:
             stats = self._measure_local(trainer, pl_module)
         if trainer is not None:

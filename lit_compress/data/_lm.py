@@ -8,7 +8,6 @@ non-overlapping consecutive windows. Each sample is ``(x, y)`` with ``y`` = ``x`
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Optional
 
 import lightning as L
 import numpy as np
@@ -31,7 +30,7 @@ class Vocabulary:
         unk: Token that unseen tokens map to (must be in ``tokens``); None raises on unseen tokens.
     """
 
-    def __init__(self, tokens: Iterable[str], level: str = "char", unk: Optional[str] = None) -> None:
+    def __init__(self, tokens: Iterable[str], level: str = "char", unk: str | None = None) -> None:
         self.itos: list[str] = sorted(set(tokens))
         self.stoi: dict[str, int] = {t: i for i, t in enumerate(self.itos)}
         self.level = level
@@ -143,7 +142,7 @@ class ConsecutiveWindowDataset(Dataset):
     Items: ``x`` ``(block_size,)`` int64 and ``y`` ``(block_size,)`` int64, ``y[t] = x[t + 1]``.
     """
 
-    def __init__(self, data: Tensor, block_size: int, max_samples: Optional[int] = None) -> None:
+    def __init__(self, data: Tensor, block_size: int, max_samples: int | None = None) -> None:
         self.data = data
         self.block_size = block_size
         n = max(0, (data.numel() - 1) // block_size)
@@ -188,7 +187,7 @@ class WindowedLMDataModule(L.LightningDataModule):
     vocab: Vocabulary
     train_ids: Tensor
     val_ids: Tensor
-    test_ids: Optional[Tensor] = None
+    test_ids: Tensor | None = None
 
     def __init__(
         self,
@@ -208,7 +207,7 @@ class WindowedLMDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
 
-    def _set_splits(self, train: Tensor, val: Tensor, test: Optional[Tensor], name: str, value: object) -> None:
+    def _set_splits(self, train: Tensor, val: Tensor, test: Tensor | None, name: str, value: object) -> None:
         """Keep the split tensors; ``ConfigError`` naming ``name``=``value`` if one holds no full window."""
         need = self.block_size + 1
         for split, ids in (("training", train), ("validation", val), ("test", test)):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,11 +16,11 @@ class SplitDataModule(L.LightningDataModule):
 
     batch_size: int
     num_workers: int
-    train_set: Optional[Dataset] = None
-    val_set: Optional[Dataset] = None
-    test_set: Optional[Dataset] = None
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    test_set: Dataset | None = None
 
-    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "setup() must build the split first"
         return DataLoader(
             dataset,

@@ -4,15 +4,14 @@ Training: random crop 32 with 4 pixels of zero padding, horizontal flip, then no
 validation and test: normalisation only. The data is downloaded only when ``download=True``.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
-from lit_compress.data.mnist5k import stratified_split
 from lit_compress.data._splits import SplitDataModule
+from lit_compress.data.mnist5k import stratified_split
 from lit_compress.errors import allowed
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -79,9 +78,9 @@ class CIFAR10DataModule(SplitDataModule):
         self.num_workers = num_workers
         self.val_size = val_size
         self.seed = seed
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     def _dataset(self, train: bool, transform: Any, download: bool = False) -> Dataset:
         try:
@@ -100,7 +99,7 @@ class CIFAR10DataModule(SplitDataModule):
             for train in (True, False):
                 self._dataset(train, None, download=True)
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         train_aug = self._dataset(True, train_transform())

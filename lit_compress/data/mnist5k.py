@@ -9,11 +9,10 @@ seeded, stratified split of 1,000 training and 4,000 test images.
 import functools
 import gzip
 import importlib.resources
-from typing import Optional
 
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
@@ -154,9 +153,9 @@ class MNIST5kDataModule(SplitDataModule):
         self.seed = seed
         self.image_size = image_size
         self.normalize = normalize
-        self.train_set: Optional[TensorDataset] = None
-        self.val_set: Optional[TensorDataset] = None
-        self.test_set: Optional[TensorDataset] = None
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -173,7 +172,7 @@ class MNIST5kDataModule(SplitDataModule):
             val_idx, train_idx = train_idx[val_pos], train_idx[train_pos]
         return {"train": train_idx, "val": val_idx, "test": test_idx}
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         images, labels = load_mnist5k()

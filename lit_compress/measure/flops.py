@@ -98,7 +98,7 @@ def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> int:
         try:
             with counter:
                 model(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - re-raised with the model and inputs named
+        except Exception as err:
             raise allowed(
                 "example_inputs",
                 describe_inputs(example_inputs),

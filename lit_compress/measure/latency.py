@@ -110,7 +110,7 @@ def measure_latency(
                 model(*args, **kwargs)
                 sync()
                 times.append((time.perf_counter() - start) * 1000.0)
-        except Exception as err:  # noqa: BLE001 - re-raised with the model and inputs named
+        except Exception as err:
             raise allowed(
                 "example_inputs",
                 describe_inputs(inputs),

@@ -2,13 +2,13 @@
 
 import difflib
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
-from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 import torch
 import torchmetrics
 import torchvision
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from lit_compress.checkpointing import CompressMixin
@@ -152,9 +152,17 @@ class ImageClassifier(CompressMixin, L.LightningModule):
     ) -> None:
         super().__init__()
         _check_classifier_args(
-            num_classes, in_channels, width_mult, image_size, optimizer, lr, momentum, weight_decay, scheduler,
+            num_classes,
+            in_channels,
+            width_mult,
+            image_size,
+            optimizer,
+            lr,
+            momentum,
+            weight_decay,
+            scheduler,
             label_smoothing,
-        )  # fmt: skip
+        )
         self.save_hyperparameters()
         self.net = build_backbone(backbone, num_classes, in_channels, width_mult, image_size)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -242,21 +250,21 @@ def lambda_lr_at(optimizer: torch.optim.Optimizer, fn: Any, start: int = 0) -> t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=start - 1)
 
 
-def _finite_steps(trainer: Optional[Any]) -> Optional[int]:
+def _finite_steps(trainer: Any | None) -> int | None:
     steps = getattr(trainer, "estimated_stepping_batches", None) if trainer is not None else None
     if steps is None or not math.isfinite(steps) or steps <= 0:
         return None
     return int(steps)
 
 
-def _cosine_factor(i: int, horizon: Optional[int]) -> float:
+def _cosine_factor(i: int, horizon: int | None) -> float:
     """Cosine from 1 at ``i=0`` to 0 at ``i=horizon`` (constant 1 without a horizon)."""
     if not horizon:
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * min(i, horizon) / horizon))
 
 
-def _step_factor(i: int, horizon: Optional[int]) -> float:
+def _step_factor(i: int, horizon: int | None) -> float:
     """1, then 0.1 from 50 % and 0.01 from 75 % of ``horizon`` (constant 1 without a horizon)."""
     if not horizon:
         return 1.0

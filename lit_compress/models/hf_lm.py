@@ -14,7 +14,14 @@ class HFCausalLM(nn.Module):
     """``(B, T)`` token ids -> ``(B, T, V)`` logits with a randomly initialised GPT-2 or BERT."""
 
     def __init__(
-        self, architecture: str, vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: int, dropout: float
+        self,
+        architecture: str,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        d_model: int,
+        dropout: float,
     ) -> None:
         super().__init__()
         try:
@@ -25,15 +32,27 @@ class HFCausalLM(nn.Module):
             ) from err
         if architecture == "gpt2":
             config = transformers.GPT2Config(
-                vocab_size=vocab_size, n_positions=block_size, n_embd=d_model, n_layer=n_layer, n_head=n_head,
-                resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                vocab_size=vocab_size,
+                n_positions=block_size,
+                n_embd=d_model,
+                n_layer=n_layer,
+                n_head=n_head,
+                resid_pdrop=dropout,
+                embd_pdrop=dropout,
+                attn_pdrop=dropout,
             )
             self.model = transformers.GPT2LMHeadModel(config)
         else:
             config = transformers.BertConfig(
-                vocab_size=vocab_size, max_position_embeddings=block_size, hidden_size=d_model,
-                num_hidden_layers=n_layer, num_attention_heads=n_head, intermediate_size=4 * d_model,
-                hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, is_decoder=True,
+                vocab_size=vocab_size,
+                max_position_embeddings=block_size,
+                hidden_size=d_model,
+                num_hidden_layers=n_layer,
+                num_attention_heads=n_head,
+                intermediate_size=4 * d_model,
+                hidden_dropout_prob=dropout,
+                attention_probs_dropout_prob=dropout,
+                is_decoder=True,
             )
             self.model = transformers.BertLMHeadModel(config)
 

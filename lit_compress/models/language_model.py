@@ -1,12 +1,12 @@
 """``CausalLanguageModel``: a LightningModule around :class:`~lit_compress.models.transformer.TransformerLM`."""
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 import torch
 import torchmetrics
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -51,7 +51,7 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: Optional[int], min_ratio: float = 0.1) -> float:
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float = 0.1) -> float:
     """Learning-rate factor: linear warm-up to 1 over ``warmup_steps``, then cosine to ``min_ratio``
     at ``total_steps`` (constant 1 after warm-up when ``total_steps`` is None)."""
     if step < warmup_steps:
@@ -90,7 +90,7 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
 
     def __init__(
         self,
-        vocab_size: Optional[PositiveInt] = None,
+        vocab_size: PositiveInt | None = None,
         block_size: PositiveInt = 128,
         n_layer: PositiveInt = 4,
         n_head: PositiveInt = 4,
@@ -177,7 +177,7 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
         hp = self.hparams
         opt = torch.optim.AdamW(decay_groups(self, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.95))
         trainer = self._trainer
-        total: Optional[int] = None
+        total: int | None = None
         start = 0
         if trainer is not None:
             steps = trainer.estimated_stepping_batches
@@ -188,9 +188,7 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()
-    def generate(
-        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None
-    ) -> Tensor:
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` ``(B, T)``; returns ``(B, T + max_new_tokens)``.
 
         ``temperature <= 0`` picks the most likely token (greedy); ``top_k`` keeps the k most likely.

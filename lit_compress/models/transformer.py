@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -132,7 +132,7 @@ class TransformerLM(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, idx: Tensor) -> Tensor:
-        b, t = idx.shape  # (B, T)
+        _b, t = idx.shape  # (B, T)
         if t > self.block_size:
             raise ValueError(f"Input length {t} exceeds block_size={self.block_size}.")
         pos = torch.arange(t, device=idx.device)  # (T,)
@@ -149,7 +149,7 @@ def check_transformer_args(
     n_head: int,
     d_model: int,
     dropout: float,
-    activation: Optional[str] = "gelu",
+    activation: str | None = "gelu",
 ) -> None:
     """Raise ``ConfigError`` for the first invalid transformer argument."""
     for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer)):

@@ -45,7 +45,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -121,12 +121,21 @@ class Allocation:
 
     def to_plain(self) -> dict[str, Any]:
         return {
-            "method": self.method, "keep_ratio": self.keep_ratio, "plan": self.plan, "kept_dense": self.kept_dense,
-            "params_dense": self.params_dense, "params_after": self.params_after, "achieved_ratio": self.achieved_ratio,
-            "max_error": self.max_error, "errors": self.errors, "seed_index": self.seed_index,
-            "internal_keep_ratio": self.internal_keep_ratio, "filled_steps": self.filled_steps,
-            "seconds": self.seconds, "skipped": self.skipped,
-        }  # fmt: skip
+            "method": self.method,
+            "keep_ratio": self.keep_ratio,
+            "plan": self.plan,
+            "kept_dense": self.kept_dense,
+            "params_dense": self.params_dense,
+            "params_after": self.params_after,
+            "achieved_ratio": self.achieved_ratio,
+            "max_error": self.max_error,
+            "errors": self.errors,
+            "seed_index": self.seed_index,
+            "internal_keep_ratio": self.internal_keep_ratio,
+            "filled_steps": self.filled_steps,
+            "seconds": self.seconds,
+            "skipped": self.skipped,
+        }
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -210,10 +219,12 @@ class _Search:
         self.tables = tables
         width = max(len(e) for t in tables for e in t.errors.values())
         # Per layer and k: the error table padded with -1 (never above an ε >= 0) to a common width.
-        self.padded = [{k: np.pad(e, (0, width - len(e)), constant_values=-1.0) for k, e in t.errors.items()} for t in tables]
+        self.padded = [
+            {k: np.pad(e, (0, width - len(e)), constant_values=-1.0) for k, e in t.errors.items()} for t in tables
+        ]
         self.dense = np.array([t.dense for t in tables], dtype=np.int64)
 
-    def global_step(self, ks: list[int], budget: float) -> Optional[tuple[list[int], float]]:
+    def global_step(self, ks: list[int], budget: float) -> tuple[list[int], float] | None:
         """Ranks for the smallest ε that fits ``budget``, and the resulting worst error; ``None`` if none fits."""
         table = np.stack([p[k] for p, k in zip(self.padded, ks)])  # L × width
         full = np.array([len(t.errors[k]) for t, k in zip(self.tables, ks)])
@@ -245,7 +256,7 @@ class _Search:
             b = low_rank_size(t.f, t.c, t.kk, k, j)
             best_k, best_err = k, t.error(k, j)
             for k2 in t.ks:
-                j2 = int(math.floor(b / (k2 * t.f + t.c * t.kk) + rho))
+                j2 = math.floor(b / (k2 * t.f + t.c * t.kk) + rho)
                 if j2 < 1:
                     continue
                 j2 = min(j2, len(t.errors[k2]))
@@ -294,7 +305,7 @@ def _alds_search(
 ) -> tuple[list[int], list[int], float, int]:
     search = _Search(tables)
     rng = np.random.default_rng(seed)
-    best: Optional[tuple[float, int, list[int], list[int], int]] = None
+    best: tuple[float, int, list[int], list[int], int] | None = None
     for s in range(num_seeds):
         ks, js, worst = search.run_seed(_initial_ks(tables, s, rng), budget, alternations)
         size = sum(t.size(k, j) for t, k, j in zip(tables, ks, js))
@@ -307,6 +318,7 @@ def _alds_search(
 
 def _knob_search(tables: list[LayerTable], budget: float, rank_of: Any) -> list[int]:
     """Largest knob in [0, 1] whose k = 1 ranks ``rank_of(table, knob)`` fit the budget (bisection)."""
+
     def fits(x: float) -> bool:
         return sum(t.size(1, rank_of(t, x)) for t in tables) <= budget
 
@@ -323,7 +335,7 @@ def _knob_search(tables: list[LayerTable], budget: float, rank_of: Any) -> list[
 
 def _uniform_rank(t: LayerTable, alpha: float) -> int:
     m = len(t.errors[1])
-    return max(1, min(m, int(math.floor(alpha * m + 1e-9))))
+    return max(1, min(m, math.floor(alpha * m + 1e-9)))
 
 
 def _energy_rank(t: LayerTable, tau: float) -> int:
@@ -397,10 +409,11 @@ def allocate(
     floor_size = sum(t.size(1, 1) for t in tables)
     if fixed + floor_size > target:
         raise allowed(
-            "keep_ratio", keep_ratio,
+            "keep_ratio",
+            keep_ratio,
             f"even rank 1 in every decomposable target leaves {fixed + floor_size:,} of {params_dense:,} parameters, "
             f"so it must be at least {(fixed + floor_size) / params_dense:.4f} with these `targets`",
-        )  # fmt: skip
+        )
 
     def run(internal: float) -> tuple[list[int], list[int], float, int]:
         budget = internal * params_dense - fixed
@@ -447,10 +460,20 @@ def allocate(
         else:
             dense.append(t.name)
     return Allocation(
-        method=method, keep_ratio=float(keep_ratio), plan=plan, kept_dense=dense, params_dense=params_dense,
-        params_after=size_of(ks, js), max_error=max(errors.values()), errors=errors, seed_index=seed_index,
-        internal_keep_ratio=float(internal), filled_steps=filled, seconds=time.perf_counter() - start, skipped=skipped,
-    )  # fmt: skip
+        method=method,
+        keep_ratio=float(keep_ratio),
+        plan=plan,
+        kept_dense=dense,
+        params_dense=params_dense,
+        params_after=size_of(ks, js),
+        max_error=max(errors.values()),
+        errors=errors,
+        seed_index=seed_index,
+        internal_keep_ratio=float(internal),
+        filled_steps=filled,
+        seconds=time.perf_counter() - start,
+        skipped=skipped,
+    )
 
 
 def _tables(

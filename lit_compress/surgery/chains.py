@@ -9,6 +9,7 @@ recognised simply end a pattern. Candidates that are skipped for a reason a user
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -289,7 +290,7 @@ def sequential_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
             continue
         children = list(container.named_children())
-        for (a_name, a), (b_name, b) in zip(children, children[1:]):
+        for (a_name, a), (b_name, b) in itertools.pairwise(children):
             if not _types_fold(a, b) or _bn_problem(a, b) or registrations[id(a)] > 1 or registrations[id(b)] > 1:
                 continue
             prefix = f"{name}." if name else ""

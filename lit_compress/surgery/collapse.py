@@ -42,7 +42,7 @@ from torch import nn
 from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.surgery.bn_fold import fold_linear_bn
 from lit_compress.surgery.bn_stats import default_forward
-from lit_compress.surgery.chains import linear_layout, ChainLink, LinearChain
+from lit_compress.surgery.chains import ChainLink, LinearChain, linear_layout
 from lit_compress.surgery.log import make_record
 from lit_compress.surgery.modules import SurgeryTransaction, get_submodule, preserve_mode, replace_submodule
 from lit_compress.surgery.replay import register_replay
@@ -203,7 +203,9 @@ def as_linear(layer: nn.Module) -> nn.Linear:
     if layout == "transposed":
         weight = layer.weight  # (in, out)
         bias = getattr(layer, "bias", None)
-        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(
+            weight.shape[0], weight.shape[1], bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(weight.t())
             if bias is not None:

@@ -33,6 +33,7 @@ Model-wide functions and their records::
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,11 +71,10 @@ def _check_conv(conv: Any, what: str) -> nn.Conv2d:
         raise SurgeryError(
             f"Cannot merge {what}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros' composes exactly)."
         )
-    if isinstance(conv.padding, str):
-        if conv.padding != "valid":
-            raise SurgeryError(
-                f"Cannot merge {what}: padding={conv.padding!r}; give explicit integer paddings instead of 'same'."
-            )
+    if isinstance(conv.padding, str) and conv.padding != "valid":
+        raise SurgeryError(
+            f"Cannot merge {what}: padding={conv.padding!r}; give explicit integer paddings instead of 'same'."
+        )
     if parametrize.is_parametrized(conv):
         raise SurgeryError(f"Cannot merge {what}: it is parametrized; remove its parametrizations first.")
     return conv
@@ -243,7 +243,7 @@ def move_padding_to_first(convs: Sequence[nn.Conv2d]) -> list[nn.Conv2d]:
         SurgeryError: If a conv is not a zero-padded nn.Conv2d, or the channels do not chain.
     """
     convs = [_check_conv(c, f"conv #{i} of the chain") for i, c in enumerate(convs)]
-    for i, (a, b) in enumerate(zip(convs, convs[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(convs)):
         if a.out_channels != b.in_channels:
             raise SurgeryError(
                 f"Cannot move padding: conv #{i} has {a.out_channels} output channels but conv #{i + 1} expects "
@@ -274,7 +274,9 @@ def fuse_identity_skip(conv: nn.Conv2d) -> nn.Conv2d:
     """
     _check_conv(conv, "an identity skip into the conv")
     c = conv.out_channels
-    _require(conv.in_channels == c, f"Cannot fuse an identity skip: in_channels={conv.in_channels} != out_channels={c}.")
+    _require(
+        conv.in_channels == c, f"Cannot fuse an identity skip: in_channels={conv.in_channels} != out_channels={c}."
+    )
     _require(_pair(conv.stride) == (1, 1), f"Cannot fuse an identity skip: stride={tuple(conv.stride)}, need (1, 1).")
     k, d, p = _pair(conv.kernel_size), _pair(conv.dilation), _pad(conv)
     _require(all(x % 2 == 1 for x in k), f"Cannot fuse an identity skip: kernel_size={k} is not odd.")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -93,9 +93,13 @@ def fuse_pair_(
         others = _params_of(model, name, params)
         ref = pa if name in a else pb
         if any(x is not y for x, y in zip(others, ref)):
-            raise SurgeryError(f"fuse_pair_: `{name}` is listed in a cluster but is not tied to `{(a if name in a else b)[0]}`.")
+            raise SurgeryError(
+                f"fuse_pair_: `{name}` is listed in a cluster but is not tied to `{(a if name in a else b)[0]}`."
+            )
     if any(x.shape != y.shape for x, y in zip(pa, pb)):
-        raise SurgeryError(f"fuse_pair_: `{a[0]}` and `{b[0]}` have different shapes; only same-shape layers can be tied.")
+        raise SurgeryError(
+            f"fuse_pair_: `{a[0]}` and `{b[0]}` have different shapes; only same-shape layers can be tied."
+        )
     values, kept = fused_values(pa, pb, len(a), len(b), policy, seed)
     shared = [nn.Parameter(v, requires_grad=p.requires_grad) for v, p in zip(values, pa)]
     for name in a + b:
@@ -241,7 +245,7 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def shared_parameter(model: nn.Module, fusion: dict[str, Any], pname: str) -> Optional[nn.Parameter]:
+def shared_parameter(model: nn.Module, fusion: dict[str, Any], pname: str) -> nn.Parameter | None:
     module = get_submodule(model, fusion["a"][0])
     return module._parameters.get(pname)
 

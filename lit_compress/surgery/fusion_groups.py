@@ -28,7 +28,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -44,7 +43,19 @@ _FFN_IN = {"fc_in", "c_fc", "fc1", "up_proj", "lin1", "w1", "dense_h_to_4h"}
 _FFN_OUT = {"fc_out", "fc2", "down_proj", "lin2", "w2", "dense_4h_to_h"}
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-ROLES = ("conv", "linear", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "ffn_in", "ffn_out", "norm", "embedding")
+ROLES = (
+    "conv",
+    "linear",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_qkv",
+    "attn_out",
+    "ffn_in",
+    "ffn_out",
+    "norm",
+    "embedding",
+)
 
 
 @dataclass(frozen=True)
@@ -118,9 +129,9 @@ def _present(module: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
 
 def unit_of(
     name: str, module: nn.Module, *, include_norms: bool = False, include_embeddings: bool = False
-) -> Optional[FusionUnit]:
+) -> FusionUnit | None:
     """The fusion unit of ``module`` (named ``name``), or ``None`` if it is not a candidate."""
-    role: Optional[str] = None
+    role: str | None = None
     params: tuple[str, ...] = ()
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is not None:
@@ -141,7 +152,7 @@ def unit_of(
 
 def fusion_units(
     model: nn.Module,
-    targets: Optional[Sequence[str]] = None,
+    targets: Sequence[str] | None = None,
     *,
     include_norms: bool = False,
     include_embeddings: bool = False,

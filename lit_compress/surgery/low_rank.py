@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,9 @@ class GroupedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, groups: int) -> None:
         super().__init__()
         if in_features % groups or out_features % groups:
-            raise SurgeryError(f"GroupedLinear: groups={groups} must divide in ({in_features}) and out ({out_features}).")
+            raise SurgeryError(
+                f"GroupedLinear: groups={groups} must divide in ({in_features}) and out ({out_features})."
+            )
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -106,7 +108,7 @@ def layer_shape(layer: nn.Module) -> tuple[int, int, int]:
 
 def divisors(n: int) -> list[int]:
     """The divisors of ``n`` in increasing order (the allowed group counts ``k`` for ``c = n``)."""
-    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
 
 
@@ -120,7 +122,7 @@ def low_rank_size(f: int, c: int, kk: int, k: int, j: int) -> int:
     return j * (k * f + c * kk)
 
 
-def undecomposable_reason(layer: nn.Module) -> Optional[str]:
+def undecomposable_reason(layer: nn.Module) -> str | None:
     """Why ALDS cannot decompose ``layer`` (``None`` when it can)."""
     if isinstance(layer, LowRankLayer):
         return "it is already decomposed"
@@ -149,7 +151,7 @@ def single_thread() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ weights
 
 
-def dense_weight(layer: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+def dense_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The dense weight (``f × c × κ1 × κ2`` or ``f × c``) and bias a layer computes, as float64.
 
     For a :class:`LowRankLayer` this is the recomposed weight ``W_i = A_i·B_i``.
@@ -191,9 +193,16 @@ def _empty_low_rank(layer: Dense, k: int, j: int) -> LowRankLayer:
     has_bias = layer.bias is not None
     if isinstance(layer, nn.Conv2d):
         encoder: nn.Module = nn.Conv2d(
-            layer.in_channels, k * j, layer.kernel_size, stride=layer.stride, padding=layer.padding,  # type: ignore[arg-type]
-            dilation=layer.dilation, groups=k, bias=False, padding_mode=layer.padding_mode,  # type: ignore[arg-type]
-        )  # fmt: skip
+            layer.in_channels,
+            k * j,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,  # type: ignore[arg-type]
+            dilation=layer.dilation,
+            groups=k,
+            bias=False,
+            padding_mode=layer.padding_mode,  # type: ignore[arg-type]
+        )
         decoder: nn.Module = nn.Conv2d(k * j, layer.out_channels, 1, bias=has_bias)
         kind = "conv2d"
     else:
@@ -226,7 +235,7 @@ def decompose_layer(layer: Dense, groups: int, rank: int) -> LowRankLayer:
     k, j = groups, rank
     new = _empty_low_rank(layer, k, j)
     weight, bias = dense_weight(layer)
-    f, c, kk = layer_shape(layer)
+    _f, _c, _kk = layer_shape(layer)
     with single_thread():
         u, s, vh = torch.linalg.svd(folded_groups(weight, k), full_matrices=False)  # k×f×m, k×m, k×m×n
     root = s[:, :j].sqrt()
@@ -248,9 +257,15 @@ def _empty_dense(layer: LowRankLayer) -> Dense:
     if layer.kind == "conv2d":
         e = layer.encoder
         dense: Dense = nn.Conv2d(
-            c, f, e.kernel_size, stride=e.stride, padding=e.padding, dilation=e.dilation,  # type: ignore[arg-type]
-            bias=has_bias, padding_mode=e.padding_mode,
-        )  # fmt: skip
+            c,
+            f,
+            e.kernel_size,
+            stride=e.stride,
+            padding=e.padding,
+            dilation=e.dilation,  # type: ignore[arg-type]
+            bias=has_bias,
+            padding_mode=e.padding_mode,
+        )
     else:
         dense = nn.Linear(c, f, bias=has_bias)
     return dense.to(device=device, dtype=dtype)
@@ -293,7 +308,7 @@ def low_rank_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, LowRankLayer)]
 
 
-def low_rank_recompose_(model: nn.Module, names: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+def low_rank_recompose_(model: nn.Module, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Recompose the named (default: all) decomposed layers into dense layers in place; one record."""
     names = low_rank_layers(model) if names is None else list(names)
     if not names:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,8 +66,8 @@ class ConvSite:
 
     index: int
     conv: str
-    bn: Optional[str]
-    act: Optional[str]
+    bn: str | None
+    act: str | None
     unit: str
     local: int  # index of the site inside its unit
     in_channels: int
@@ -94,7 +94,7 @@ class ResidualSpan:
     end: int
     unit: str
     skip: str  # "identity" | "conv"
-    shortcut: Optional[str] = None  # the shortcut module (Sequential(conv, bn)) for skip == "conv"
+    shortcut: str | None = None  # the shortcut module (Sequential(conv, bn)) for skip == "conv"
 
 
 @dataclass
@@ -170,37 +170,48 @@ def _conv_info(module: nn.Module, name: str) -> nn.Conv2d:
             "kernels with integer, symmetric padding and dilation 1 are supported."
         )
     if module.padding_mode != "zeros":
-        raise ConfigError(f"LayerMerge: `{name}` uses padding_mode={module.padding_mode!r}; only 'zeros' merges exactly.")
+        raise ConfigError(
+            f"LayerMerge: `{name}` uses padding_mode={module.padding_mode!r}; only 'zeros' merges exactly."
+        )
     return module
 
 
 def _conv_site(
-    index: int, name: str, conv: nn.Conv2d, bn: Optional[str], act: Optional[str], unit: str, local: int
+    index: int, name: str, conv: nn.Conv2d, bn: str | None, act: str | None, unit: str, local: int
 ) -> ConvSite:
     """A :class:`ConvSite` for ``conv`` (checked by :func:`_conv_info`), named ``name`` in the model."""
     return ConvSite(
-        index=index, conv=name, bn=bn, act=act, unit=unit, local=local, in_channels=conv.in_channels,
-        out_channels=conv.out_channels, kernel=conv.kernel_size[0], stride=conv.stride[0],
-        padding=int(conv.padding[0]), groups=conv.groups,
-    )  # fmt: skip
+        index=index,
+        conv=name,
+        bn=bn,
+        act=act,
+        unit=unit,
+        local=local,
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel=conv.kernel_size[0],
+        stride=conv.stride[0],
+        padding=int(conv.padding[0]),
+        groups=conv.groups,
+    )
 
 
 def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _act_name(module: Optional[nn.Module]) -> str:
+def _act_name(module: nn.Module | None) -> str:
     return type(module).__name__ if module is not None else "ReLU"
 
 
-def _unit_entries(unit: nn.Module, uname: str) -> tuple[list[tuple[str, Optional[str], Optional[str]]], Any, str]:
+def _unit_entries(unit: nn.Module, uname: str) -> tuple[list[tuple[str, str | None, str | None]], Any, str]:
     """``[(conv, bn, act)]`` of a residual-arch unit, its skip description and its activation class."""
     import torchvision.models.mobilenetv2 as tv_mbv2
     import torchvision.models.resnet as tv_resnet
 
     cifar = _cifar_module()
 
-    if isinstance(unit, tv_resnet.BasicBlock) or isinstance(unit, tv_resnet.Bottleneck):
+    if isinstance(unit, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
         n = 2 if isinstance(unit, tv_resnet.BasicBlock) else 3
         relu = _join(uname, "relu")
         entries = [(_join(uname, f"conv{i}"), _join(uname, f"bn{i}"), relu) for i in range(1, n + 1)]
@@ -282,7 +293,10 @@ def _find_root(model: nn.Module) -> tuple[str, nn.Module, str]:
             return name, module, "mobilenetv2"
     for name, module in model.named_modules():
         if isinstance(module, nn.Sequential) and sum(isinstance(c, nn.Conv2d) for c in module.children()) >= 2:
-            if all(isinstance(c, (nn.Conv2d, nn.BatchNorm2d, *_ACTS, *_PASS, nn.MaxPool2d, nn.AvgPool2d)) for c in module.children()):
+            if all(
+                isinstance(c, (nn.Conv2d, nn.BatchNorm2d, *_ACTS, *_PASS, nn.MaxPool2d, nn.AvgPool2d))
+                for c in module.children()
+            ):
                 return name, module, "sequential"
     raise ConfigError(
         f"LayerMerge does not support {type(model).__name__}: no supported trunk found. Supported: torchvision "
@@ -324,9 +338,7 @@ def analyze_merge_space(model: nn.Module) -> MergeSpace:
             conv = _conv_info(model.get_submodule(cname), cname)
             if bn is not None and not isinstance(model.get_submodule(bn), nn.BatchNorm2d):
                 raise ConfigError(f"LayerMerge: `{bn}` is not a BatchNorm2d.")
-            sites.append(
-                _conv_site(len(sites) + 1, cname, conv, bn, act, uname, local)
-            )
+            sites.append(_conv_site(len(sites) + 1, cname, conv, bn, act, uname, local))
         for local in range(len(entries)):
             site = sites[start + local]
             if site.stride > 1:
@@ -352,7 +364,9 @@ def _analyze_sequential(model: nn.Module, root: str, seq: nn.Module) -> MergeSpa
         if pending:
             conv = pending["conv_mod"]
             sites.append(
-                _conv_site(len(sites) + 1, pending["conv"], conv, pending.get("bn"), pending.get("act"), root, len(sites))
+                _conv_site(
+                    len(sites) + 1, pending["conv"], conv, pending.get("bn"), pending.get("act"), root, len(sites)
+                )
             )
             pending.clear()
 
@@ -429,9 +443,7 @@ def _block_valid(space: MergeSpace, s: int, e: int) -> bool:
         covers = s <= r.start and r.end <= e
         if not (disjoint or inside or covers):
             return False
-    if not space.force_allowed and e - s > 1 and not space.has_act(e):
-        return False
-    return True
+    return not (not space.force_allowed and e - s > 1 and not space.has_act(e))
 
 
 def valid_blocks(space: MergeSpace) -> list[tuple[int, int]]:

@@ -63,7 +63,7 @@ def solve_merge_dp(entries: Sequence[DPEntry], depth: int, budget: float, unit: 
         raise ConfigError(f"`time_unit`={unit!r} is not allowed: must be a finite number > 0.")
     if not (isinstance(budget, (int, float)) and budget >= 0 and math.isfinite(budget)):
         raise ConfigError(f"`budget`={budget!r} is not allowed: must be a finite number >= 0.")
-    budget_units = int(math.floor(budget / unit + 1e-9))
+    budget_units = math.floor(budget / unit + 1e-9)
     if budget_units > 5_000_000:
         raise ConfigError(
             f"`time_unit`={unit!r} is too fine for a budget of {budget:g}: {budget_units} time units; use a coarser unit."
@@ -82,7 +82,7 @@ def solve_merge_dp(entries: Sequence[DPEntry], depth: int, budget: float, unit: 
     flat: list[DPEntry] = []
     for e in range(1, depth + 1):
         for entry in by_end.get(e, []):
-            g = int(math.floor(entry.time / unit + 1e-9))
+            g = math.floor(entry.time / unit + 1e-9)
             if g > budget_units:
                 flat.append(entry)
                 continue
@@ -101,7 +101,8 @@ def solve_merge_dp(entries: Sequence[DPEntry], depth: int, budget: float, unit: 
         minimum = _min_time(entries, depth, unit)
         raise ConfigError(
             f"no merge plan meets the latency budget {budget:g} ({budget_units} units of {unit:g}); the fastest plan "
-            f"takes {minimum:g}" + ("" if math.isfinite(minimum) else " (no plan covers every position)")
+            f"takes {minimum:g}"
+            + ("" if math.isfinite(minimum) else " (no plan covers every position)")
             + ". Raise the budget."
         )
     chosen: list[DPEntry] = []
@@ -109,7 +110,7 @@ def solve_merge_dp(entries: Sequence[DPEntry], depth: int, budget: float, unit: 
     while e > 0:
         entry = flat[int(choice[e, t])]
         chosen.append(entry)
-        t -= int(math.floor(entry.time / unit + 1e-9))
+        t -= math.floor(entry.time / unit + 1e-9)
         e = entry.start
     chosen.reverse()
     return DPResult(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ class PlannedUnit(nn.Module):
         body: nn.Sequential,
         post: nn.Module,
         skip: str = "none",
-        shortcut: Optional[nn.Module] = None,
+        shortcut: nn.Module | None = None,
         margin_in: int = 0,
         margin_out: int = 0,
         shortcut_stride: int = 1,
@@ -157,7 +157,9 @@ def check_plan(space: MergeSpace, blocks: Any) -> list[list[Any]]:
         strided = False
         for i in kept:
             if strided and space.site(i).kernel != 1:
-                raise ConfigError(f"LayerMerge plan: site {i} is not 1x1 but follows a strided conv in block ({s}, {e}].")
+                raise ConfigError(
+                    f"LayerMerge plan: site {i} is not 1x1 but follows a strided conv in block ({s}, {e}]."
+                )
             strided = strided or space.site(i).stride > 1
         out.append([s, e, kept])
         pos = e
@@ -198,15 +200,22 @@ def _layout(space: MergeSpace, blocks: list[list[Any]]) -> dict[str, Any]:
         "act_class": space.act_class,
         "sites": sites,
         "residuals": [
-            {"start": r.start, "end": r.end, "unit": r.unit, "skip": r.skip,
-             "shortcut": f"{r.unit}.shortcut" if residual else r.shortcut}  # fmt: skip
+            {
+                "start": r.start,
+                "end": r.end,
+                "unit": r.unit,
+                "skip": r.skip,
+                "shortcut": f"{r.unit}.shortcut" if residual else r.shortcut,
+            }
             for r in space.residuals
         ],
         "units": list(space.units),
     }
 
 
-def _position_settings(layout: dict[str, Any], blocks: list[list[Any]]) -> tuple[dict[int, str], dict[int, int], dict[int, int]]:
+def _position_settings(
+    layout: dict[str, Any], blocks: list[list[Any]]
+) -> tuple[dict[int, str], dict[int, int], dict[int, int]]:
     """Per position: activation ("keep" / "force" / "drop"); per position: chain margin; per site: new padding."""
     sites = layout["sites"]
     act: dict[int, str] = {}
@@ -249,7 +258,7 @@ def _with_padding(conv: nn.Conv2d, pad: int) -> nn.Conv2d:
     return new
 
 
-def apply_merge_plan_(model: nn.Module, blocks: Any, space: Optional[MergeSpace] = None) -> list[dict[str, Any]]:
+def apply_merge_plan_(model: nn.Module, blocks: Any, space: MergeSpace | None = None) -> list[dict[str, Any]]:
     """Turn ``model`` into the unmerged fine-tuning network of the plan ``blocks``, in place.
 
     Returns:
@@ -358,11 +367,11 @@ def _fold_shortcut(model: nn.Module, name: str) -> nn.Conv2d:
     return fold_conv_bn(copy.deepcopy(conv).to(torch.float64), copy.deepcopy(bn).to(torch.float64).eval())
 
 
-def _compose(a: Optional[nn.Conv2d], b: nn.Conv2d) -> nn.Conv2d:
+def _compose(a: nn.Conv2d | None, b: nn.Conv2d) -> nn.Conv2d:
     return b if a is None else compose_convs(a, b)
 
 
-def _absorb(merged: Optional[nn.Conv2d], conv: nn.Conv2d, pending: float) -> tuple[nn.Conv2d, float]:
+def _absorb(merged: nn.Conv2d | None, conv: nn.Conv2d, pending: float) -> tuple[nn.Conv2d, float]:
     """Append ``conv`` to the merged chain; a pending input factor scales the first conv's weight."""
     if merged is None:
         if pending != 1.0:
@@ -389,8 +398,8 @@ def merge_planned_(model: nn.Module, record: dict[str, Any]) -> list[dict[str, A
         ref = get_submodule(model, sites[kept[0] - 1]["conv"])
         if not isinstance(ref, nn.Conv2d):
             raise SurgeryError(f"LayerMerge merge: `{sites[kept[0] - 1]['conv']}` is not a Conv2d; already merged?")
-        merged: Optional[nn.Conv2d] = None
-        segment: Optional[nn.Conv2d] = None
+        merged: nn.Conv2d | None = None
+        segment: nn.Conv2d | None = None
         pending = 1.0  # a factor on the block's input (from an all-pruned identity unit: x + x = 2x)
         for i in range(s + 1, e + 1):
             res = next((r for r in covered if r["start"] < i <= r["end"]), None)

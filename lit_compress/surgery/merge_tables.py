@@ -30,7 +30,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ CACHE_FORMAT = "lit_compress.layermerge_latency"
 IMPORTANCE_METHODS = ("finetune", "loss_proxy")
 
 # forward_loss(model, batch) -> (mean loss tensor, number correct or None, number of samples)
-ForwardLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, Optional[int], int]]
+ForwardLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, int | None, int]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,13 +98,18 @@ def _layer(c: Candidate, act: str) -> nn.Module:
     from lit_compress.surgery.merge_plan import _ACT_CLASSES
 
     conv = nn.Conv2d(
-        c.in_channels, c.out_channels, c.kernel, c.stride, c.kernel // 2,
-        groups=c.out_channels if c.depthwise else 1, bias=True,
-    )  # fmt: skip
+        c.in_channels,
+        c.out_channels,
+        c.kernel,
+        c.stride,
+        c.kernel // 2,
+        groups=c.out_channels if c.depthwise else 1,
+        bias=True,
+    )
     return nn.Sequential(conv, _ACT_CLASSES.get(act, nn.ReLU)())
 
 
-def _read_cache(path: Optional[Path]) -> dict[str, Any]:
+def _read_cache(path: Path | None) -> dict[str, Any]:
     if path is None or not path.exists():
         return {"format": CACHE_FORMAT, "version": 1, "tables": {}}
     try:
@@ -124,7 +129,7 @@ def latency_table(
     batch_size: int = 1,
     warmup: int = 5,
     repeats: int = 20,
-    cache: Optional[str | os.PathLike[str]] = None,
+    cache: str | os.PathLike[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
@@ -195,7 +200,7 @@ def original_latency(space: MergeSpace, candidates: Sequence[Candidate], table: 
 # --------------------------------------------------------------------------------------------
 
 
-def _evaluate(model: nn.Module, batches: Sequence[Any], forward_loss: ForwardLoss) -> tuple[float, Optional[float]]:
+def _evaluate(model: nn.Module, batches: Sequence[Any], forward_loss: ForwardLoss) -> tuple[float, float | None]:
     model.eval()
     total, correct, n_all, has_acc = 0.0, 0, 0, True
     with torch.no_grad():
@@ -211,7 +216,7 @@ def _evaluate(model: nn.Module, batches: Sequence[Any], forward_loss: ForwardLos
     return total / n_all, (100.0 * correct / n_all if has_acc else None)
 
 
-def _score(base: tuple[float, Optional[float]], new: tuple[float, Optional[float]], use_acc: bool) -> float:
+def _score(base: tuple[float, float | None], new: tuple[float, float | None], use_acc: bool) -> float:
     if use_acc and base[1] is not None and new[1] is not None:
         return math.exp((new[1] - base[1]) / 100.0)
     if not math.isfinite(new[0]):

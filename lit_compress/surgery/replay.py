@@ -78,7 +78,7 @@ def replay_events_(model: nn.Module, events: Sequence[dict[str, Any]]) -> int:
                 replayer(model, record)
             except ReplayError:
                 raise
-            except Exception as err:  # noqa: BLE001 - re-raised with the event named
+            except Exception as err:
                 raise ReplayError(f"Cannot replay event #{index} (op={op!r}) on {type(model).__name__}: {err}") from err
     done.extend(todo)
     return len(todo)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -112,8 +112,8 @@ class SplitLinear(CompressionCallback):
         self,
         target: str = "mid",
         rank: int = 8,
-        at_epoch: Optional[int] = None,
-        at_step: Optional[int] = None,
+        at_epoch: int | None = None,
+        at_step: int | None = None,
         bn_recalibration_batches: int = 0,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches)

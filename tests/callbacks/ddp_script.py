@@ -7,12 +7,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
+import lightning as L
+import torch
 
-from lit_compress.callbacks import CompressionReport  # noqa: E402
-from lit_compress.surgery import applied_events  # noqa: E402
-from tests.callbacks._toy import HashRecorder, SplitLinear, ToyNet  # noqa: E402
+from lit_compress.callbacks import CompressionReport
+from lit_compress.surgery import applied_events
+from tests.callbacks._toy import HashRecorder, SplitLinear, ToyNet
 
 
 def main(out_dir: str) -> None:
@@ -29,7 +29,11 @@ def main(out_dir: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out_dir,
-        callbacks=[SplitLinear(at_step=2, bn_recalibration_batches=2), HashRecorder(out_dir), CompressionReport(print_report=False)],
+        callbacks=[
+            SplitLinear(at_step=2, bn_recalibration_batches=2),
+            HashRecorder(out_dir),
+            CompressionReport(print_report=False),
+        ],
     )
     trainer.fit(model)
     # Under `ddp` the launching process is rank 0 itself: its model is the compressed one.

@@ -21,8 +21,15 @@ from tests.callbacks._toy import HashRecorder, ToyNet
 
 def trainer_for(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = dict(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), limit_train_batches=3, limit_val_batches=2,
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        limit_train_batches=3,
+        limit_val_batches=2,
         callbacks=[*callbacks, CompressionReport(print_report=False)],
     )
     options.update(kwargs)
@@ -43,11 +50,17 @@ class ConvToy(L.LightningModule):
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
             nn.Conv2d(16, 16, 3, padding=1, groups=16),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
-        )  # fmt: skip
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, 4),
+        )
         self.example_input_array = torch.zeros(2, 1, 8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +75,9 @@ class ConvToy(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(0)
-        return DataLoader(TensorDataset(torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)), batch_size=8)
+        return DataLoader(
+            TensorDataset(torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)), batch_size=8
+        )
 
 
 def test_one_shot_decomposes_convs_and_linear_at_the_epoch(tmp_path: Path, seed: int) -> None:
@@ -99,7 +114,9 @@ class LRProbe(Callback):
         ({"rewind_lr": False}, [0.1, 0.05, 0.025, 0.0125]),  # the schedule continues
     ],
 )
-def test_lr_rewinding_reuses_the_learning_rates_of_the_epochs_before(tmp_path: Path, seed: int, kwargs: dict, expected: list) -> None:
+def test_lr_rewinding_reuses_the_learning_rates_of_the_epochs_before(
+    tmp_path: Path, seed: int, kwargs: dict, expected: list
+) -> None:
     model = ToyNet(optimizer="sgd", scheduler="step_epoch", lr=0.1)
     probe = LRProbe()
     callback = ALDS(keep_ratio=0.6, at_epoch=2, progress=False, **kwargs)
@@ -146,7 +163,10 @@ def test_bad_input_names_the_argument(tmp_path: Path) -> None:
         ALDS(cascade=[[1, 0.5], [2, 0.0]])
     with pytest.raises(ConfigError, match=r"`num_seeds`=0"):
         ALDS(keep_ratio=0.5, num_seeds=0)
-    with pytest.raises(ConfigError, match=r"`targets`=\['net.3'\] is not allowed: .*depthwise"), pytest.warns(UserWarning):
+    with (
+        pytest.raises(ConfigError, match=r"`targets`=\['net.3'\] is not allowed: .*depthwise"),
+        pytest.warns(UserWarning),
+    ):
         trainer_for(tmp_path, [ALDS(keep_ratio=0.5, targets=["net.3"], progress=False)], max_epochs=1).fit(ConvToy())
     with pytest.raises(ConfigError, match=r"`targets`=\['encoder.\*'\] matches no module"):
         trainer_for(tmp_path, [ALDS(keep_ratio=0.5, targets=["encoder.*"], progress=False)], max_epochs=1).fit(ToyNet())
@@ -156,7 +176,9 @@ def test_bad_input_names_the_argument(tmp_path: Path) -> None:
 
 def test_alds_under_bf16_mixed(tmp_path: Path, seed: int) -> None:
     model = ToyNet(optimizer="sgd", scheduler="none")
-    trainer_for(tmp_path, [ALDS(keep_ratio=0.5, at_epoch=1, progress=False)], max_epochs=2, precision="bf16-mixed").fit(model)
+    trainer_for(tmp_path, [ALDS(keep_ratio=0.5, at_epoch=1, progress=False)], max_epochs=2, precision="bf16-mixed").fit(
+        model
+    )
     assert ops(model) == ["low_rank_decompose"]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
@@ -185,7 +207,9 @@ def test_resume_after_a_decomposition_matches_an_uninterrupted_run(tmp_path: Pat
     model_c = ToyNet(optimizer="sgd", scheduler="step_epoch")
     run(tmp_path / "c", [], model_c, ckpt=str(ckpt))
     assert ops(model_c) == ["low_rank_decompose", "low_rank_recompose", "low_rank_decompose"]
-    assert [strip_measurements(e) for e in applied_events(model_a)] == [strip_measurements(e) for e in applied_events(model_c)]
+    assert [strip_measurements(e) for e in applied_events(model_a)] == [
+        strip_measurements(e) for e in applied_events(model_c)
+    ]
     sd_a, sd_c = model_a.state_dict(), model_c.state_dict()
     assert sd_a.keys() == sd_c.keys()
     assert all(torch.equal(sd_a[k], sd_c[k]) for k in sd_a)
@@ -194,9 +218,12 @@ def test_resume_after_a_decomposition_matches_an_uninterrupted_run(tmp_path: Pat
 def test_alds_under_ddp_spawn_keeps_ranks_identical(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     trainer = trainer_for(
-        tmp_path, [ALDS(keep_ratio=0.5, at_epoch=1, progress=False, num_seeds=4), HashRecorder(str(tmp_path))],
-        max_epochs=2, devices=2, strategy="ddp_spawn",
-    )  # fmt: skip
+        tmp_path,
+        [ALDS(keep_ratio=0.5, at_epoch=1, progress=False, num_seeds=4), HashRecorder(str(tmp_path))],
+        max_epochs=2,
+        devices=2,
+        strategy="ddp_spawn",
+    )
     trainer.fit(ToyNet(optimizer="sgd", scheduler="step_epoch"))
     after = [(tmp_path / f"after_event_rank{r}.txt").read_text() for r in (0, 1)]
     end = [(tmp_path / f"end_rank{r}.txt").read_text() for r in (0, 1)]

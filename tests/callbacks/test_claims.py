@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import pytest
@@ -16,13 +16,13 @@ from tests.callbacks._toy import MLPNet, ToyNet
 class Claims(CompressionCallback):
     """Claims fixed module names and counts training steps (to show training never started)."""
 
-    def __init__(self, names: Optional[list[str]]) -> None:
+    def __init__(self, names: list[str] | None) -> None:
         super().__init__(bn_recalibration_batches=0)
         self.names = names
         self.targets = names or ["unknown"]
         self.steps = 0
 
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> Optional[list[str]]:
+    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
         return self.names
 
     def on_train_batch_start(self, *args: Any) -> None:
@@ -31,9 +31,15 @@ class Claims(CompressionCallback):
 
 def _fit(tmp_path: Path, model: L.LightningModule, callbacks: list[Any]) -> None:
     L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks,
-    ).fit(model)  # fmt: skip
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=callbacks,
+    ).fit(model)
 
 
 def test_overlapping_claims_fail_before_the_first_step(tmp_path: Path) -> None:

@@ -37,29 +37,66 @@ from tests.callbacks._toy import HashRecorder
 
 EPOCHS = 6
 ORDER = ["make_collapsible", "fuse_layers", "low_rank_decompose", "layer_merge_plan", "collapse", "layer_merge_final"]
-EPOCH_OF = {"make_collapsible": 0, "fuse_layers": 1, "low_rank_decompose": 2, "layer_merge_plan": 3, "collapse": 4, "layer_merge_final": EPOCHS}
+EPOCH_OF = {
+    "make_collapsible": 0,
+    "fuse_layers": 1,
+    "low_rank_decompose": 2,
+    "layer_merge_plan": 3,
+    "collapse": 4,
+    "layer_merge_final": EPOCHS,
+}
 
 
 def schedule(latency_cache: Path) -> list[Callback]:
     """The four methods, each on its own part of :class:`FourPartNet`, in the documented order."""
     return [
-        LayerFusion(fraction=0.15, increments=1, every_n_epochs=1, start=1, targets=FUSION_TARGETS, measure="cosine",
-                    bn_recalibration_batches=0),
-        ALDS(keep_ratio=0.7, at_epoch=2, targets=ALDS_TARGETS, num_seeds=2, alternations=1, rewind_lr=False,
-             progress=False),
-        LayerMerge(budget=0.7, plan_at_epoch=3, importance="loss_proxy", importance_batches=1, holdout_batches=1,
-                   latency_warmup=0, latency_repeats=2, latency_cache=str(latency_cache), progress=False,
-                   bn_recalibration_batches=2),
+        LayerFusion(
+            fraction=0.15,
+            increments=1,
+            every_n_epochs=1,
+            start=1,
+            targets=FUSION_TARGETS,
+            measure="cosine",
+            bn_recalibration_batches=0,
+        ),
+        ALDS(
+            keep_ratio=0.7,
+            at_epoch=2,
+            targets=ALDS_TARGETS,
+            num_seeds=2,
+            alternations=1,
+            rewind_lr=False,
+            progress=False,
+        ),
+        LayerMerge(
+            budget=0.7,
+            plan_at_epoch=3,
+            importance="loss_proxy",
+            importance_batches=1,
+            holdout_batches=1,
+            latency_warmup=0,
+            latency_repeats=2,
+            latency_cache=str(latency_cache),
+            progress=False,
+            bn_recalibration_batches=2,
+        ),
         LayerCollapse(targets=COLLAPSE_TARGETS, lambda_start=5.0, lambda_final=5.0, tau=0.05, penalty="decoupled"),
-    ]  # fmt: skip
+    ]
 
 
 def trainer_for(root: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = dict(
-        max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(root), limit_train_batches=2, limit_val_batches=1,
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        limit_train_batches=2,
+        limit_val_batches=1,
         callbacks=[*callbacks, CompressionReport(print_report=False, output_dir=str(root))],
-    )  # fmt: skip
+    )
     options.update(kwargs)
     return L.Trainer(**options)
 
@@ -146,8 +183,9 @@ def test_combined_schedule_under_bf16_mixed(tmp_path: Path, latency_cache: Path)
 def test_combined_schedule_under_ddp_spawn_keeps_ranks_identical(tmp_path: Path, latency_cache: Path) -> None:
     L.seed_everything(0, verbose=False)
     model = FourPartNet()
-    trainer = trainer_for(tmp_path, [*schedule(latency_cache), HashRecorder(str(tmp_path))], devices=2,
-                          strategy="ddp_spawn")  # fmt: skip
+    trainer = trainer_for(
+        tmp_path, [*schedule(latency_cache), HashRecorder(str(tmp_path))], devices=2, strategy="ddp_spawn"
+    )
     trainer.fit(model)
     after = [(tmp_path / f"after_event_rank{r}.txt").read_text() for r in (0, 1)]
     end = [(tmp_path / f"end_rank{r}.txt").read_text() for r in (0, 1)]
@@ -170,9 +208,10 @@ def test_fusion_counts_only_its_own_ties_after_another_method_shrank_the_model(t
     # 15 % target: fusion at epoch 2 must still tie its layers instead of counting that as its own.
     callbacks = [
         LayerCollapse(targets=COLLAPSE_TARGETS, lambda_final=20.0, warmup=1, tau=0.05, penalty="decoupled"),
-        LayerFusion(fraction=0.15, increments=1, every_n_epochs=1, start=2, targets=FUSION_TARGETS,
-                    bn_recalibration_batches=0),
-    ]  # fmt: skip
+        LayerFusion(
+            fraction=0.15, increments=1, every_n_epochs=1, start=2, targets=FUSION_TARGETS, bn_recalibration_batches=0
+        ),
+    ]
     L.seed_everything(0, verbose=False)
     model = FourPartNet()
     trainer_for(tmp_path, callbacks, max_epochs=3).fit(model)

@@ -114,7 +114,10 @@ def test_gloo_group_is_destroyed_before_the_interpreter_exits(tmp_path: Path, re
     result = tmp_path / "state.txt"
     proc = subprocess.run(
         [sys.executable, "-c", _EXIT_CHECK, str(result), str(tmp_path / "store"), "register" if register else "no"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert result.read_text() == ("destroyed" if register else "initialized")

@@ -151,7 +151,9 @@ def test_resume_after_event_matches_uninterrupted_run(tmp_path: Any) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         _resume_trainer(tmp_path / "b", [CrashAt(epoch=3)]).fit(model_b)
     ckpt_path = tmp_path / "b" / "epoch=1.ckpt"  # saved after the event of epoch 1
-    assert [e["op"] for e in torch.load(ckpt_path, weights_only=True)["lit_compress"]["events"]] == ["test_split_linear"]
+    assert [e["op"] for e in torch.load(ckpt_path, weights_only=True)["lit_compress"]["events"]] == [
+        "test_split_linear"
+    ]
 
     fresh = ToyNet(optimizer="adam", scheduler="lambda_step")  # original architecture
     trainer_c = _resume_trainer(tmp_path / "c", [])
@@ -212,7 +214,9 @@ def test_unreplayable_log_names_the_event_and_changes_nothing(tmp_path: Any) -> 
     assert list(model.state_dict()) == keys_before  # the first event was rolled back too
     assert applied_events(model) == []
     with pytest.raises(ReplayError, match=r"event #0 \(op='unknown_op'\): no replayer"):
-        lit_compress.CompressMixin.on_load_checkpoint(model, {"lit_compress": {"version": 1, "events": [{"op": "unknown_op"}]}})
+        lit_compress.CompressMixin.on_load_checkpoint(
+            model, {"lit_compress": {"version": 1, "events": [{"op": "unknown_op"}]}}
+        )
     with pytest.raises(ReplayError, match="format version 99"):
         lit_compress.CompressMixin.on_load_checkpoint(model, {"lit_compress": {"version": 99, "events": []}})
 
@@ -234,7 +238,9 @@ def test_batchnorm_recalibration_runs_on_training_batches_and_keeps_modes(tmp_pa
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_event_under_bf16(tmp_path: Any, seed: int, precision: str) -> None:
     model = ToyNet(optimizer="sgd", scheduler="none")
-    trainer = make_trainer(tmp_path, [SplitLinear(at_step=2, bn_recalibration_batches=2)], max_epochs=1, precision=precision)
+    trainer = make_trainer(
+        tmp_path, [SplitLinear(at_step=2, bn_recalibration_batches=2)], max_epochs=1, precision=precision
+    )
     before = {}
 
     class Capture(Callback):

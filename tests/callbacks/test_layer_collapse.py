@@ -21,8 +21,13 @@ from tests.callbacks._toy import HashRecorder, MLPNet
 
 def trainer_for(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = dict(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path),
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
         callbacks=[*callbacks, CompressionReport(print_report=False)],
     )
     options.update(kwargs)
@@ -87,7 +92,7 @@ def test_penalty_application_matches_the_spec(mode: str) -> None:
     from lit_compress.surgery.chains import ChainLink
 
     make_collapsible_(model, [ChainLink("classifier.0", "classifier.1", "classifier.2", None, "classifier.3")])
-    (name, act), = collapsible_activations(model)
+    ((_name, act),) = collapsible_activations(model)
     act.slope.data.fill_(0.25)
     act.slope.grad = torch.full_like(act.slope, 0.5)  # the task gradient
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -168,8 +173,11 @@ def test_resume_after_a_collapse_matches_an_uninterrupted_run(tmp_path: Path) ->
     def run(root: Path, extra: list[Callback], model: MLPNet, ckpt: str | None = None) -> L.Trainer:
         checkpoints = ModelCheckpoint(dirpath=str(root), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
         trainer = trainer_for(
-            root, [LayerCollapse(lambda_final=20.0, stage_size=1), checkpoints, *extra], max_epochs=5,
-            deterministic=True, enable_checkpointing=True,
+            root,
+            [LayerCollapse(lambda_final=20.0, stage_size=1), checkpoints, *extra],
+            max_epochs=5,
+            deterministic=True,
+            enable_checkpointing=True,
         )
         trainer.fit(model, ckpt_path=ckpt)
         return trainer
@@ -191,7 +199,9 @@ def test_resume_after_a_collapse_matches_an_uninterrupted_run(tmp_path: Path) ->
     assert "collapse" in saved_ops  # the checkpoint is taken after a collapse
     model_c = MLPNet(dropout=0.1)
     run(tmp_path / "c", [], model_c, ckpt=str(ckpt))
-    assert [strip_measurements(e) for e in applied_events(model_a)] == [strip_measurements(e) for e in applied_events(model_c)]
+    assert [strip_measurements(e) for e in applied_events(model_a)] == [
+        strip_measurements(e) for e in applied_events(model_c)
+    ]
     sd_a, sd_c = model_a.state_dict(), model_c.state_dict()
     assert sd_a.keys() == sd_c.keys()
     assert all(torch.equal(sd_a[k], sd_c[k]) for k in sd_a)
@@ -200,8 +210,11 @@ def test_resume_after_a_collapse_matches_an_uninterrupted_run(tmp_path: Path) ->
 def test_collapse_under_ddp_spawn_keeps_ranks_identical(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     trainer = trainer_for(
-        tmp_path, [LayerCollapse(lambda_final=20.0), HashRecorder(str(tmp_path))], max_epochs=3,
-        devices=2, strategy="ddp_spawn",
+        tmp_path,
+        [LayerCollapse(lambda_final=20.0), HashRecorder(str(tmp_path))],
+        max_epochs=3,
+        devices=2,
+        strategy="ddp_spawn",
     )
     trainer.fit(MLPNet())
     after = [(tmp_path / f"after_event_rank{r}.txt").read_text() for r in (0, 1)]
@@ -224,6 +237,6 @@ def test_hf_structures_train_with_layer_collapse(tmp_path: Path, seed: int, arch
     loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
     callback = LayerCollapse(last_n=1, lambda_final=50.0)
     trainer_for(tmp_path, [callback], max_epochs=2).fit(model, loader, loader)
-    (name, act), = collapsible_activations(model)  # the last block's FFN only
+    ((name, act),) = collapsible_activations(model)  # the last block's FFN only
     assert name.endswith(("h.1.mlp.act", "layer.1.intermediate.intermediate_act_fn"))
     assert float(act.slope.detach()) > 0.01  # the decoupled penalty (AdamW) moved it towards 1

@@ -71,8 +71,15 @@ class FusionNet(L.LightningModule):
 
 def trainer_for(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = dict(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0, limit_val_batches=0,
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         limit_train_batches=4,
         callbacks=[*callbacks, CompressionReport(print_report=False)],
     )
@@ -118,7 +125,9 @@ def test_optimizer_state_of_a_tied_parameter(mode: str) -> None:
     opt.step()
     names = {id(p): n for n, p in model.named_parameters()}
     before = [{names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}]
-    records = fuse_layers_(model, [{"a": ["layers.0"], "b": ["layers.2"], "params": ["weight", "bias"], "seed": 0}], "mean")
+    records = fuse_layers_(
+        model, [{"a": ["layers.0"], "b": ["layers.2"], "params": ["weight", "bias"], "seed": 0}], "mean"
+    )
     opt = torch.optim.Adam(model.parameters(), lr=0.01)  # what the engine's rebuild does
     opt.state[model.layers[0].weight] = dict(before[0]["layers.0.weight"])  # ... and it restores by first name
     merge_fused_optimizer_state_([opt], model, records, before, mode)
@@ -158,17 +167,25 @@ def test_bad_input_names_the_argument(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"`policy`='average' is not allowed: must be one of 'mean', 'mix', 'freeze'"):
         LayerFusion(policy="average")
     for bad in (0, 1, 1.5, -0.1):
-        with pytest.raises(ConfigError, match=rf"`fraction`={bad!r} is not allowed: must be in the open interval \(0, 1\)"):
+        with pytest.raises(
+            ConfigError, match=rf"`fraction`={bad!r} is not allowed: must be in the open interval \(0, 1\)"
+        ):
             LayerFusion(fraction=bad)
     with pytest.raises(ConfigError, match="`every_n_steps`"):
         LayerFusion(every_n_epochs=1, every_n_steps=1)
-    with pytest.raises(ConfigError, match=r"`targets`=\['stem', 'head'\] selects no two layers of the same role and shape"):
+    with pytest.raises(
+        ConfigError, match=r"`targets`=\['stem', 'head'\] selects no two layers of the same role and shape"
+    ):
         trainer_for(tmp_path, [LayerFusion(targets=["stem", "head"])], max_epochs=1).fit(FusionNet())
-    with pytest.raises(ConfigError, match=r"`fraction`=0.9 is not allowed: tying the selected layers can remove at most 3,168"):
+    with pytest.raises(
+        ConfigError, match=r"`fraction`=0.9 is not allowed: tying the selected layers can remove at most 3,168"
+    ):
         trainer_for(tmp_path, [LayerFusion(fraction=0.9)], max_epochs=1).fit(FusionNet())
 
 
-def _run(root: Path, extra: list[Callback], model: FusionNet, ckpt: str | None = None, policy: str = "mix") -> L.Trainer:
+def _run(
+    root: Path, extra: list[Callback], model: FusionNet, ckpt: str | None = None, policy: str = "mix"
+) -> L.Trainer:
     checkpoints = ModelCheckpoint(dirpath=str(root), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     fusion = LayerFusion(fraction=0.6, increments=3, every_n_epochs=1, policy=policy, measure="wasserstein")
     trainer = trainer_for(
@@ -196,7 +213,9 @@ def test_resume_mid_schedule_matches_an_uninterrupted_run(tmp_path: Path, policy
     assert [e["op"] for e in saved] == ["fuse_layers", "fuse_layers"]
     model_c = FusionNet()
     _run(tmp_path / "c", [], model_c, ckpt=str(ckpt), policy=policy)
-    assert [strip_measurements(e) for e in applied_events(model_a)] == [strip_measurements(e) for e in applied_events(model_c)]
+    assert [strip_measurements(e) for e in applied_events(model_a)] == [
+        strip_measurements(e) for e in applied_events(model_c)
+    ]
     assert sorted(map(sorted, tied_groups(model_a))) == sorted(map(sorted, tied_groups(model_c)))
     sd_a, sd_c = model_a.state_dict(), model_c.state_dict()
     assert sd_a.keys() == sd_c.keys() and all(torch.equal(sd_a[k], sd_c[k]) for k in sd_a)
@@ -212,7 +231,11 @@ def test_fusion_under_ddp_spawn_ties_the_same_pairs_on_every_rank(tmp_path: Path
     L.seed_everything(0, verbose=False)
     fusion = LayerFusion(fraction=0.4, increments=2, every_n_epochs=1, policy="mix")
     trainer = trainer_for(
-        tmp_path, [fusion, HashRecorder(str(tmp_path))], max_epochs=3, devices=2, strategy="ddp_spawn",
+        tmp_path,
+        [fusion, HashRecorder(str(tmp_path))],
+        max_epochs=3,
+        devices=2,
+        strategy="ddp_spawn",
         enable_checkpointing=True,
     )
     trainer.fit(FusionNet())
@@ -226,7 +249,9 @@ def test_fusion_under_ddp_spawn_ties_the_same_pairs_on_every_rank(tmp_path: Path
 
 def test_fusion_under_bf16_mixed(tmp_path: Path, seed: int) -> None:
     model = FusionNet()
-    trainer_for(tmp_path, [LayerFusion(fraction=0.4, increments=2, every_n_epochs=1)], precision="bf16-mixed").fit(model)
+    trainer_for(tmp_path, [LayerFusion(fraction=0.4, increments=2, every_n_epochs=1)], precision="bf16-mixed").fit(
+        model
+    )
     assert count_parameters(model) == BASE - 2 * UNIT
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 

@@ -32,19 +32,31 @@ def loaders(n: int = 64, batch: int = 16) -> DataLoader:
 
 def trainer_for(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = dict(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=0,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=0,
         callbacks=[*callbacks, CompressionReport(print_report=False)],
-    )  # fmt: skip
+    )
     options.update(kwargs)
     return L.Trainer(**options)
 
 
 def lm(tmp_path: Path, **kwargs: Any) -> LayerMerge:
     options: dict[str, Any] = dict(
-        budget=0.6, importance_batches=1, holdout_batches=1, latency_warmup=0, latency_repeats=2, progress=False,
-        latency_cache=str(tmp_path / "lat.json"), bn_recalibration_batches=2,
-    )  # fmt: skip
+        budget=0.6,
+        importance_batches=1,
+        holdout_batches=1,
+        latency_warmup=0,
+        latency_repeats=2,
+        progress=False,
+        latency_cache=str(tmp_path / "lat.json"),
+        bn_recalibration_batches=2,
+    )
     options.update(kwargs)
     return LayerMerge(**options)
 
@@ -140,7 +152,9 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_layer_merge_under_bf16_mixed(tmp_path: Path, seed: int, plan_file: str) -> None:
     model = tiny_model()
-    trainer_for(tmp_path, [lm(tmp_path, load_plan=plan_file)], max_epochs=1, precision="bf16-mixed").fit(model, loaders())
+    trainer_for(tmp_path, [lm(tmp_path, load_plan=plan_file)], max_epochs=1, precision="bf16-mixed").fit(
+        model, loaders()
+    )
     assert ops(model) == ["layer_merge_plan", "layer_merge_final"]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
@@ -151,9 +165,13 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, plan_file: str) -> 
         model = tiny_model()
         checkpoints = ModelCheckpoint(dirpath=str(root), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
         trainer = trainer_for(
-            root, [lm(tmp_path, load_plan=plan_file), checkpoints, *extra], max_epochs=3,
-            deterministic=True, enable_checkpointing=True, limit_train_batches=2,
-        )  # fmt: skip
+            root,
+            [lm(tmp_path, load_plan=plan_file), checkpoints, *extra],
+            max_epochs=3,
+            deterministic=True,
+            enable_checkpointing=True,
+            limit_train_batches=2,
+        )
         trainer.fit(model, loaders(), ckpt_path=ckpt)
         return model
 
@@ -184,8 +202,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, plan_file: str) -> 
 def test_layer_merge_under_ddp_spawn_keeps_ranks_identical(tmp_path: Path, plan_file: str) -> None:
     L.seed_everything(0, verbose=False)
     trainer = trainer_for(
-        tmp_path, [lm(tmp_path, load_plan=plan_file), HashRecorder(str(tmp_path))], max_epochs=1, devices=2, strategy="ddp_spawn",
-    )  # fmt: skip
+        tmp_path,
+        [lm(tmp_path, load_plan=plan_file), HashRecorder(str(tmp_path))],
+        max_epochs=1,
+        devices=2,
+        strategy="ddp_spawn",
+    )
     trainer.fit(tiny_model(), loaders())
     after = [(tmp_path / f"after_event_rank{r}.txt").read_text() for r in (0, 1)]
     end = [(tmp_path / f"end_rank{r}.txt").read_text() for r in (0, 1)]

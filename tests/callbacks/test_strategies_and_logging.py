@@ -35,8 +35,13 @@ def test_event_metrics_are_logged_to_tensorboard(tmp_path: Path, seed: int) -> N
 
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[SplitLinear(at_step=3), CompressionReport(print_report=False)],
+        max_epochs=1,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SplitLinear(at_step=3), CompressionReport(print_report=False)],
     )
     trainer.fit(ToyNet())
     logger.experiment.flush()

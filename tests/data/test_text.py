@@ -50,7 +50,7 @@ def test_wikitext_folder_word_level_uses_training_vocab_and_unk(tmp_path):
     assert dm.decode(dm.encode("the zebra sat")) == "the <unk> sat"
     assert dm.train_ids.numel() == len((folder / "wiki.train.tokens").read_text().split())
     assert dm.decode(dm.test_ids[:3]) == "<unk> <unk> sat"  # "a zebra sat": neither word is in training
-    x, y = next(iter(dm.train_dataloader()))
+    x, _y = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 4) and int(x.max()) < dm.vocab_size
 
 

@@ -60,7 +60,9 @@ def test_global_step_takes_the_smallest_error_that_fits() -> None:
     # One more rank for the layer that sets the worst error no longer fits.
     i = max(range(len(tables)), key=lambda n: tables[n].error(ks[n], js[n]))
     assert tables[i].error(ks[i], js[i]) == worst
-    assert sum(t.size(k, j) for t, k, j in zip(tables, ks, js)) + tables[i].size(ks[i], js[i] + 1) - tables[i].size(ks[i], js[i]) > budget or js[i] == len(tables[i].errors[ks[i]])
+    assert sum(t.size(k, j) for t, k, j in zip(tables, ks, js)) + tables[i].size(ks[i], js[i] + 1) - tables[i].size(
+        ks[i], js[i]
+    ) > budget or js[i] == len(tables[i].errors[ks[i]])
 
 
 @pytest.mark.parametrize("method", ["alds", "uniform", "energy"])

@@ -160,7 +160,10 @@ def test_refuses_when_no_parameters_saved() -> None:
 
 def test_penalty_hand_computed() -> None:
     model = nn.Sequential(
-        nn.Linear(4, 20), CollapsibleActivation("relu", 0.0), nn.Linear(20, 20), CollapsibleActivation("gelu", 0.5),
+        nn.Linear(4, 20),
+        CollapsibleActivation("relu", 0.0),
+        nn.Linear(20, 20),
+        CollapsibleActivation("gelu", 0.5),
         nn.Linear(20, 2),
     )
     with torch.no_grad():

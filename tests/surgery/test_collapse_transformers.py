@@ -110,7 +110,9 @@ def test_torchvision_vit_mlp_blocks_collapse_exactly() -> None:
     from torchvision.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=64).double()
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=64
+    ).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     before, after = collapse_all_at_slope_one(model, x)
     torch.testing.assert_close(after, before, **TOL)

@@ -9,7 +9,7 @@ from torch import nn
 from lit_compress.errors import SurgeryError
 from lit_compress.measure import count_parameters
 from lit_compress.models.transformer import TransformerLM
-from lit_compress.surgery import SurgeryTransaction, replay_events_, applied_events, record_events
+from lit_compress.surgery import SurgeryTransaction, applied_events, record_events, replay_events_
 from lit_compress.surgery.fusion import fuse_layers_, fuse_pair_, fused_values, plan_fusions, tied_groups
 from lit_compress.surgery.fusion_groups import candidate_groups, clusters, fusion_units, max_removable
 
@@ -50,7 +50,9 @@ def test_roles_of_our_transformer() -> None:
 
 def test_roles_of_hugging_face_gpt2_and_bert() -> None:
     transformers = pytest.importorskip("transformers")
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+    )
     r = roles(gpt2, include_norms=True)
     assert r["transformer.h.0.attn.c_attn"] == "attn_qkv"  # the packed QKV Conv1D is one unit
     assert r["transformer.h.0.attn.c_proj"] == "attn_out" and r["transformer.h.1.mlp.c_fc"] == "ffn_in"
@@ -58,10 +60,14 @@ def test_roles_of_hugging_face_gpt2_and_bert() -> None:
     unit = next(u for u in fusion_units(gpt2) if u.name == "transformer.h.0.attn.c_attn")
     assert unit.kind == "Conv1D" and unit.shapes == ((8, 24), (24,))
     bert = transformers.BertModel(
-        transformers.BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16)
+        transformers.BertConfig(
+            vocab_size=11, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16
+        )
     )
     r = roles(bert)
-    assert r["encoder.layer.0.attention.self.query"] == "attn_q" and r["encoder.layer.0.attention.self.value"] == "attn_v"
+    assert (
+        r["encoder.layer.0.attention.self.query"] == "attn_q" and r["encoder.layer.0.attention.self.value"] == "attn_v"
+    )
     assert r["encoder.layer.1.attention.output.dense"] == "attn_out"
     assert r["encoder.layer.1.intermediate.dense"] == "ffn_in" and r["encoder.layer.1.output.dense"] == "ffn_out"
 
@@ -127,7 +133,9 @@ def test_clusters_grow_and_replay_rebuilds_ties_for_a_strict_load() -> None:
     model = Stack()
     units = fusion_units(model, ["layers.*"])
     assert max_removable(model, units) == 3 * 72
-    records = fuse_layers_(model, [{"a": ["layers.0"], "b": ["layers.1"], "params": ["weight", "bias"], "seed": 1}], "mix")
+    records = fuse_layers_(
+        model, [{"a": ["layers.0"], "b": ["layers.1"], "params": ["weight", "bias"], "seed": 1}], "mix"
+    )
     records += fuse_layers_(
         model, [{"a": ["layers.0", "layers.1"], "b": ["layers.3"], "params": ["weight", "bias"], "seed": 2}], "freeze"
     )
@@ -166,10 +174,9 @@ def test_plan_picks_the_most_similar_pair_and_reaches_the_target() -> None:
 def test_failed_fusion_is_rolled_back() -> None:
     model = Stack()
     weights = [layer.weight for layer in model.layers]
-    with pytest.raises(SurgeryError, match="different shapes"):
-        with SurgeryTransaction():
-            fuse_pair_(model, ["layers.0"], ["layers.1"], ["weight", "bias"], "mean", 0)
-            fuse_pair_(model, ["layers.2"], ["stem"], ["weight", "bias"], "mean", 0)
+    with pytest.raises(SurgeryError, match="different shapes"), SurgeryTransaction():
+        fuse_pair_(model, ["layers.0"], ["layers.1"], ["weight", "bias"], "mean", 0)
+        fuse_pair_(model, ["layers.2"], ["stem"], ["weight", "bias"], "mean", 0)
     assert all(layer.weight is w for layer, w in zip(model.layers, weights))
 
 

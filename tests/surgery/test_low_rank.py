@@ -56,8 +56,11 @@ def test_full_rank_conv_decomposition_reproduces_outputs_for_every_k(kwargs: dic
         enc, dec = new.encoder, new.decoder
         assert enc.groups == k and enc.out_channels == k * j and enc.bias is None
         assert (enc.stride, enc.padding, enc.dilation, enc.padding_mode) == (
-            layer.stride, layer.padding, layer.dilation, layer.padding_mode,
-        )  # fmt: skip
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.padding_mode,
+        )
         assert dec.kernel_size == (1, 1) and (dec.bias is None) == (layer.bias is None)
         torch.testing.assert_close(new(x), layer(x), **TOL64)
         torch.testing.assert_close(recompose_layer(new)(x), layer(x), **TOL64)
@@ -117,9 +120,15 @@ def test_dtype_device_and_mode_follow_the_layer() -> None:
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
 
 
 def test_model_wide_decompose_recompose_and_replay_on_a_fresh_model() -> None:

@@ -16,10 +16,14 @@ def test_hand_checked_table() -> None:
     # positions 0..3. Keeping everything: 3 + 3 + 3 = 9 ms, importance 3.
     # Merging (0, 2] costs 4 ms with importance 1.8; (1, 3] costs 4 ms, importance 1.5; (0, 3] 5 ms, 0.9.
     entries = [
-        DPEntry(0, 1, 3.0, 1.0, "a"), DPEntry(1, 2, 3.0, 1.0, "b"), DPEntry(2, 3, 3.0, 1.0, "c"),
-        DPEntry(0, 2, 4.0, 1.8, "ab"), DPEntry(1, 3, 4.0, 1.5, "bc"), DPEntry(0, 3, 5.0, 0.9, "abc"),
-    ]  # fmt: skip
-    pick = lambda budget: [e.payload for e in solve_merge_dp(entries, 3, budget, 1.0).entries]  # noqa: E731
+        DPEntry(0, 1, 3.0, 1.0, "a"),
+        DPEntry(1, 2, 3.0, 1.0, "b"),
+        DPEntry(2, 3, 3.0, 1.0, "c"),
+        DPEntry(0, 2, 4.0, 1.8, "ab"),
+        DPEntry(1, 3, 4.0, 1.5, "bc"),
+        DPEntry(0, 3, 5.0, 0.9, "abc"),
+    ]
+    pick = lambda budget: [e.payload for e in solve_merge_dp(entries, 3, budget, 1.0).entries]
     assert pick(9.0) == ["a", "b", "c"]  # 3.0
     assert pick(8.0) == ["ab", "c"]  # 2.8 beats a + bc (2.5)
     assert pick(7.0) == ["ab", "c"]
@@ -48,8 +52,10 @@ def test_random_tables_match_brute_force(seed: int) -> None:
     depth = 5
     entries = [
         DPEntry(s, e, rng.randint(1, 6) * 0.5, rng.random(), (s, e, k))
-        for e in range(1, depth + 1) for s in range(e) for k in range(rng.randint(0 if e - s > 1 else 1, 2))
-    ]  # fmt: skip
+        for e in range(1, depth + 1)
+        for s in range(e)
+        for k in range(rng.randint(0 if e - s > 1 else 1, 2))
+    ]
     budget = rng.uniform(3, 12)
     best = -math.inf
     by_start: dict[int, list[DPEntry]] = {}
@@ -73,7 +79,7 @@ def test_random_tables_match_brute_force(seed: int) -> None:
         return
     result = solve_merge_dp(entries, depth, budget, 0.5)
     assert math.isclose(result.importance, best, rel_tol=1e-12)
-    assert [e.start for e in result.entries][0] == 0 and result.entries[-1].end == depth
+    assert next(e.start for e in result.entries) == 0 and result.entries[-1].end == depth
     assert all(a.end == b.start for a, b in itertools.pairwise(result.entries))
 
 

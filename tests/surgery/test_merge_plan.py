@@ -58,7 +58,10 @@ def _nets():
         "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25), (2, 3, 24, 24)),
         "cifar_resnet20": (lambda: cifar_resnet(20, in_channels=1, width_mult=0.5), (2, 1, 20, 20)),
         "small_mobilenet_v2": (lambda: small_mobilenet_v2(width_mult=0.5), (2, 1, 20, 20)),
-        "vgg_cnn": (lambda: __import__("lit_compress.models.small_cnn", fromlist=["x"]).VGGStyleCNN(width_mult=0.25), (2, 1, 28, 28)),
+        "vgg_cnn": (
+            lambda: __import__("lit_compress.models.small_cnn", fromlist=["x"]).VGGStyleCNN(width_mult=0.25),
+            (2, 1, 28, 28),
+        ),
     }
 
 

@@ -24,7 +24,7 @@ def _space(size: int = 12):
 
 
 def test_latency_cache_is_reused_only_for_the_same_context(tmp_path: Path) -> None:
-    net, space, cands = _space()
+    _net, space, cands = _space()
     cache = tmp_path / "lat.json"
     logs: list[str] = []
     kw = dict(warmup=0, repeats=1, cache=cache, progress=False, log=logs.append)
@@ -62,13 +62,21 @@ def test_importance_is_one_for_unchanged_blocks_and_positive_elsewhere(method: s
     batches = [(torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))) for _ in range(3)]
     before = {k: v.clone() for k, v in net.state_dict().items()}
     table = importance_table(
-        net, space, cands, train_batches=batches[:2], holdout_batches=batches[2:], forward_loss=_loss,
-        method=method, steps=2, progress=False,
-    )  # fmt: skip
+        net,
+        space,
+        cands,
+        train_batches=batches[:2],
+        holdout_batches=batches[2:],
+        forward_loss=_loss,
+        method=method,
+        steps=2,
+        progress=False,
+    )
     assert set(table) == {c.key for c in cands}
     assert all(table[c.key] == 1.0 for c in cands if c.is_original(space))
     assert all(v > 0 for v in table.values())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the model is untouched
     with pytest.raises(ConfigError, match="importance"):
-        importance_table(net, space, cands, train_batches=batches, holdout_batches=batches, forward_loss=_loss,
-                         method="magic")  # fmt: skip
+        importance_table(
+            net, space, cands, train_batches=batches, holdout_batches=batches, forward_loss=_loss, method="magic"
+        )

@@ -30,7 +30,7 @@ def test_leaf_calls_and_functional_ops_are_recorded_with_their_values() -> None:
     graph = trace_dataflow(model, torch.randn(2, 4, 6, 6))
     names = [n.name for n in graph.nodes]
     assert names == ["conv", "act", "torch.Tensor.add", "torch.nn.functional.relu", "torch.flatten", "head"]
-    conv, act, add, relu, flat, head = graph.nodes
+    conv, act, add, _relu, flat, head = graph.nodes
     assert conv.inputs == (graph.inputs[0],) and conv.module_type is nn.Conv2d
     assert not add.is_module and add.module_type is None
     assert add.inputs == (act.outputs[0], graph.inputs[0])
