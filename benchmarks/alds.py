@@ -54,7 +54,7 @@ from lit_compress.callbacks import ALDS, CompressionReport
 from lit_compress.data import MNIST5kDataModule, ShakespeareDataModule
 from lit_compress.measure import count_flops, count_parameters
 from lit_compress.models import CausalLanguageModel, ImageClassifier
-from lit_compress.surgery.alds_allocate import allocate
+from lit_compress.surgery.alds.allocate import allocate
 
 METHODS = ("alds", "uniform", "energy")
 

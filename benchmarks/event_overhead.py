@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._common import write_results
 from lit_compress.callbacks import CompressionCallback, CompressionReport, FoldBatchNorm
-from lit_compress.surgery import applied_events, make_record, register_replay, replace_submodule
+from lit_compress.surgery import applied_events, register_replay, replace_submodule
+from lit_compress.surgery.log import make_record
 
 
 class ResNet18Module(L.LightningModule):

@@ -43,7 +43,7 @@ from lit_compress.data import MNIST5kDataModule, ShakespeareDataModule
 from lit_compress.measure import count_flops, count_parameters
 from lit_compress.models import CausalLanguageModel, ImageClassifier
 from lit_compress.surgery.chains import find_linear_chains
-from lit_compress.surgery.collapse import collapse_post_training_, collapsible_activations
+from lit_compress.surgery.collapse.mlp import collapse_post_training_, collapsible_activations
 
 # --------------------------------------------------------------------------------------------- helpers
 

@@ -48,12 +48,18 @@ from torch.nn import functional as F
 
 from benchmarks._common import headline, time_rows, write_results
 from lit_compress.measure import count_flops, count_parameters
+from lit_compress.measure.latency_table import latency_table
 from lit_compress.surgery import fold_batchnorm_
 from lit_compress.surgery.chains import find_foldable_batchnorms
-from lit_compress.surgery.merge_blocks import analyze_merge_space, enumerate_candidates, site_input_shapes
-from lit_compress.surgery.merge_dp import DPEntry, fastest_plan_time, solve_merge_dp
-from lit_compress.surgery.merge_plan import apply_merge_plan_, merge_planned_
-from lit_compress.surgery.merge_tables import importance_table, latency_table, original_latency
+from lit_compress.surgery.layermerge.blocks import (
+    analyze_merge_space,
+    enumerate_candidates,
+    original_latency,
+    site_input_shapes,
+)
+from lit_compress.surgery.layermerge.dp import DPEntry, fastest_plan_time, solve_merge_dp
+from lit_compress.surgery.layermerge.importance import importance_table
+from lit_compress.surgery.layermerge.plan import apply_merge_plan_, merge_planned_
 
 PAPER = {
     "resnet34": "paper (ImageNet, RTX 2080 Ti, b128): LayerMerge-71% 1.36x, -0.16 pts; -60% 1.56x; -50% 1.79x",

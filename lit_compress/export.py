@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lit_compress.errors import ReplayError, allowed
-from lit_compress.measure.flops import ExampleInputs, describe_inputs, inputs_to, split_inputs
+from lit_compress.inputs import ExampleInputs, describe_inputs, inputs_to, split_inputs
 from lit_compress.surgery.log import to_plain
 from lit_compress.surgery.modules import module_device_dtype, preserve_mode
 from lit_compress.surgery.replay import applied_events, replay_events_

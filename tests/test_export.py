@@ -6,7 +6,8 @@ from torch import nn
 
 from lit_compress.errors import ConfigError, ReplayError
 from lit_compress.export import export_compressed, load_compressed, load_exported_program
-from lit_compress.surgery import make_record, record_events, register_replay, replace_submodule
+from lit_compress.surgery import record_events, register_replay, replace_submodule
+from lit_compress.surgery.log import make_record
 
 OP = "test_export_shrink_hidden"
 

@@ -3,7 +3,7 @@
 At the start of a chosen epoch every target ``Conv2d`` (groups = 1) and ``Linear`` becomes a
 k-group encoder followed by a 1×1 decoder, with ``(k, j)`` per layer chosen so the worst relative
 error is as small as possible while the whole model keeps ``keep_ratio`` of its parameters
-(:mod:`lit_compress.surgery.alds_allocate`; the surgery is :mod:`lit_compress.surgery.low_rank`).
+(:mod:`lit_compress.surgery.alds.allocate`; the surgery is :mod:`lit_compress.surgery.alds.low_rank`).
 Training then goes on as retraining, with the learning-rate schedule rewound (see ``rewind_lr``).
 
 A **cascade** of ``(epoch, keep_ratio)`` pairs repeats this: before each new compression every
@@ -31,8 +31,8 @@ from typing_extensions import override
 
 from lit_compress.callbacks.base import CompressionCallback, Moment
 from lit_compress.errors import allowed
-from lit_compress.surgery.alds_allocate import allocate, dense_param_count, target_layers
-from lit_compress.surgery.low_rank import LowRankLayer, low_rank_decompose_, low_rank_recompose_
+from lit_compress.surgery.alds.allocate import allocate, dense_param_count, target_layers
+from lit_compress.surgery.alds.low_rank import LowRankLayer, low_rank_decompose_, low_rank_recompose_
 from lit_compress.surgery.select import select_modules
 
 _TYPES = (nn.Conv2d, nn.Linear, LowRankLayer)

@@ -47,6 +47,7 @@ from lit_compress.checkpointing import (
     remove_one_shot_replay,
 )
 from lit_compress.errors import ConfigError, SurgeryError, allowed
+from lit_compress.inputs import batch_inputs, call_with
 from lit_compress.surgery.log import LOG_KEY
 from lit_compress.surgery.modules import SurgeryTransaction, preserve_mode
 from lit_compress.surgery.replay import applied_events, record_events
@@ -178,10 +179,8 @@ class CompressionCallback(Callback):
         plugin = trainer.precision_plugin
 
         def forward(model: nn.Module, batch: Any) -> Any:
-            from lit_compress.callbacks._inputs import batch_inputs, call_model
-
             with plugin.forward_context():
-                return call_model(model, plugin.convert_input(batch_inputs(batch)))
+                return call_with(model, plugin.convert_input(batch_inputs(batch)))
 
         with isolated_rng():
             used = reestimate_batchnorm_(

@@ -4,7 +4,7 @@ Each selected MLP (``Linear → activation [→ Dropout] [→ BatchNorm1d] → L
 activation ``φ_a(h) = max(0, h) + a·min(0, h)`` with one scalar slope ``a``. A regulariser
 ``λ·Σ(a − 1)²`` pushes the slopes towards 1 (the identity); once ``|a − 1| < τ`` the slope is set to
 1 and the two linears are merged into one (``W = W2·W1``, ``b = W2·b1 + b2``, BatchNorm folded,
-dropout removed). The math lives in :mod:`lit_compress.surgery.collapse`.
+dropout removed). The math lives in :mod:`lit_compress.surgery.collapse.mlp`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing_extensions import override
 from lit_compress.callbacks.base import CompressionCallback, Moment
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.surgery.chains import ChainLink, find_linear_chains
-from lit_compress.surgery.collapse import (
+from lit_compress.surgery.collapse.mlp import (
     CollapsibleActivation,
     collapse_,
     collapsible_activations,

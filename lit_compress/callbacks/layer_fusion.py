@@ -7,9 +7,9 @@ pairs are tied to one shared ``nn.Parameter`` until ``ceil(p·N₀·k/K)`` param
 step ``k``. The compression ratio on unique storage is then ``N₀/(N₀ − removed) ≈ 1/(1 − p)``.
 Every layer still runs: FLOPs and latency do not change, storage does.
 
-The math lives in :mod:`lit_compress.surgery.fusion` (policies, planning, replay),
-:mod:`lit_compress.surgery.fusion_groups` (roles and groups) and
-:mod:`lit_compress.surgery.similarity` (measures). The plan is made on rank 0 and broadcast, so
+The math lives in :mod:`lit_compress.surgery.fusion.tie` (policies, planning, replay),
+:mod:`lit_compress.surgery.fusion.groups` (roles and groups) and
+:mod:`lit_compress.surgery.fusion.similarity` (measures). The plan is made on rank 0 and broadcast, so
 every DDP rank ties the same pairs; checkpoints carry ``"fuse_layers"`` records that rebuild the
 ties on resume and in ``lit_compress.load_from_checkpoint``.
 """
@@ -29,10 +29,10 @@ from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks.base import CompressionCallback, Moment
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.measure import count_parameters
-from lit_compress.surgery.fusion import POLICIES, fuse_layers_, plan_fusions
-from lit_compress.surgery.fusion_groups import candidate_groups, fusion_units, max_removable
+from lit_compress.surgery.fusion.groups import candidate_groups, fusion_units, max_removable
+from lit_compress.surgery.fusion.similarity import MEASURES
+from lit_compress.surgery.fusion.tie import POLICIES, fuse_layers_, plan_fusions
 from lit_compress.surgery.modules import get_submodule
-from lit_compress.surgery.similarity import MEASURES
 
 MeasureName = Literal["cosine", "covariance", "cka", "euclidean", "manhattan", "kl", "wasserstein"]
 PolicyName = Literal["mean", "mix", "freeze"]
@@ -51,7 +51,7 @@ class LayerFusion(CompressionCallback):
             With neither, the ``K`` steps are spread evenly over ``max_epochs`` (or ``max_steps``)
             after ``start``, leaving the last interval for retraining.
         start: First fusion step, in epochs (or steps with ``every_n_steps``).
-        measure: Similarity measure (``lit_compress.surgery.similarity``): ``cosine``, ``covariance``,
+        measure: Similarity measure (``lit_compress.surgery.fusion.similarity``): ``cosine``, ``covariance``,
             ``cka``, ``euclidean``, ``manhattan``, ``kl`` or ``wasserstein`` (exact 1-D earth mover's
             distance between the weights' value distributions).
         policy: ``mean`` (average the pair), ``mix`` (seeded elementwise random mix) or ``freeze``

@@ -1,9 +1,9 @@
 """``LayerMerge`` (Kim, El Halabi, Ji, Song, ICML 2024): remove activations and convs under a latency budget.
 
 At fit start (rank 0; the plan is broadcast) the callback analyses the network
-(:mod:`lit_compress.surgery.merge_blocks`), measures the latency table on the training device and
-builds the importance table (:mod:`lit_compress.surgery.merge_tables`), and solves the DP
-(:mod:`lit_compress.surgery.merge_dp`) for ``budget`` × the original latency; or it loads a plan
+(:mod:`lit_compress.surgery.layermerge.blocks`), measures the latency table on the training device and
+builds the importance table (:mod:`lit_compress.surgery.layermerge.importance`), and solves the DP
+(:mod:`lit_compress.surgery.layermerge.dp`) for ``budget`` × the original latency; or it loads a plan
 saved earlier (``load_plan``). The plan is applied to the *unmerged* network (activations dropped,
 pruned convs removed, padding moved to the first conv of each chain, skips zero-padded), which is
 fine-tuned for the rest of ``fit``. At fit end the network is merged (BN folded, each chain one
@@ -171,7 +171,7 @@ class LayerMerge(CompressionCallback):
     @override
     def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
         """Every conv, BN, activation and residual unit of the searched trunk."""
-        from lit_compress.surgery.merge_blocks import analyze_merge_space
+        from lit_compress.surgery.layermerge.blocks import analyze_merge_space
 
         try:
             space = analyze_merge_space(pl_module)
@@ -189,7 +189,7 @@ class LayerMerge(CompressionCallback):
     def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and not self.planned and not applied_events(pl_module):
-            from lit_compress.surgery.merge_blocks import analyze_merge_space
+            from lit_compress.surgery.layermerge.blocks import analyze_merge_space
 
             analyze_merge_space(pl_module)  # unsupported architectures fail before training starts
 
@@ -198,7 +198,7 @@ class LayerMerge(CompressionCallback):
     def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Any:
         if self._next == "merge":
             return {"kind": "merge"}
-        from lit_compress.surgery.merge_blocks import analyze_merge_space
+        from lit_compress.surgery.layermerge.blocks import analyze_merge_space
 
         space = analyze_merge_space(pl_module)
         if self.load_plan is not None:
@@ -211,9 +211,10 @@ class LayerMerge(CompressionCallback):
 
     def _search(self, trainer: Any, pl_module: L.LightningModule, space: Any) -> tuple[list[Any], dict[str, Any]]:
         from lit_compress.callbacks._inputs import isolated_rng, train_batches
-        from lit_compress.surgery.merge_blocks import enumerate_candidates, site_input_shapes
-        from lit_compress.surgery.merge_dp import DPEntry, solve_merge_dp
-        from lit_compress.surgery.merge_tables import importance_table, latency_table, original_latency
+        from lit_compress.measure.latency_table import latency_table
+        from lit_compress.surgery.layermerge.blocks import enumerate_candidates, original_latency, site_input_shapes
+        from lit_compress.surgery.layermerge.dp import DPEntry, solve_merge_dp
+        from lit_compress.surgery.layermerge.importance import importance_table
 
         start = time.perf_counter()
         inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
@@ -321,7 +322,7 @@ class LayerMerge(CompressionCallback):
     # ------------------------------------------------------------------ surgery (every rank)
     @override
     def apply_event(self, pl_module: L.LightningModule, plan: Any) -> list[dict[str, Any]]:
-        from lit_compress.surgery.merge_plan import apply_merge_plan_, merge_planned_
+        from lit_compress.surgery.layermerge.plan import apply_merge_plan_, merge_planned_
 
         if plan["kind"] == "merge":
             record = _plan_record(pl_module)
@@ -343,7 +344,7 @@ class LayerMerge(CompressionCallback):
 
     def merge_now(self, pl_module: nn.Module) -> list[dict[str, Any]]:
         """Merge the planned network outside ``fit`` (e.g. with ``merge_at_end=False``); records are logged."""
-        from lit_compress.surgery.merge_plan import merge_planned_
+        from lit_compress.surgery.layermerge.plan import merge_planned_
         from lit_compress.surgery.replay import record_events
 
         records = merge_planned_(pl_module, _plan_record(pl_module))

@@ -14,8 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit_compress.callbacks._distributed import broadcast_from_rank_zero
-from lit_compress.callbacks._inputs import batch_inputs, example_inputs, head, repeat_to_batch
+from lit_compress.callbacks._inputs import example_inputs
 from lit_compress.errors import allowed
+from lit_compress.inputs import batch_inputs, first_samples, rebatch
 from lit_compress.surgery.replay import applied_events
 
 
@@ -109,7 +110,7 @@ class CompressionReport(Callback):
             if inputs.is_floating_point():
                 return torch.randn(shape, dtype=inputs.dtype, device=inputs.device)
             return torch.zeros(shape, dtype=inputs.dtype, device=inputs.device)
-        return repeat_to_batch(inputs, self.latency_batch_size)
+        return rebatch(inputs, self.latency_batch_size)
 
     def log_stats(self, trainer: Any, stats: dict[str, Any], prefix: str = "compress") -> None:
         """Send numeric stats to every logger of the Trainer (rank 0)."""
@@ -127,7 +128,7 @@ class CompressionReport(Callback):
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._cached_inputs is None and getattr(pl_module, "example_input_array", None) is None:
-            self._cached_inputs = head(batch_inputs(batch), 2)
+            self._cached_inputs = first_samples(batch_inputs(batch), 2)
 
     @override
     def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:

@@ -1,6 +1,6 @@
 """Latency measured on the real device: warm-up, then the median of timed repeats.
 
-The protocol of ``BENCHMARKS.md``: eval mode, ``torch.no_grad()``, a fixed batch size, CUDA
+The protocol of the benchmarks: eval mode, ``torch.no_grad()``, a fixed batch size, CUDA
 synchronised around every timed call, ``time.perf_counter``, and optionally a fixed number of
 CPU threads (``torch.set_num_threads(2)`` in the benchmarks).
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lit_compress.errors import allowed
-from lit_compress.measure.flops import ExampleInputs, describe_inputs, inputs_to, map_tensors, split_inputs
+from lit_compress.inputs import ExampleInputs, batch_size_of, describe_inputs, inputs_to, rebatch, split_inputs
 from lit_compress.surgery.modules import module_device_dtype, preserve_mode
 
 
@@ -89,7 +89,7 @@ def measure_latency(
     else:
         inputs = example_inputs if batch_size is None else rebatch(example_inputs, batch_size)
         inputs = inputs_to(inputs, target)
-        batch = _batch_of(inputs) if batch_size is None else batch_size
+        batch = batch_size_of(inputs) if batch_size is None else batch_size
     args, kwargs = split_inputs(inputs)
 
     def sync() -> None:
@@ -135,37 +135,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     pos = (len(ordered) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def rebatch(example_inputs: ExampleInputs, batch_size: int) -> ExampleInputs:
-    """Slice or repeat every batched tensor of ``example_inputs`` to ``batch_size`` along dim 0.
-
-    The batch is the first dimension of the first tensor with at least one dimension; tensors
-    whose first dimension differs from it (masks, tables) are left alone.
-    """
-    current = _batch_of(example_inputs)
-
-    def fit(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 0 or t.shape[0] != current or current == batch_size:
-            return t
-        if batch_size < current:
-            return t[:batch_size]
-        reps = math.ceil(batch_size / current)
-        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size]
-
-    return map_tensors(example_inputs, fit)
-
-
-def _batch_of(example_inputs: ExampleInputs) -> int:
-    found: list[int] = []
-
-    def see(t: torch.Tensor) -> torch.Tensor:
-        if not found and t.dim() > 0:
-            found.append(int(t.shape[0]))
-        return t
-
-    map_tensors(example_inputs, see)
-    return found[0] if found else 1
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -243,4 +212,4 @@ def _flush_denormal(enable: bool) -> Iterator[None]:
         torch.set_flush_denormal(before)
 
 
-__all__ = ["denormals_flushed", "measure_latency", "percentile", "rebatch"]
+__all__ = ["denormals_flushed", "measure_latency", "percentile"]

@@ -7,7 +7,7 @@ shortcut is always an ``nn.Sequential``: empty when it is the identity, ``(conv 
 ``shortcut="pad"`` (option A of the paper).
 
 Parameters of ResNet-20 with 10 classes: 269,722 with option A on 3x32x32 (the paper's 0.27 M);
-272,474 with option B (3 channels) and 272,186 on 1x28x28 (the count in ``shared/BENCHMARKS.md``).
+272,474 with option B (3 channels) and 272,186 on 1x28x28.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from lit_compress.errors import allowed
+from lit_compress.errors import ConfigError, allowed
+from lit_compress.surgery.layermerge.adapters import UnitLayout, register_merge_trunk, register_merge_unit
 
 ShortcutKind = Literal["conv", "pad"]
 
@@ -199,3 +200,27 @@ __all__ = [
     "resnet56",
     "resnet110",
 ]
+
+
+def _merge_layout(block: BasicBlock) -> UnitLayout:
+    """LayerMerge's view of a :class:`BasicBlock` (identity or 1x1-conv shortcut; option A is refused)."""
+    if any(isinstance(m, PadShortcut) for m in block.shortcut):
+        raise ConfigError(
+            "LayerMerge: a CIFAR ResNet block with a zero-padding shortcut (shortcut='pad') cannot be merged; only "
+            "identity and 1x1-conv shortcuts are supported (build the CIFAR ResNet with shortcut='conv')."
+        )
+    identity = len(block.shortcut) == 0
+    return UnitLayout(
+        convs=(("conv1", "bn1", "relu1"), ("conv2", "bn2", "relu2")),
+        skip="identity" if identity else "conv",
+        shortcut=None if identity else "shortcut",
+        act_class=type(block.relu1).__name__,
+    )
+
+
+register_merge_unit(BasicBlock, _merge_layout)
+register_merge_trunk(
+    CifarResNet,
+    lambda net: [f"{stage}.{i}" for stage in ("layer1", "layer2", "layer3") for i in range(len(getattr(net, stage)))],
+    arch="cifar_resnet",
+)

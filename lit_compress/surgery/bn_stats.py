@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lit_compress.errors import ConfigError
-from lit_compress.surgery.modules import module_device_dtype, preserve_mode
+from lit_compress.inputs import batch_inputs, module_call
+from lit_compress.surgery.modules import preserve_mode
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -42,20 +43,9 @@ def batchnorm_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.T
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``model(batch[0])`` for a tuple/list, ``model(**batch)`` for a dict, else ``model(batch)``.
-
-    Tensors are moved to the device of the model's first parameter or buffer.
-    """
-    device, _ = module_device_dtype(model)
-    if isinstance(batch, (tuple, list)):
-        return model(_to(batch[0], device))
-    if isinstance(batch, dict):
-        return model(**{k: _to(v, device) for k, v in batch.items()})
-    return model(_to(batch, device))
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
+    """The model called on a batch's input (:func:`lit_compress.inputs.batch_inputs`: ``batch[0]`` of a
+    tuple/list), under :mod:`lit_compress.inputs`' convention, tensors moved to the model's device."""
+    return module_call(model, batch_inputs(batch))
 
 
 def reestimate_batchnorm_(

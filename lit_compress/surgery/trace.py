@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
-from torch.utils._pytree import tree_flatten
 
 from lit_compress.errors import SurgeryError
+from lit_compress.inputs import call_with, tensors_of
 from lit_compress.surgery.modules import preserve_mode
 
 # Modules with children that are still traced as one opaque call: MultiheadAttention uses its
@@ -150,7 +150,7 @@ def trace_dataflow(
     Args:
         model: The model; its train/eval flags are restored, its weights and buffers are not changed.
         example_inputs: A tensor (``model(x)``), a tuple/list (``model(*args)``) or a dict
-            (``model(**kwargs)``), already on the model's device.
+            (``model(**kwargs)``), already on the model's device (:mod:`lit_compress.inputs`).
         leaf_types: Extra module classes to record as one call (their insides are not traced).
 
     Returns:
@@ -169,17 +169,12 @@ def trace_dataflow(
             name, kind = leaves[id(module)], type(module)
             handles.append(module.register_forward_pre_hook(recorder.pre_hook(name, kind), with_kwargs=True))
             handles.append(module.register_forward_hook(recorder.post_hook()))
-    input_values = [recorder.value(t, "input") for t in _tensors(example_inputs)]
+    input_values = [recorder.value(t, "input") for t in tensors_of(example_inputs)]
     try:
         with preserve_mode(model), torch.no_grad():
             model.eval()
             with recorder:
-                if isinstance(example_inputs, dict):
-                    result = model(**example_inputs)
-                elif isinstance(example_inputs, (tuple, list)):
-                    result = model(*example_inputs)
-                else:
-                    result = model(example_inputs)
+                result = call_with(model, example_inputs)
     except Exception as err:
         raise SurgeryError(
             f"Tracing {type(model).__name__} on `example_inputs` failed: {type(err).__name__}: {err}"
@@ -187,13 +182,8 @@ def trace_dataflow(
     finally:
         for handle in handles:
             handle.remove()
-    outputs = [recorder.value(t, "constant") for t in _tensors(result)]
+    outputs = [recorder.value(t, "constant") for t in tensors_of(result)]
     return DataflowGraph(recorder.nodes, input_values, outputs, recorder.shapes, recorder.sources)
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    leaves, _ = tree_flatten(obj)
-    return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
 def _unique(values: list[int]) -> tuple[int, ...]:
@@ -240,7 +230,7 @@ class _Recorder(TorchFunctionMode):
                 self._stack.append(None)
                 return
             self._stack.append(None)  # mark "busy" so the torch-function handler passes through
-            inputs = _unique([self.value(t, "constant") for t in _tensors((args, kwargs))])
+            inputs = _unique([self.value(t, "constant") for t in tensors_of((args, kwargs))])
             self._stack[-1] = (name, kind, inputs)
 
         return hook
@@ -250,7 +240,7 @@ class _Recorder(TorchFunctionMode):
             frame = self._stack[-1]
             if frame is not None and len(self._stack) == 1:
                 name, kind, inputs = frame
-                self._record(name, kind, inputs, _tensors(output))
+                self._record(name, kind, inputs, tensors_of(output))
             self._stack.pop()
 
         return hook
@@ -259,9 +249,9 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self._stack:  # inside a leaf module (or one of our hooks)
             return func(*args, **kwargs)
-        inputs = _unique([self.value(t, "constant") for t in _tensors((args, kwargs))])
+        inputs = _unique([self.value(t, "constant") for t in tensors_of((args, kwargs))])
         result = func(*args, **kwargs)
-        outs = _tensors(result)
+        outs = tensors_of(result)
         name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
         if not outs and name.endswith("__setitem__") and args and isinstance(args[0], torch.Tensor):
             outs = [args[0]]  # x[idx] = y mutates x: the new x is a new value

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_compress.callbacks import CompressionCallback
 from lit_compress.checkpointing import CompressMixin
-from lit_compress.surgery import make_record, register_replay, replace_submodule
+from lit_compress.surgery import register_replay, replace_submodule
+from lit_compress.surgery.log import make_record
 
 
 class ToyNet(L.LightningModule):

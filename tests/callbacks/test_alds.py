@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_compress.callbacks import ALDS, CompressionReport
 from lit_compress.errors import ConfigError
-from lit_compress.surgery import applied_events, strip_measurements
-from lit_compress.surgery.low_rank import LowRankLayer
+from lit_compress.surgery import applied_events
+from lit_compress.surgery.alds.low_rank import LowRankLayer
+from lit_compress.surgery.log import strip_measurements
 from tests.callbacks._toy import HashRecorder, ToyNet
 
 

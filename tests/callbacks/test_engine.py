@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 import lit_compress
 from lit_compress.callbacks import CompressionReport
 from lit_compress.errors import ReplayError
-from lit_compress.surgery import applied_events, strip_measurements
+from lit_compress.surgery import applied_events
+from lit_compress.surgery.log import strip_measurements
 from tests.callbacks._toy import SplitLinear, ToyNet, ToyNetWithMixin
 
 

@@ -15,7 +15,9 @@ from torch import nn
 
 from lit_compress.callbacks import CompressionReport, LayerCollapse
 from lit_compress.errors import ConfigError
-from lit_compress.surgery import applied_events, collapsible_activations, strip_measurements
+from lit_compress.surgery import applied_events
+from lit_compress.surgery.collapse.mlp import collapsible_activations
+from lit_compress.surgery.log import strip_measurements
 from tests.callbacks._toy import HashRecorder, MLPNet
 
 

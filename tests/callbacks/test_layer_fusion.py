@@ -18,8 +18,9 @@ from lit_compress.callbacks import CompressionReport, LayerFusion
 from lit_compress.callbacks.layer_fusion import merge_fused_optimizer_state_
 from lit_compress.errors import ConfigError
 from lit_compress.measure import count_parameters
-from lit_compress.surgery import applied_events, strip_measurements
-from lit_compress.surgery.fusion import fuse_layers_, tied_groups
+from lit_compress.surgery import applied_events
+from lit_compress.surgery.fusion.tie import fuse_layers_, tied_groups
+from lit_compress.surgery.log import strip_measurements
 from tests.callbacks._toy import HashRecorder
 
 BASE = 16 * 32 + 32 + 4 * (32 * 32 + 32) + 32 * 4 + 4  # 4,900
@@ -297,7 +298,7 @@ def test_torchvision_vgg_fuses(seed: int) -> None:
     import torchvision
 
     from lit_compress.surgery import fusion_units, plan_fusions
-    from lit_compress.surgery.fusion_groups import max_removable
+    from lit_compress.surgery.fusion.groups import max_removable
 
     model = torchvision.models.vgg11(num_classes=10)
     units = fusion_units(model)

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lit_compress.callbacks import CompressionReport, LayerMerge
 from lit_compress.errors import ConfigError
 from lit_compress.models import ImageClassifier
-from lit_compress.surgery import applied_events, strip_measurements
+from lit_compress.surgery import applied_events
+from lit_compress.surgery.log import strip_measurements
 from tests.callbacks._toy import HashRecorder, MLPNet
 
 
@@ -141,7 +142,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         trainer_for(tmp_path, [lm(tmp_path)], max_epochs=1).fit(MLPNet())
     # an infeasible budget fails in the DP, after the tables (small model; every entry "takes" 1 ms, so the
     # fastest plan of the 4-conv VGG takes 2 ms = 50 % of the original, whatever the machine's load)
-    import lit_compress.surgery.merge_tables as tables
+    import lit_compress.measure.latency_table as tables
 
     monkeypatch.setattr(tables, "latency_table", lambda space, cands, **kw: {c.key: 1.0 for c in cands})
     with pytest.raises(ConfigError, match="no merge plan meets the latency budget"):

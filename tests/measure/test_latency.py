@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from lit_compress.errors import ConfigError
-from lit_compress.measure import measure_latency, model_stats, percentile, rebatch
+from lit_compress.inputs import rebatch
+from lit_compress.measure import measure_latency, percentile
 
 KEYS = {"median_ms", "p10_ms", "p90_ms", "batch_size", "device", "repeats", "num_threads"}
 
@@ -77,20 +78,6 @@ def test_needs_exactly_one_input_source():
         measure_latency(make())
     with pytest.raises(ConfigError, match="exactly one"):
         measure_latency(make(), torch.randn(1, 8), input_shape=(8,))
-
-
-def test_model_stats_plain_numbers():
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    model[2].weight = model[0].weight
-    stats = model_stats(model, torch.randn(4, 8), latency=True, warmup=0, repeats=2)
-    assert stats["params"] == 64 + 16 and stats["params_all"] == 128 + 16
-    assert stats["flops"] == 2 * (2 * 4 * 8 * 8)
-    assert type(stats["latency_ms"]) is float and stats["latency_ms"] > 0
-    bare = model_stats(model)
-    assert bare["flops"] is None and bare["latency_ms"] is None
-    assert model_stats(model, input_shape=(8,))["flops"] == 2 * (2 * 1 * 8 * 8)
-    with pytest.raises(ConfigError, match="`latency`"):
-        model_stats(model, latency=True)
 
 
 def test_denormals_are_flushed_while_timing_and_the_setting_is_restored() -> None:

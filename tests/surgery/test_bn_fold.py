@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 
 from lit_compress.errors import ConfigError, ReplayError, SurgeryError
-from lit_compress.surgery import fold_batchnorm_, fold_conv_bn, fold_linear_bn, replay_events_
+from lit_compress.surgery import fold_batchnorm_, replay_events_
+from lit_compress.surgery.bn_fold import fold_conv_bn, fold_linear_bn
 from lit_compress.surgery.replay import registered_ops
 
 # Float64 folds are exact up to rounding of a few multiply-adds per output.

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lit_compress.errors import ConfigError
-from lit_compress.surgery import batchnorm_buffers, has_batchnorm, reestimate_batchnorm_
+from lit_compress.surgery import reestimate_batchnorm_
+from lit_compress.surgery.bn_stats import batchnorm_buffers, has_batchnorm
 
 
 def tiny_net(p_drop: float = 0.0) -> nn.Sequential:

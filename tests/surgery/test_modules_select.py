@@ -7,15 +7,9 @@ import torch
 from torch import nn
 
 from lit_compress.errors import ConfigError, SurgeryError
-from lit_compress.surgery import (
-    SurgeryTransaction,
-    get_submodule,
-    name_matches,
-    preserve_mode,
-    replace_submodule,
-    select_modules,
-    set_parameter,
-)
+from lit_compress.surgery import SurgeryTransaction, get_submodule, replace_submodule, select_modules
+from lit_compress.surgery.modules import preserve_mode, set_parameter
+from lit_compress.surgery.select import name_matches
 
 
 def net() -> nn.Sequential:

@@ -10,8 +10,8 @@ from lit_compress.errors import SurgeryError
 from lit_compress.measure import count_parameters
 from lit_compress.models.transformer import TransformerLM
 from lit_compress.surgery import SurgeryTransaction, applied_events, record_events, replay_events_
-from lit_compress.surgery.fusion import fuse_layers_, fuse_pair_, fused_values, plan_fusions, tied_groups
-from lit_compress.surgery.fusion_groups import candidate_groups, clusters, fusion_units, max_removable
+from lit_compress.surgery.fusion.groups import candidate_groups, clusters, fusion_units, max_removable
+from lit_compress.surgery.fusion.tie import fuse_layers_, fuse_pair_, fused_values, plan_fusions, tied_groups
 
 
 class Stack(nn.Module):

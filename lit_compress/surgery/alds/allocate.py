@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from lit_compress.errors import ConfigError, allowed
-from lit_compress.surgery.low_rank import (
+from lit_compress.surgery.alds.low_rank import (
     LowRankLayer,
     dense_weight,
     divisors,

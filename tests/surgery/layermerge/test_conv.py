@@ -11,7 +11,7 @@ from torch import nn
 
 from lit_compress.errors import ConfigError, ReplayError, SurgeryError
 from lit_compress.surgery import replay_events_
-from lit_compress.surgery.conv_merge import (
+from lit_compress.surgery.layermerge.conv import (
     compose_conv_chain,
     compose_convs,
     fuse_downsample_skip,

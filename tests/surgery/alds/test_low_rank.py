@@ -10,7 +10,7 @@ from torch import nn
 
 from lit_compress.errors import SurgeryError
 from lit_compress.surgery import applied_events, record_events, replay_events_
-from lit_compress.surgery.low_rank import (
+from lit_compress.surgery.alds.low_rank import (
     GroupedLinear,
     LowRankLayer,
     decompose_layer,

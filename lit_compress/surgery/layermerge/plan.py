@@ -1,7 +1,7 @@
 """Apply a LayerMerge plan for fine-tuning, and the final merge (spec §2.6).
 
 A **plan** is plain data: ``{"blocks": [[s, e, [kept sites]], ...]}`` tiling positions 0..L
-(see :mod:`lit_compress.surgery.merge_blocks`). :func:`apply_merge_plan_` turns the network into
+(see :mod:`lit_compress.surgery.layermerge.blocks`). :func:`apply_merge_plan_` turns the network into
 the *unmerged* fine-tuning network of that plan:
 
 - activations strictly inside a block become ``nn.Identity``; a block spanning more than one
@@ -39,9 +39,9 @@ from torch import nn
 
 from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.surgery.bn_fold import fold_conv_bn
-from lit_compress.surgery.conv_merge import compose_convs, fuse_downsample_skip, fuse_identity_skip
+from lit_compress.surgery.layermerge.blocks import ACTIVATION_CLASSES, MergeSpace, _block_valid, analyze_merge_space
+from lit_compress.surgery.layermerge.conv import compose_convs, fuse_downsample_skip, fuse_identity_skip
 from lit_compress.surgery.log import make_record
-from lit_compress.surgery.merge_blocks import MergeSpace, _block_valid, analyze_merge_space
 from lit_compress.surgery.modules import SurgeryTransaction, get_submodule, replace_submodule
 from lit_compress.surgery.replay import register_replay
 
@@ -53,8 +53,6 @@ __all__ = [
     "merge_planned_",
     "single_block_plan",
 ]
-
-_ACT_CLASSES = {c.__name__: c for c in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU)}
 
 
 def _resize(x: torch.Tensor, margin_in: int, margin_out: int) -> torch.Tensor:
@@ -246,7 +244,7 @@ def _position_settings(
 
 
 def _new_act(layout: dict[str, Any]) -> nn.Module:
-    cls = _ACT_CLASSES.get(layout["act_class"], nn.ReLU)
+    cls = ACTIVATION_CLASSES.get(layout["act_class"], nn.ReLU)
     return cls()
 
 

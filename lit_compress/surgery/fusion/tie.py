@@ -32,11 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from lit_compress.errors import ReplayError, SurgeryError, allowed
-from lit_compress.surgery.fusion_groups import FusionUnit, candidate_groups, clusters, unit_weight
+from lit_compress.surgery.fusion.groups import FusionUnit, candidate_groups, clusters, unit_weight
+from lit_compress.surgery.fusion.similarity import check_measure, rank_key, score
 from lit_compress.surgery.log import make_record
 from lit_compress.surgery.modules import get_submodule, set_parameter
 from lit_compress.surgery.replay import register_replay
-from lit_compress.surgery.similarity import check_measure, rank_key, score
 
 POLICIES = ("mean", "mix", "freeze")
 

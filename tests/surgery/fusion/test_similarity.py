@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_compress.errors import ConfigError
-from lit_compress.surgery.similarity import MEASURES, _covariance_norm, is_similarity, rank_key, score
+from lit_compress.surgery.fusion.similarity import MEASURES, _covariance_norm, is_similarity, rank_key, score
 
 T = torch.tensor
 

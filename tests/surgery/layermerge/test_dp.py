@@ -9,7 +9,7 @@ import random
 import pytest
 
 from lit_compress.errors import ConfigError
-from lit_compress.surgery.merge_dp import DPEntry, solve_merge_dp
+from lit_compress.surgery.layermerge.dp import DPEntry, solve_merge_dp
 
 
 def test_hand_checked_table() -> None:

@@ -12,8 +12,8 @@ from torch import nn
 
 from lit_compress.errors import ConfigError
 from lit_compress.surgery import record_events, replay_events_
-from lit_compress.surgery.merge_blocks import analyze_merge_space, enumerate_candidates
-from lit_compress.surgery.merge_plan import (
+from lit_compress.surgery.layermerge.blocks import analyze_merge_space, enumerate_candidates
+from lit_compress.surgery.layermerge.plan import (
     PlannedUnit,
     apply_merge_plan_,
     check_plan,

@@ -12,8 +12,8 @@ from torch import nn
 
 from lit_compress.errors import ConfigError
 from lit_compress.models.cifar_resnet import cifar_resnet
-from lit_compress.surgery.alds_allocate import _Search, allocate, error_table
-from lit_compress.surgery.low_rank import folded_groups, low_rank_decompose_
+from lit_compress.surgery.alds.allocate import _Search, allocate, error_table
+from lit_compress.surgery.alds.low_rank import folded_groups, low_rank_decompose_
 
 
 def _resnet() -> nn.Module:

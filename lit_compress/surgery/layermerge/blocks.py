@@ -21,16 +21,17 @@ Validity (the official ``valid_blks``):
 Candidates of a block: every reachable merged kernel ``K = 1 + Σ_kept (k_i - 1)`` and depthwise
 flag; among subsets with the same ``(K, dw)`` the one with the largest total L1 weight norm.
 
-Supported: torchvision ResNet (BasicBlock, Bottleneck), our ``cifar_resnet*`` (conv shortcuts or
-identity), torchvision MobileNetV2 (InvertedResidual), and plain sequential CNNs (an
-``nn.Sequential`` of Conv2d/BatchNorm2d/activation/pooling, e.g. ``small_cnn``, ``vgg_cnn``).
-Anything else raises :class:`ConfigError` naming what is unsupported.
+Supported: networks whose residual units have an adapter (:mod:`~lit_compress.surgery.layermerge.adapters`;
+built in: torchvision ResNet BasicBlock/Bottleneck and MobileNetV2 InvertedResidual; our
+``cifar_resnet*`` registers its own), and plain sequential CNNs (an ``nn.Sequential`` of
+Conv2d/BatchNorm2d/activation/pooling, e.g. ``small_cnn``, ``vgg_cnn``). Anything else raises
+:class:`ConfigError` naming what is unsupported and how to register it.
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,8 +39,11 @@ import torch
 from torch import nn
 
 from lit_compress.errors import ConfigError
+from lit_compress.inputs import call_with
+from lit_compress.surgery.layermerge.adapters import registered_trunk, registered_unit, unit_layout
 
 __all__ = [
+    "ACTIVATION_CLASSES",
     "Candidate",
     "ConvSite",
     "MergeSpace",
@@ -47,11 +51,16 @@ __all__ = [
     "analyze_merge_space",
     "block_candidates",
     "enumerate_candidates",
+    "original_latency",
     "site_input_shapes",
     "valid_blocks",
 ]
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.Tanh, nn.Sigmoid)
+#: Activation classes a merged block may end with, by class name (the trunk's ``act_class``).
+ACTIVATION_CLASSES: dict[str, type[nn.Module]] = {
+    c.__name__: c for c in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU)
+}
 _PASS = (nn.Identity, nn.Dropout)
 
 
@@ -205,63 +214,16 @@ def _act_name(module: nn.Module | None) -> str:
 
 
 def _unit_entries(unit: nn.Module, uname: str) -> tuple[list[tuple[str, str | None, str | None]], Any, str]:
-    """``[(conv, bn, act)]`` of a residual-arch unit, its skip description and its activation class."""
-    import torchvision.models.mobilenetv2 as tv_mbv2
-    import torchvision.models.resnet as tv_resnet
-
-    cifar = _cifar_module()
-
-    if isinstance(unit, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
-        n = 2 if isinstance(unit, tv_resnet.BasicBlock) else 3
-        relu = _join(uname, "relu")
-        entries = [(_join(uname, f"conv{i}"), _join(uname, f"bn{i}"), relu) for i in range(1, n + 1)]
-        skip = ("identity", None) if unit.downsample is None else ("conv", _join(uname, "downsample"))
-        if skip[0] == "conv":
-            _check_shortcut(unit.downsample, skip[1])
-        return entries, skip, _act_name(unit.relu)
-    if cifar is not None and isinstance(unit, cifar.BasicBlock):
-        entries = [
-            (_join(uname, "conv1"), _join(uname, "bn1"), _join(uname, "relu1")),
-            (_join(uname, "conv2"), _join(uname, "bn2"), _join(uname, "relu2")),
-        ]
-        if len(unit.shortcut) == 0:
-            skip = ("identity", None)
-        elif any(isinstance(m, cifar.PadShortcut) for m in unit.shortcut):
-            raise ConfigError(
-                f"LayerMerge: `{uname}` has a zero-padding shortcut (shortcut='pad'); only identity and 1x1-conv "
-                "shortcuts are supported (build the CIFAR ResNet with shortcut='conv')."
-            )
-        else:
-            skip = ("conv", _join(uname, "shortcut"))
-            _check_shortcut(unit.shortcut, skip[1])
-        return entries, skip, _act_name(unit.relu1)
-    if isinstance(unit, tv_mbv2.InvertedResidual):
-        entries = []
-        act_cls = "ReLU6"
-        layers = list(unit.conv.named_children())
-        i = 0
-        while i < len(layers):
-            cname, child = layers[i]
-            if isinstance(child, nn.Sequential):  # Conv2dNormActivation: conv, bn, act
-                kids = list(child.named_children())
-                if len(kids) != 3 or not isinstance(kids[0][1], nn.Conv2d):
-                    raise ConfigError(f"LayerMerge: unexpected layout of `{_join(uname, 'conv', cname)}`.")
-                base = _join(uname, "conv", cname)
-                entries.append((_join(base, kids[0][0]), _join(base, kids[1][0]), _join(base, kids[2][0])))
-                act_cls = type(kids[2][1]).__name__
-                i += 1
-            elif isinstance(child, nn.Conv2d):
-                bn = None
-                if i + 1 < len(layers) and isinstance(layers[i + 1][1], nn.BatchNorm2d):
-                    bn = _join(uname, "conv", layers[i + 1][0])
-                    i += 1
-                entries.append((_join(uname, "conv", cname), bn, None))
-                i += 1
-            else:
-                raise ConfigError(f"LayerMerge: unexpected module {type(child).__name__} in `{uname}`.")
-        skip = ("identity", None) if unit.use_res_connect else ("none", None)
-        return entries, skip, act_cls
-    raise ConfigError(f"LayerMerge: unsupported block type {type(unit).__name__} at `{uname}`.")
+    """``[(conv, bn, act)]`` of a residual unit (qualified names), its skip and its activation class."""
+    layout = unit_layout(unit, uname)
+    entries = [
+        (_join(uname, c), _join(uname, b) if b else None, _join(uname, a) if a else None) for c, b, a in layout.convs
+    ]
+    if layout.skip == "conv":
+        shortcut = _join(uname, layout.shortcut or "")
+        _check_shortcut(unit.get_submodule(layout.shortcut or ""), shortcut)
+        return entries, ("conv", shortcut), layout.act_class
+    return entries, (layout.skip, None), layout.act_class
 
 
 def _check_shortcut(module: nn.Module, name: str) -> None:
@@ -275,33 +237,41 @@ def _check_shortcut(module: nn.Module, name: str) -> None:
         raise ConfigError(f"LayerMerge: the shortcut `{name}` is not (1x1 conv, BatchNorm); it cannot be fused.")
 
 
-def _cifar_module() -> Any:
-    """``lit_compress.models.cifar_resnet`` if imported (a model of it can exist only then); no Lightning import."""
-    return sys.modules.get("lit_compress.models.cifar_resnet")
+def _registered_units(module: nn.Module) -> list[str] | None:
+    """Unit names of a trunk: a registered trunk class, or an ``nn.Sequential`` of registered units."""
+    trunk = registered_trunk(module)
+    if trunk is not None:
+        return trunk[1](module)
+    kids = list(module.named_children())
+    if isinstance(module, nn.Sequential) and kids and all(registered_unit(m) is not None for _, m in kids):
+        return [n for n, _ in kids]
+    return None
 
 
-def _find_root(model: nn.Module) -> tuple[str, nn.Module, str]:
-    import torchvision.models as tvm
-
-    cifar = _cifar_module()
+def _find_root(model: nn.Module) -> tuple[str, nn.Module, str, list[str]]:
     for name, module in model.named_modules():
-        if isinstance(module, tvm.ResNet):
-            return name, module, "resnet"
-        if cifar is not None and isinstance(module, cifar.CifarResNet):
-            return name, module, "cifar_resnet"
-        if isinstance(module, tvm.MobileNetV2):
-            return name, module, "mobilenetv2"
+        trunk = registered_trunk(module)
+        if trunk is not None:
+            return name, module, trunk[0], [_join(name, u) for u in trunk[1](module)]
     for name, module in model.named_modules():
-        if isinstance(module, nn.Sequential) and sum(isinstance(c, nn.Conv2d) for c in module.children()) >= 2:
-            if all(
+        units = _registered_units(module)
+        if units is not None:
+            return name, module, "residual_sequential", [_join(name, u) for u in units]
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.Sequential)
+            and sum(isinstance(c, nn.Conv2d) for c in module.children()) >= 2
+            and all(
                 isinstance(c, (nn.Conv2d, nn.BatchNorm2d, *_ACTS, *_PASS, nn.MaxPool2d, nn.AvgPool2d))
                 for c in module.children()
-            ):
-                return name, module, "sequential"
+            )
+        ):
+            return name, module, "sequential", []
     raise ConfigError(
-        f"LayerMerge does not support {type(model).__name__}: no supported trunk found. Supported: torchvision "
-        "ResNet (BasicBlock/Bottleneck), lit_compress cifar_resnet* (conv or identity shortcuts), torchvision "
-        "MobileNetV2 (InvertedResidual, e.g. small_mobilenet_v2), and plain nn.Sequential CNNs of "
+        f"LayerMerge does not support {type(model).__name__}: no supported trunk found. Supported: networks whose "
+        "residual units have a LayerMerge adapter (built in: torchvision ResNet BasicBlock/Bottleneck and "
+        "MobileNetV2 InvertedResidual, lit_compress cifar_resnet*; register your own block with "
+        "`lit_compress.surgery.layermerge.register_merge_unit`), and plain nn.Sequential CNNs of "
         "Conv2d/BatchNorm2d/activation/pooling layers."
     )
 
@@ -312,20 +282,11 @@ def analyze_merge_space(model: nn.Module) -> MergeSpace:
     Raises:
         ConfigError: For an unsupported architecture or layer, naming it.
     """
-    root, net, arch = _find_root(model)
+    root, net, arch, unit_names = _find_root(model)
     if arch == "sequential":
         return _analyze_sequential(model, root, net)
-    if arch == "mobilenetv2":
-        unit_names = [_join(root, "features", n) for n, m in net.features.named_children()][1:-1]
-        if not unit_names:
-            raise ConfigError("LayerMerge: the MobileNetV2 has no inverted residual blocks.")
-    else:
-        unit_names = [
-            _join(root, lname, bname)
-            for lname in ("layer1", "layer2", "layer3", "layer4")
-            if hasattr(net, lname)
-            for bname, _ in getattr(net, lname).named_children()
-        ]
+    if not unit_names:
+        raise ConfigError(f"LayerMerge: the {type(net).__name__} at `{root or '<model>'}` has no residual units.")
     sites: list[ConvSite] = []
     residuals: list[ResidualSpan] = []
     breaks: list[int] = [0]
@@ -412,12 +373,7 @@ def site_input_shapes(model: nn.Module, space: MergeSpace, inputs: Any) -> dict[
     was = model.training
     model.eval()
     try:
-        if isinstance(inputs, dict):
-            model(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            model(*inputs)
-        else:
-            model(inputs)
+        call_with(model, inputs)
     finally:
         model.train(was)
         for h in handles:
@@ -501,3 +457,11 @@ def enumerate_candidates(model: nn.Module, space: MergeSpace) -> list[Candidate]
     for s, e in valid_blocks(space):
         out.extend(block_candidates(space, s, e, l1))
     return out
+
+
+def original_latency(space: MergeSpace, candidates: Sequence[Candidate], table: dict[str, float]) -> float:
+    """The summed table latency of the unmodified network (every site its own, unchanged block)."""
+    originals = {c.end: c for c in candidates if c.is_original(space)}
+    if len(originals) != space.depth:
+        raise ConfigError("LayerMerge: the table lacks an unmodified single-conv entry for some site.")
+    return float(sum(table[originals[p].key] for p in range(1, space.depth + 1)))

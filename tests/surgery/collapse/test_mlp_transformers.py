@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from lit_compress.surgery import collapse_, collapsible_activations, make_collapsible_, replay_events_
+from lit_compress.surgery import collapse_, make_collapsible_, replay_events_
 from lit_compress.surgery.chains import find_linear_chains
+from lit_compress.surgery.collapse.mlp import collapsible_activations
 from lit_compress.surgery.replay import record_events
 
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64
