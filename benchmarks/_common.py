@@ -69,7 +69,10 @@ def time_rows(
     repeats: int,
     rounds: int = 5,
 ) -> None:
-    """Fill ``row["lat_b<B>_ms"]`` of every ``(row, model)``: the models timed together (:func:`interleaved_latency`)."""
+    """Fill ``row["lat_b<B>_ms"]`` of every ``(row, model)``.
+
+    The models are timed together (:func:`interleaved_latency`).
+    """
     lats = interleaved_latency([m for _, m in timed], example, batches, repeats=repeats, rounds=rounds)
     for (row, _), lat in zip(timed, lats):
         row.update({f"lat_b{b}_ms": lat[b] for b in batches})

@@ -497,8 +497,10 @@ def main() -> None:
                 "keep_ratios": keeps,
                 "batch_size": 64,
                 "optimizer": "SGD lr 0.05 momentum 0.9, wd 5e-4 (weights only), cosine over each fit",
-                "alds": "15 seeds x 4 alternations, error_bound=code (no sqrt k), BN re-estimated on 20 batches after the event",
-                "latency": f"best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, 2 threads, eval mode",
+                "alds": "15 seeds x 4 alternations, error_bound=code (no sqrt k), "
+                "BN re-estimated on 20 batches after the event",
+                "latency": f"best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, "
+                "2 threads, eval mode",
                 "part_wall_time_s": round(time.perf_counter() - t1, 1),
                 "per_seed": img_raw,
             },

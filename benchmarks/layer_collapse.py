@@ -380,9 +380,12 @@ def main() -> None:
             "epochs": epochs,
             "batch_size": 64,
             "steps_per_epoch": 16,
-            "optimizer": f"SGD lr {IMG_LR} momentum 0.9, gradient-norm clip {IMG_CLIP}, cosine, weight_decay 0 (ImageClassifier never decays the slopes anyway)",
-            "layer_collapse": "lambda 0 -> 5 over 2 epochs, tau 0.05, penalty in the gradient (SGD), collapse_at epoch_start",
-            "latency": f"the models of a seed timed together: best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, 2 threads, eval mode",
+            "optimizer": f"SGD lr {IMG_LR} momentum 0.9, gradient-norm clip {IMG_CLIP}, cosine, "
+            "weight_decay 0 (ImageClassifier never decays the slopes anyway)",
+            "layer_collapse": "lambda 0 -> 5 over 2 epochs, tau 0.05, penalty in the gradient (SGD), "
+            "collapse_at epoch_start",
+            "latency": "the models of a seed timed together: best of 5 interleaved rounds, "
+            f"each the median of {repeats} after 3 warm-up, 2 threads, eval mode",
             "part_wall_time_s": round(t_img, 1),
             "per_seed": img_raw,
         },
@@ -395,11 +398,13 @@ def main() -> None:
         {
             **common,
             "task": "Shakespeare char-level, 90/10 split, val ppl on 256 windows of 64",
-            "model": f"CausalLanguageModel n_layer {lm_cfg['n_layer']}, d_model {lm_cfg['d_model']}, n_head 4, block {lm_cfg['block']}, GELU",
+            "model": f"CausalLanguageModel n_layer {lm_cfg['n_layer']}, d_model {lm_cfg['d_model']}, "
+            f"n_head 4, block {lm_cfg['block']}, GELU",
             "steps": lm_steps,
             "batch_size": 32,
             "optimizer": "AdamW lr 1e-3, wd 0.1 (not on slopes), warm-up 10 % + cosine",
-            "layer_collapse": f"fraction 1.0, lambda {lm_cfg['lam']}, decoupled slope step, GELU -> PReLU(0.01); collapse by the sweep",
+            "layer_collapse": f"fraction 1.0, lambda {lm_cfg['lam']}, decoupled slope step, GELU -> PReLU(0.01); "
+            "collapse by the sweep",
             "seed": 0,
             "train": lm_info,
         },

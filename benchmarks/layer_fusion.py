@@ -170,7 +170,8 @@ def image_part(
         if latency and repeats:
             timed.append((row, model))
         print(
-            f"  [{variant} seed {seed}] acc {row['acc']:.2f} params {row['params']} nonzero {row['nonzero']} ({wall:.0f}s)",
+            f"  [{variant} seed {seed}] acc {row['acc']:.2f} params {row['params']} "
+            f"nonzero {row['nonzero']} ({wall:.0f}s)",
             flush=True,
         )
         return row
@@ -182,7 +183,10 @@ def image_part(
         base = count_parameters(pre)
         print(f"  [pretrained seed {seed}] acc {accuracy(pre, test):.2f} ({wall_pre:.0f}s)", flush=True)
 
-        def retrained(callbacks: list[Any]) -> tuple[ImageClassifier, float]:
+        def retrained(
+            callbacks: list[Any], pre: ImageClassifier = pre, seed: int = seed
+        ) -> tuple[ImageClassifier, float]:
+            """A copy of this seed's pretrained model, retrained with ``callbacks``, and its fit time."""
             model = copy.deepcopy(pre)
             model.hparams.lr = 0.01
             L.seed_everything(seed + 100, verbose=False)
@@ -386,8 +390,10 @@ def images(
         "fusion_schedule": f"start of retraining epochs 1..{increments}",
         "batch_size": 64,
         "limit_train_batches": limit,
-        "optimizer": "SGD momentum 0.9, wd 5e-4 on weights, cosine; pretrain lr 0.05, retrain lr 0.01; from-scratch lr 0.05",
-        "pruning": "ModelPruning l1_unstructured, global over conv/linear weights, same count per step as fusion, no LTH",
+        "optimizer": "SGD momentum 0.9, wd 5e-4 on weights, cosine; pretrain lr 0.05, retrain lr 0.01; "
+        "from-scratch lr 0.05",
+        "pruning": "ModelPruning l1_unstructured, global over conv/linear weights, same count per step as fusion, "
+        "no LTH",
         "bn": "BatchNorm re-estimated on 20 batches after each fusion step (16 for one-shot)",
         "latency": f"best of 5 interleaved rounds, each the median of {repeats} after 3 warm-up, 2 threads, eval mode",
         "part_wall_time_s": round(t_img, 1),
@@ -463,7 +469,8 @@ def main() -> None:
             "pretrain_steps": lm_steps,
             "retrain_steps": lm_retrain,
             "batch_size": 32,
-            "optimizer": "AdamW wd 0.1 on matrices; pretrain lr 2e-3 (10 % warm-up), retrain lr 1e-3 (5 % warm-up), cosine",
+            "optimizer": "AdamW wd 0.1 on matrices; pretrain lr 2e-3 (10 % warm-up), retrain lr 1e-3 (5 % warm-up), "
+            "cosine",
             "fusion": "p=0.8, 8 increments every retrain//10 steps from step 1, include_norms",
             "info": lm_info,
             "part_wall_time_s": round(time.perf_counter() - start - t_img, 1),

@@ -28,9 +28,10 @@ Latency is measured with denormal floats flushed to zero (``measure_latency``'s 
 merged weights carried denormals that made the merged MobileNetV2 look slower than the original.
 
 Run time: the defaults (6 + 4 epochs, budgets 70/50/35 %, both 224x224 structures) ran in 5.4
-minutes on 2 free CPU cores (2026-11-24; ``wall_s`` in the output's config). Training runs on 1 thread; latency is measured with 2. Rows are
-written to ``<out>/layer_merge.{json,md}`` as they finish; the latency table is cached in
-``<out>/layermerge_latency.json`` per device/batch context (delete it to re-measure).
+minutes on 2 free CPU cores (2026-11-24; ``wall_s`` in the output's config). Training runs on 1 thread;
+latency is measured with 2. Rows are written to ``<out>/layer_merge.{json,md}`` as they finish; the
+latency table is cached in ``<out>/layermerge_latency.json`` per device/batch context (delete it to
+re-measure).
 """
 
 from __future__ import annotations
@@ -248,8 +249,9 @@ def part1(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                             acc=_accuracy(model, test),
                             **_stats(folded, shape, args.batches),
                             note=(
-                                f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%}; unmerged acc {acc_unmerged:.2f}; "
-                                f"tables {lat_s:.1f}+{imp_s:.1f} s ({len(cands)} entries, {args.importance}), DP {dp_s * 1000:.0f} ms"
+                                f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%}; "
+                                f"unmerged acc {acc_unmerged:.2f}; tables {lat_s:.1f}+{imp_s:.1f} s "
+                                f"({len(cands)} entries, {args.importance}), DP {dp_s * 1000:.0f} ms"
                             ),
                         ),
                         folded,
@@ -323,7 +325,8 @@ def part2(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                         acc=None,
                         **_stats(folded, shape, (1,)),
                         note=(
-                            f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%} of {total:.0f} ms; latency table "
+                            f"{infeasible}{len(blocks)}/{space.depth} blocks, table {frac:.0%} of {total:.0f} ms; "
+                            "latency table "
                             f"{lat_s:.0f} s ({len(cands)} entries, b1), DP {dp_s * 1000:.0f} ms; importance 1/block"
                         ),
                     ),

@@ -162,5 +162,6 @@ def test_pt2_takes_any_batch_size(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-6)
     static = export_compressed(model, tmp_path / "static.pt", torch.randn(2, 1, 8, 8), dynamic_batch=False)
-    with pytest.raises(Exception):  # the example's batch only
+    # the example's batch only: a failed shape guard (AssertionError in torch 2.14, RuntimeError before)
+    with pytest.raises((AssertionError, RuntimeError)):
         torch.export.load(static["pt2"]).module()(torch.randn(5, 1, 8, 8))

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def test_write_report_files_and_json_round_trip(tmp_path):
     with open(paths["png"], "rb") as f:
         assert f.read(8) == PNG_MAGIC
     assert (tmp_path / "logs" / "compression_report.png").stat().st_size > 1000
-    assert open(paths["markdown"], encoding="utf-8").read() == format_report_markdown(
+    assert Path(paths["markdown"]).read_text(encoding="utf-8") == format_report_markdown(
         events=events, initial=initial, final=final, meta=meta
     )
 
@@ -92,11 +93,11 @@ def test_markdown_has_one_row_per_state_and_dashes(tmp_path):
 def test_missing_metrics_never_crash(tmp_path):
     events = [{"op": "merge"}, {"index": 5, "after": None, "before": {"val_loss": float("nan")}}]
     paths = write_report(tmp_path, events=events, initial={}, final={"params": None}, meta=None)
-    text = open(paths["markdown"], encoding="utf-8").read()
+    text = Path(paths["markdown"]).read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("|")][2:]
     assert len(rows) == 4 and "#0 merge" in rows[1] and "#5 ?" in rows[2]
     assert all(c.strip() == "–" for c in rows[3].strip("|").split("|")[2:])
-    doc = json.loads(open(paths["json"], encoding="utf-8").read())
+    doc = json.loads(Path(paths["json"]).read_text(encoding="utf-8"))
     assert doc["events"][1]["before"]["val_loss"] is None  # NaN is not JSON
     assert doc["summary"]["params_ratio"] is None
     with open(paths["png"], "rb") as f:
@@ -107,10 +108,10 @@ def test_tensors_and_numpy_like_values_become_plain_json(tmp_path):
     after = {"params": torch.tensor(7)}
     events = [{"op": "svd", "ranks": torch.tensor([3, 4]), "big": torch.zeros(100), "after": after}]
     paths = write_report(tmp_path, events=events, initial={"params": 10}, final={"params": 7})
-    doc = json.loads(open(paths["json"], encoding="utf-8").read())
+    doc = json.loads(Path(paths["json"]).read_text(encoding="utf-8"))
     assert doc["events"][0]["ranks"] == [3, 4] and doc["events"][0]["big"] == "Tensor[100] float32"
     assert doc["events"][0]["after"]["params"] == 7
-    assert "-30.0 %" in open(paths["markdown"], encoding="utf-8").read()
+    assert "-30.0 %" in Path(paths["markdown"]).read_text(encoding="utf-8")
     assert not math.isnan(doc["summary"]["params_ratio"])
 
 

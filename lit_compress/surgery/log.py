@@ -6,15 +6,12 @@ checkpoint that carries them loads with ``torch.load(path, weights_only=True)``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 LOG_KEY = "lit_compress"
 LOG_VERSION = 1
-
-SurgeryRecord = dict  # {"op": str, ...op-specific plain data...}
 
 
 def make_record(op: str, **fields: Any) -> dict[str, Any]:
@@ -59,7 +56,3 @@ def plain_equal(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(plain_equal(x, y) for x, y in zip(a, b))
     return bool(a == b)
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

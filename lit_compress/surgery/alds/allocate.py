@@ -400,7 +400,8 @@ def allocate(
     if not ok:
         detail = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:5]) or "no module given"
         raise ConfigError(
-            f"`targets` select no decomposable layer (allowed: Conv2d with groups=1 and Linear, weights not shared); {detail}."
+            "`targets` select no decomposable layer (allowed: Conv2d with groups=1 and Linear, weights not "
+            f"shared); {detail}."
         )
     params_dense = dense_param_count(model, ok)
     tables = _tables(model, ok, all_k=method == "alds", error_bound=error_bound, progress=progress)

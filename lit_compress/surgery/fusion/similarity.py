@@ -12,9 +12,10 @@ weight, e.g. a norm's, as one row) and computes in float64. Biases are not compa
   with centred columns; a 1-D weight is one column |
 | ``euclidean`` | distance | ``‖W_i − W_j‖_F`` |
 | ``manhattan`` | distance | ``Σ|W_i − W_j|`` |
-| ``kl`` | distance | ``KL(softmax(vec W_i) ‖ softmax(vec W_j))`` (asymmetric: ``i`` is the layer first in model order) |
-| ``wasserstein`` | distance | the exact 1-Wasserstein (earth mover's) distance between the empirical distributions of the
-  two weights' values: ``mean|sort(vec W_i) − sort(vec W_j)|`` |
+| ``kl`` | distance | ``KL(softmax(vec W_i) ‖ softmax(vec W_j))`` (asymmetric: ``i`` is the layer first in model
+  order) |
+| ``wasserstein`` | distance | the exact 1-Wasserstein (earth mover's) distance between the empirical distributions
+  of the two weights' values: ``mean|sort(vec W_i) − sort(vec W_j)|`` |
 
 Similarities rank pairs in descending order, distances in ascending order (:func:`rank_key`).
 

@@ -231,23 +231,12 @@ def _finite(x: float) -> float:
     return math.inf if not math.isfinite(x) else x
 
 
-def planned_removal(units: Sequence[FusionUnit], plan: Sequence[dict[str, Any]]) -> int:
-    """Parameters the plan removes (one unit per fusion)."""
-    size = {u.name: u.numel for u in units}
-    return sum(size[f["a"][0]] for f in plan)
-
-
 def tied_groups(model: nn.Module) -> list[list[str]]:
     """Qualified names of parameters that share one ``nn.Parameter`` (groups of two or more)."""
     by_id: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     return [names for names in by_id.values() if len(names) > 1]
-
-
-def shared_parameter(model: nn.Module, fusion: dict[str, Any], pname: str) -> nn.Parameter | None:
-    module = get_submodule(model, fusion["a"][0])
-    return module._parameters.get(pname)
 
 
 __all__ = [
@@ -257,8 +246,6 @@ __all__ = [
     "fuse_pair_",
     "fused_values",
     "plan_fusions",
-    "planned_removal",
-    "shared_parameter",
     "tied_groups",
     "unit_weight",
 ]

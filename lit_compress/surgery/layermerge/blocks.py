@@ -209,10 +209,6 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _act_name(module: nn.Module | None) -> str:
-    return type(module).__name__ if module is not None else "ReLU"
-
-
 def _unit_entries(unit: nn.Module, uname: str) -> tuple[list[tuple[str, str | None, str | None]], Any, str]:
     """``[(conv, bn, act)]`` of a residual unit (qualified names), its skip and its activation class."""
     layout = unit_layout(unit, uname)
@@ -405,10 +401,6 @@ def _block_valid(space: MergeSpace, s: int, e: int) -> bool:
 def valid_blocks(space: MergeSpace) -> list[tuple[int, int]]:
     """Every valid block ``(s, e]``, sorted by end then start."""
     return [(s, e) for e in range(1, space.depth + 1) for s in range(e) if _block_valid(space, s, e)]
-
-
-def _covered(space: MergeSpace, s: int, e: int) -> list[ResidualSpan]:
-    return [r for r in space.residuals if s <= r.start and r.end <= e]
 
 
 def block_candidates(space: MergeSpace, s: int, e: int, l1: dict[int, float]) -> list[Candidate]:

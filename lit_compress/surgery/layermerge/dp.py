@@ -66,7 +66,8 @@ def solve_merge_dp(entries: Sequence[DPEntry], depth: int, budget: float, unit: 
     budget_units = math.floor(budget / unit + 1e-9)
     if budget_units > 5_000_000:
         raise ConfigError(
-            f"`time_unit`={unit!r} is too fine for a budget of {budget:g}: {budget_units} time units; use a coarser unit."
+            f"`time_unit`={unit!r} is too fine for a budget of {budget:g}: {budget_units} time units; "
+            "use a coarser unit."
         )
     by_end: dict[int, list[DPEntry]] = {}
     for entry in entries:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,7 +232,7 @@ def test_unsupported_activation_message() -> None:
 def test_surgery_package_has_no_lightning_import() -> None:
     import lit_compress.surgery.collapse.mlp as mod
 
-    src = open(mod.__file__).read()
+    src = Path(mod.__file__).read_text(encoding="utf-8")
     assert "lightning" not in src.replace("lit_compress", "")
 
 

@@ -170,7 +170,7 @@ def test_downsample_skip_after_merge():
 def test_refusals():
     with pytest.raises(SurgeryError, match="4 output channels but the second expects 5"):
         compose_convs(conv(3, 4, 3), conv(5, 2, 3))
-    with pytest.raises(SurgeryError, match="expected nn.Conv2d, got Linear"):
+    with pytest.raises(SurgeryError, match=r"expected nn\.Conv2d, got Linear"):
         compose_convs(nn.Linear(2, 2), conv(2, 2, 1))
     with pytest.raises(SurgeryError, match="padding_mode='reflect'"):
         compose_convs(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), conv(2, 2, 1))
@@ -247,7 +247,7 @@ def test_merge_conv_chain_refusals_leave_model_unchanged():
         merge_conv_chain_(net, ["0"])
     with pytest.raises(ConfigError, match="give a list"):
         merge_conv_chain_(net, "0")
-    with pytest.raises(SurgeryError, match="`3` is a ReLU, expected nn.Conv2d"):
+    with pytest.raises(SurgeryError, match=r"`3` is a ReLU, expected nn\.Conv2d"):
         merge_conv_chain_(net, ["2", "3"])
     with pytest.raises(SurgeryError, match="not a conv chain"):
         merge_conv_chain_(net, ["2", "0"])

@@ -23,7 +23,10 @@ def test_hand_checked_table() -> None:
         DPEntry(1, 3, 4.0, 1.5, "bc"),
         DPEntry(0, 3, 5.0, 0.9, "abc"),
     ]
-    pick = lambda budget: [e.payload for e in solve_merge_dp(entries, 3, budget, 1.0).entries]
+
+    def pick(budget: float) -> list[str]:
+        return [e.payload for e in solve_merge_dp(entries, 3, budget, 1.0).entries]
+
     assert pick(9.0) == ["a", "b", "c"]  # 3.0
     assert pick(8.0) == ["ab", "c"]  # 2.8 beats a + bc (2.5)
     assert pick(7.0) == ["ab", "c"]
