@@ -14,14 +14,24 @@ Lightning loads module weights *before* callback state, so the log must be repla
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from torch import nn
 
 from lit_compress.errors import ReplayError
 from lit_compress.surgery.log import LOG_KEY, LOG_VERSION
 from lit_compress.surgery.replay import applied_events, replay_events_
+
+if TYPE_CHECKING:  # Lightning is imported only when a callback or a built-in model is used
+    from lightning.pytorch import LightningModule
+
+    _MixinBase = LightningModule
+else:
+    _MixinBase = object
+
+_ModuleT = TypeVar("_ModuleT", bound="LightningModule")
 
 #: Key of the event log in a ``state_dict`` sent back from ``ddp_spawn`` workers (never in checkpoints).
 SPAWN_EVENTS_KEY = "__lit_compress_events__"
@@ -55,7 +65,7 @@ def replay_checkpoint_(model: nn.Module, checkpoint: Mapping[str, Any]) -> int:
     return replay_events_(model, events_from_checkpoint(checkpoint))
 
 
-class CompressMixin:
+class CompressMixin(_MixinBase):
     """Put first in the bases of a LightningModule whose checkpoints may be compressed.
 
     ``class MyNet(CompressMixin, L.LightningModule)``: ``MyNet.load_from_checkpoint(path)`` then
@@ -64,42 +74,57 @@ class CompressMixin:
     """
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        replay_checkpoint_(self, checkpoint)  # type: ignore[arg-type]
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        replay_checkpoint_(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         if SPAWN_EVENTS_KEY in state_dict:
             state_dict = dict(state_dict)
             events = state_dict.pop(SPAWN_EVENTS_KEY)
-            replay_events_(self, events)  # type: ignore[arg-type]
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+            replay_events_(self, events)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 @contextlib.contextmanager
-def replay_on_load(module_class: type) -> Iterator[type]:
+def replay_on_load(module_class: type[_ModuleT]) -> Iterator[type[_ModuleT]]:
     """Within the block, ``module_class.load_from_checkpoint`` replays the surgery log first.
 
     >>> with replay_on_load(MyNet):  # doctest: +SKIP
     ...     model = MyNet.load_from_checkpoint("last.ckpt")
     """
-    original = module_class.__dict__.get("on_load_checkpoint")
+    hook = "on_load_checkpoint"
+    original = module_class.__dict__.get(hook)
     inherited = module_class.on_load_checkpoint
 
-    def on_load_checkpoint(self: Any, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self: _ModuleT, checkpoint: dict[str, Any]) -> None:
         replay_checkpoint_(self, checkpoint)
         inherited(self, checkpoint)
 
-    module_class.on_load_checkpoint = on_load_checkpoint
+    setattr(module_class, hook, on_load_checkpoint)
     try:
         yield module_class
     finally:
         if original is None:
-            del module_class.on_load_checkpoint
+            delattr(module_class, hook)
         else:
-            module_class.on_load_checkpoint = original
+            setattr(module_class, hook, original)
 
 
-def install_one_shot_replay(module: Any) -> None:
+class _OneShotReplay:
+    """An instance's ``on_load_checkpoint``: replay the log, remove itself, call the class's hook."""
+
+    def __init__(self, module: nn.Module, original: Callable[[dict[str, Any]], None]) -> None:
+        self.module, self.original = module, original
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        try:
+            replay_checkpoint_(self.module, checkpoint)
+        finally:
+            self.module.__dict__.pop("on_load_checkpoint", None)
+        self.original(checkpoint)
+
+
+def install_one_shot_replay(module: LightningModule) -> None:
     """Make the next ``module.on_load_checkpoint(ckpt)`` replay the log first (instance attribute).
 
     Used by the callbacks in ``setup`` so that ``trainer.fit(model, ckpt_path=...)`` works with no
@@ -108,22 +133,12 @@ def install_one_shot_replay(module: Any) -> None:
     """
     if "on_load_checkpoint" in module.__dict__ or isinstance(module, CompressMixin):
         return
-    bound_original = module.on_load_checkpoint
-
-    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-        try:
-            replay_checkpoint_(module, checkpoint)
-        finally:
-            module.__dict__.pop("on_load_checkpoint", None)
-        bound_original(checkpoint)
-
-    on_load_checkpoint._lit_compress_one_shot = True  # type: ignore[attr-defined]
-    module.__dict__["on_load_checkpoint"] = on_load_checkpoint
+    module.__dict__["on_load_checkpoint"] = _OneShotReplay(module, module.on_load_checkpoint)
 
 
-def remove_one_shot_replay(module: Any) -> None:
-    fn = module.__dict__.get("on_load_checkpoint")
-    if fn is not None and getattr(fn, "_lit_compress_one_shot", False):
+def remove_one_shot_replay(module: LightningModule) -> None:
+    """Remove the hook :func:`install_one_shot_replay` installed, if it is still there."""
+    if isinstance(module.__dict__.get("on_load_checkpoint"), _OneShotReplay):
         del module.__dict__["on_load_checkpoint"]
 
 
@@ -141,7 +156,7 @@ __all__ = [
 ]
 
 
-def load_from_checkpoint(module_class: type, checkpoint_path: str, **kwargs: Any) -> Any:
+def load_from_checkpoint(module_class: type[_ModuleT], checkpoint_path: str | Path, **kwargs: Any) -> _ModuleT:
     """``module_class.load_from_checkpoint(checkpoint_path, **kwargs)`` with the surgery log replayed first.
 
     Works for any LightningModule class, with or without :class:`CompressMixin`; strict loading.

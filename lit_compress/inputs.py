@@ -134,7 +134,7 @@ def describe_inputs(inputs: ExampleInputs) -> str:
 
 def module_call(model: nn.Module, inputs: ExampleInputs) -> Any:
     """``call_with`` on a module, inputs moved to its device first (CPU for a module without tensors)."""
-    tensor = next(iter(model.parameters()), None)
+    tensor: torch.Tensor | None = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     device = tensor.device if tensor is not None else None

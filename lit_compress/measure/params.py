@@ -50,8 +50,8 @@ def count_parameters(model: nn.Module, unique_storage: bool = True, trainable_on
     for p in uses:
         unique.setdefault(id(p), p)
     groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for p in unique.values():
-        groups[_storage_key(p)].append(p)
+    for t in unique.values():
+        groups[_storage_key(t)].append(t)
     return int(sum(_count_group(ts) for ts in groups.values()))
 
 
@@ -73,7 +73,7 @@ def _count_group(tensors: list[torch.Tensor]) -> int:
     if len(tensors) == 1 and not _self_overlapping(tensors[0]):
         return tensors[0].numel()
     if all(t.is_contiguous() for t in tensors):
-        spans = sorted((t.storage_offset(), t.storage_offset() + t.numel()) for t in tensors)
+        spans = sorted((int(t.storage_offset()), int(t.storage_offset()) + t.numel()) for t in tensors)
         total, end = 0, -1
         for start, stop in spans:
             if start >= end:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -31,16 +31,22 @@ from lit_compress.surgery.select import name_matches
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+_LayerT = TypeVar("_LayerT", bound=nn.Module)
+
+
 @torch.no_grad()
-def fold_conv_bn(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: _BatchNorm) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+def fold_conv_bn(conv: _LayerT, bn: nn.Module) -> _LayerT:
     """A new convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode; inputs are not modified.
+
+    ``conv`` must be a ``Conv1d``/``Conv2d``/``Conv3d`` and ``bn`` a BatchNorm; the result has the
+    class of ``conv``.
 
     Works for grouped and depthwise convolutions and convolutions without bias (the result always
     has a bias). The weight ``(C_out, C_in / groups, *kernel)`` is scaled per output channel.
 
     Raises:
-        SurgeryError: For transposed convolutions, a BN without running statistics or with a
-            different number of channels.
+        SurgeryError: For another module than a conv (transposed ones included), a BN without
+            running statistics or with a different number of channels.
     """
     if isinstance(conv, nn.modules.conv._ConvTransposeNd):
         raise SurgeryError(
@@ -53,7 +59,7 @@ def fold_conv_bn(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: _BatchNorm) -> nn.
 
 
 @torch.no_grad()
-def fold_linear_bn(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
+def fold_linear_bn(linear: nn.Module, bn: nn.Module) -> nn.Linear:
     """A new ``nn.Linear`` equal to ``bn(linear(x))`` for 2-D ``x`` of shape ``(N, in_features)``, BN in eval mode.
 
     Raises:
@@ -67,7 +73,7 @@ def fold_linear_bn(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
     return _fold(linear, bn, linear.out_features)
 
 
-def _fold(layer: Any, bn: _BatchNorm, channels: int) -> Any:
+def _fold(layer: Any, bn: nn.Module, channels: int) -> Any:
     kind = type(layer).__name__
     if not isinstance(bn, _BatchNorm):
         raise SurgeryError(f"Cannot fold `{type(bn).__name__}` into `{kind}`: expected a BatchNorm module.")
@@ -109,8 +115,8 @@ def _with_bias(layer: nn.Module) -> Any:
 
 def _fold_any(layer: nn.Module, bn: nn.Module) -> nn.Module:
     if isinstance(layer, nn.Linear):
-        return fold_linear_bn(layer, bn)  # type: ignore[arg-type]
-    return fold_conv_bn(layer, bn)  # type: ignore[arg-type]
+        return fold_linear_bn(layer, bn)
+    return fold_conv_bn(layer, bn)
 
 
 def _check_pairs(pairs: Any) -> list[tuple[str, str]]:

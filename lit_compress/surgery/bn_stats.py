@@ -37,8 +37,11 @@ def batchnorm_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.T
     """
     found = []
     for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None:
-            found.append((name, m.running_mean, m.running_var, m.num_batches_tracked))
+        if not isinstance(m, _BatchNorm):
+            continue
+        mean, var, count = m.running_mean, m.running_var, m.num_batches_tracked
+        if mean is not None and var is not None and count is not None:  # all three, or none, exist
+            found.append((name, mean, var, count))
     return found
 
 
@@ -105,4 +108,6 @@ def _restore(bns: list[_BatchNorm], saved: list[tuple[float | None, dict[str, to
         m.momentum = momentum
         if buffers:
             for k, b in old.items():
-                m._buffers[k].copy_(b)
+                live = m._buffers[k]
+                if live is not None:  # only buffers that existed were saved
+                    live.copy_(b)

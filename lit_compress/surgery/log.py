@@ -1,11 +1,17 @@
 """The surgery log: one plain-data record per structural event.
 
 Records hold only ``dict``/``list``/``str``/``int``/``float``/``bool``/``None`` (and tensors), so a
-checkpoint that carries them loads with ``torch.load(path, weights_only=True)``.
+checkpoint that carries them loads with ``torch.load(path, weights_only=True)``. Every record has
+an ``"op"`` key; the other keys depend on the op. Each built-in op declares its record as a
+``TypedDict`` next to the code that writes and replays it (e.g.
+:class:`~lit_compress.surgery.alds.low_rank.LowRankDecomposeRecord`); a ``TypedDict`` is a plain
+``dict`` at run time, so records stay pickle- and ``weights_only``-safe. The log itself is a list of
+``dict[str, Any]``, because ops registered by users add their own record shapes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,9 +22,12 @@ LOG_VERSION = 1
 
 def make_record(op: str, **fields: Any) -> dict[str, Any]:
     """A new record for operation ``op``; ``fields`` are converted to plain data."""
-    record: dict[str, Any] = {"op": op}
-    record.update({k: to_plain(v) for k, v in fields.items()})
-    return record
+    return plain_record({"op": op, **fields})
+
+
+def plain_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` (typically one op's ``TypedDict``) as a log entry: a new ``dict`` of plain data."""
+    return {str(k): to_plain(v) for k, v in record.items()}
 
 
 def to_plain(value: Any) -> Any:

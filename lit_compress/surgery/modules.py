@@ -16,7 +16,8 @@ from torch import nn
 
 from lit_compress.errors import SurgeryError
 
-_JOURNALS: list[list[tuple[Any, str, str, Any]]] = []
+#: One journal per open transaction: ``(kind, owner, name, old value)`` per edit, in order.
+_JOURNALS: list[list[tuple[str, nn.Module, str, Any]]] = []
 
 
 def split_name(qualified_name: str) -> tuple[str, str]:
@@ -45,7 +46,7 @@ def get_submodule(model: nn.Module, qualified_name: str) -> nn.Module:
         ) from None
 
 
-def replace_submodule(model: nn.Module, qualified_name: str, new_module: nn.Module) -> nn.Module:
+def replace_submodule(model: nn.Module, qualified_name: str, new_module: nn.Module) -> nn.Module | None:
     """Replace the submodule at ``qualified_name`` by ``new_module`` and return the old one.
 
     The replacement keeps the registration position of the old module (``setattr`` on the existing
@@ -93,12 +94,12 @@ class SurgeryTransaction(contextlib.AbstractContextManager):
         _JOURNALS.append([])
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         journal = _JOURNALS.pop()
         if exc_type is None:
             if _JOURNALS:  # nested: the outer transaction may still roll us back
                 _JOURNALS[-1].extend(journal)
-            return False
+            return
         for kind, owner, name, old in reversed(journal):
             if kind == "module":
                 owner._modules[name] = old
@@ -106,7 +107,6 @@ class SurgeryTransaction(contextlib.AbstractContextManager):
                 owner._parameters.pop(name, None)
             else:
                 owner._parameters[name] = old
-        return False
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ matter: the checkpoint's weights are loaded right after.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -16,15 +16,22 @@ from lit_compress.errors import ReplayError
 from lit_compress.surgery.log import plain_equal
 from lit_compress.surgery.modules import SurgeryTransaction
 
-Replayer = Callable[[nn.Module, dict[str, Any]], None]
+#: A record type: ``dict[str, Any]``, or the ``TypedDict`` an op declares for its records.
+RecordT = TypeVar("RecordT")
+Replayer = Callable[[nn.Module, Any], None]
 _REPLAYERS: dict[str, Replayer] = {}
 _EVENTS_ATTR = "_lit_compress_events"
 
 
-def register_replay(op: str) -> Callable[[Replayer], Replayer]:
-    """Decorator: register ``fn(model, record)`` as the replayer of operation ``op``."""
+def register_replay(
+    op: str,
+) -> Callable[[Callable[[nn.Module, RecordT], None]], Callable[[nn.Module, RecordT], None]]:
+    """Decorator: register ``fn(model, record)`` as the replayer of operation ``op``.
 
-    def wrap(fn: Replayer) -> Replayer:
+    ``record`` is the event's plain-data record; ``fn`` may annotate it with the op's ``TypedDict``.
+    """
+
+    def wrap(fn: Callable[[nn.Module, RecordT], None]) -> Callable[[nn.Module, RecordT], None]:
         _REPLAYERS[op] = fn
         return fn
 
@@ -32,6 +39,7 @@ def register_replay(op: str) -> Callable[[Replayer], Replayer]:
 
 
 def registered_ops() -> list[str]:
+    """The ops that have a replayer (the built-in ones included)."""
     _import_builtin_ops()
     return sorted(_REPLAYERS)
 
@@ -68,7 +76,7 @@ def replay_events_(model: nn.Module, events: Sequence[dict[str, Any]]) -> int:
         for offset, record in enumerate(todo):
             index = len(done) + offset
             op = record.get("op") if isinstance(record, dict) else None
-            replayer = _REPLAYERS.get(op)  # type: ignore[arg-type]
+            replayer = _REPLAYERS.get(op) if isinstance(op, str) else None
             if replayer is None:
                 raise ReplayError(
                     f"Cannot replay event #{index} (op={op!r}): no replayer is registered for it. "

@@ -74,7 +74,7 @@ def select_modules(
 
 
 def _no_match(
-    argument: str, pattern: object, names: list[str], types: tuple[type[nn.Module], ...] | None
+    argument: str, pattern: Pattern | Sequence[Pattern], names: list[str], types: tuple[type[nn.Module], ...] | None
 ) -> ConfigError:
     kinds = "" if types is None else " of type " + "/".join(t.__name__ for t in types)
     hint = close_names(pattern if isinstance(pattern, str) else str(pattern[0]), names)

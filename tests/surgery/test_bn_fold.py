@@ -88,7 +88,7 @@ def test_leaf_folds_reject_impossible_inputs() -> None:
     with pytest.raises(SurgeryError, match=r"\(5 features\) into `Conv2d` \(4 output channels\)"):
         fold_conv_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5))
     with pytest.raises(SurgeryError, match=r"`Conv2d` with fold_linear_bn: expected nn.Linear"):
-        fold_linear_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm1d(4))  # type: ignore[arg-type]
+        fold_linear_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm1d(4))
 
 
 @pytest.fixture(scope="module")
