@@ -54,6 +54,7 @@ from torch import nn
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.surgery.alds.low_rank import (
     LowRankLayer,
+    LowRankPlan,
     dense_weight,
     divisors,
     folded_groups,
@@ -103,7 +104,7 @@ class Allocation:
 
     method: str
     keep_ratio: float
-    plan: dict[str, dict[str, int]]  # name -> {"groups": k, "rank": j} (decomposed layers only)
+    plan: LowRankPlan  # name -> {"groups": k, "rank": j} (decomposed layers only)
     kept_dense: list[str]
     params_dense: int  # the model's parameters with every target dense
     params_after: int  # ... after this allocation
@@ -453,7 +454,9 @@ def allocate(
     filled = 0
     if size < (1 - TOLERANCE) * target:
         js, filled = _fill(tables, ks, js, target - size)
-    plan, dense, errors = {}, [], {}
+    plan: LowRankPlan = {}
+    dense: list[str] = []
+    errors: dict[str, float] = {}
     for t, k, j in zip(tables, ks, js):
         errors[t.name] = t.error(k, j)
         if low_rank_size(t.f, t.c, t.kk, k, j) < t.dense:

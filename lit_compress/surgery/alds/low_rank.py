@@ -17,6 +17,9 @@ compression. Math runs in float64 and is cast back to the layer's dtype.
 
 Decomposed layers get new parameter names (``<name>.encoder.weight``, ``<name>.decoder.weight``,
 ``<name>.decoder.bias``); after an event the optimizer state of these parameters starts fresh.
+
+A plan is ``{layer name: {"groups": k, "rank": j}}`` (:data:`LowRankPlan`); the log records are
+:class:`LowRankDecomposeRecord` and :class:`LowRankRecomposeRecord`.
 """
 
 from __future__ import annotations
@@ -24,17 +27,50 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from lit_compress.errors import SurgeryError
-from lit_compress.surgery.log import make_record
+from lit_compress.surgery.log import plain_record
 from lit_compress.surgery.modules import get_submodule, module_device_dtype, replace_submodule
 from lit_compress.surgery.replay import register_replay
 
-Dense = Union[nn.Conv2d, nn.Linear]
+Dense = nn.Conv2d | nn.Linear
+
+
+class RankChoice(TypedDict):
+    """The decomposition of one layer: ``k`` input-channel groups, rank ``j`` in each."""
+
+    groups: int
+    rank: int
+
+
+#: ``{layer name: {"groups": k, "rank": j}}``: the layers to decompose (all others stay as they are).
+LowRankPlan = dict[str, RankChoice]
+
+
+class LowRankSpec(TypedDict):
+    """One decomposed layer in a :class:`LowRankDecomposeRecord`."""
+
+    name: str
+    groups: int
+    rank: int
+
+
+class LowRankDecomposeRecord(TypedDict):
+    """Log record of :func:`low_rank_decompose_`."""
+
+    op: Literal["low_rank_decompose"]
+    layers: list[LowRankSpec]
+
+
+class LowRankRecomposeRecord(TypedDict):
+    """Log record of :func:`low_rank_recompose_`: the names of the layers made dense again."""
+
+    op: Literal["low_rank_recompose"]
+    layers: list[str]
 
 
 class GroupedLinear(nn.Module):
@@ -76,7 +112,17 @@ class LowRankLayer(nn.Module):
         kind: ``"conv2d"`` or ``"linear"``.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, groups: int, rank: int, kind: str) -> None:
+    encoder: nn.Conv2d | nn.Linear | GroupedLinear
+    decoder: nn.Conv2d | nn.Linear
+
+    def __init__(
+        self,
+        encoder: nn.Conv2d | nn.Linear | GroupedLinear,
+        decoder: nn.Conv2d | nn.Linear,
+        groups: int,
+        rank: int,
+        kind: str,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -96,9 +142,14 @@ def layer_shape(layer: nn.Module) -> tuple[int, int, int]:
     """``(f, c, κ1·κ2)`` of a dense ``Conv2d``/``Linear`` or of a :class:`LowRankLayer`."""
     if isinstance(layer, LowRankLayer):
         enc, dec = layer.encoder, layer.decoder
-        if layer.kind == "conv2d":
+        if isinstance(enc, nn.Conv2d) and isinstance(dec, nn.Conv2d):
             return dec.out_channels, enc.in_channels, enc.kernel_size[0] * enc.kernel_size[1]
-        return dec.out_features, enc.in_features, 1
+        if isinstance(enc, (nn.Linear, GroupedLinear)) and isinstance(dec, nn.Linear):
+            return dec.out_features, enc.in_features, 1
+        raise SurgeryError(
+            f"LowRankLayer with a {type(enc).__name__} encoder and a {type(dec).__name__} decoder: "
+            "expected two Conv2d, or a Linear/GroupedLinear and a Linear."
+        )
     if isinstance(layer, nn.Conv2d):
         return layer.out_channels, layer.in_channels, layer.kernel_size[0] * layer.kernel_size[1]
     if isinstance(layer, nn.Linear):
@@ -166,7 +217,7 @@ def dense_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
     enc = layer.encoder.weight.detach().double().reshape(k, j, (c // k) * kk)  # B_i: j × (c/k·κκ)
     dec = layer.decoder.weight.detach().double().reshape(f, k, j).permute(1, 0, 2)  # A_i: f × j
     groups = torch.bmm(dec, enc)  # k × f × (c/k·κκ)
-    if layer.kind == "conv2d":
+    if isinstance(layer.encoder, nn.Conv2d):
         ks = layer.encoder.kernel_size
         weight = groups.reshape(k, f, c // k, ks[0], ks[1]).permute(1, 0, 2, 3, 4).reshape(f, c, ks[0], ks[1])
     else:
@@ -187,23 +238,36 @@ def folded_groups(weight: Tensor, k: int) -> Tensor:
 # ------------------------------------------------------------------------------------------ leaf ops
 
 
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A ``Conv2d`` attribute (kernel size, stride, dilation, padding) as the pair its constructor takes."""
+    return values[0], values[1]
+
+
+def _conv2d_like(conv: nn.Conv2d, in_channels: int, out_channels: int, groups: int, bias: bool) -> nn.Conv2d:
+    """A new ``Conv2d`` with ``conv``'s kernel size, stride, padding, dilation and padding mode."""
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        _pair(conv.kernel_size),
+        stride=_pair(conv.stride),
+        padding=padding,
+        dilation=_pair(conv.dilation),
+        groups=groups,
+        bias=bias,
+        padding_mode=conv.padding_mode,
+    )
+
+
 def _empty_low_rank(layer: Dense, k: int, j: int) -> LowRankLayer:
     """The encoder/decoder structure for ``layer`` with ``k`` groups and rank ``j`` (values unset)."""
     device, dtype = module_device_dtype(layer)
     has_bias = layer.bias is not None
+    encoder: nn.Conv2d | nn.Linear | GroupedLinear
+    decoder: nn.Conv2d | nn.Linear
     if isinstance(layer, nn.Conv2d):
-        encoder: nn.Module = nn.Conv2d(
-            layer.in_channels,
-            k * j,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,  # type: ignore[arg-type]
-            dilation=layer.dilation,
-            groups=k,
-            bias=False,
-            padding_mode=layer.padding_mode,  # type: ignore[arg-type]
-        )
-        decoder: nn.Module = nn.Conv2d(k * j, layer.out_channels, 1, bias=has_bias)
+        encoder = _conv2d_like(layer, layer.in_channels, k * j, groups=k, bias=False)
+        decoder = nn.Conv2d(k * j, layer.out_channels, 1, bias=has_bias)
         kind = "conv2d"
     else:
         encoder = nn.Linear(layer.in_features, j, bias=False) if k == 1 else GroupedLinear(layer.in_features, k * j, k)
@@ -244,7 +308,7 @@ def decompose_layer(layer: Dense, groups: int, rank: int) -> LowRankLayer:
     dtype = new.decoder.weight.dtype
     new.encoder.weight.copy_(b.reshape(new.encoder.weight.shape).to(dtype))
     new.decoder.weight.copy_(a.permute(1, 0, 2).reshape(new.decoder.weight.shape).to(dtype))
-    if bias is not None:
+    if bias is not None and new.decoder.bias is not None:
         new.decoder.bias.copy_(bias.to(dtype))
     new.train(layer.training)
     return new
@@ -254,18 +318,9 @@ def _empty_dense(layer: LowRankLayer) -> Dense:
     f, c, _ = layer_shape(layer)
     device, dtype = module_device_dtype(layer)
     has_bias = layer.decoder.bias is not None
-    if layer.kind == "conv2d":
-        e = layer.encoder
-        dense: Dense = nn.Conv2d(
-            c,
-            f,
-            e.kernel_size,
-            stride=e.stride,
-            padding=e.padding,
-            dilation=e.dilation,  # type: ignore[arg-type]
-            bias=has_bias,
-            padding_mode=e.padding_mode,
-        )
+    dense: Dense
+    if isinstance(layer.encoder, nn.Conv2d):
+        dense = _conv2d_like(layer.encoder, c, f, groups=1, bias=has_bias)
     else:
         dense = nn.Linear(c, f, bias=has_bias)
     return dense.to(device=device, dtype=dtype)
@@ -279,7 +334,7 @@ def recompose_layer(layer: LowRankLayer) -> Dense:
     dense = _empty_dense(layer)
     weight, bias = dense_weight(layer)
     dense.weight.copy_(weight.to(dense.weight.dtype))
-    if bias is not None:
+    if bias is not None and dense.bias is not None:
         dense.bias.copy_(bias.to(dense.bias.dtype))
     dense.train(layer.training)
     return dense
@@ -288,19 +343,30 @@ def recompose_layer(layer: LowRankLayer) -> Dense:
 # ------------------------------------------------------------------------------------------ model-wide
 
 
-def low_rank_decompose_(model: nn.Module, plan: Mapping[str, Mapping[str, int]]) -> list[dict[str, Any]]:
-    """Decompose every layer of ``plan`` (``{name: {"groups": k, "rank": j}}``) in place; one record."""
-    layers = []
+def _dense_layer(model: nn.Module, name: str) -> Dense:
+    layer = get_submodule(model, name)
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise SurgeryError(f"cannot decompose {type(layer).__name__}: {undecomposable_reason(layer)}.")
+    return layer
+
+
+def low_rank_decompose_(model: nn.Module, plan: Mapping[str, RankChoice]) -> list[dict[str, Any]]:
+    """Decompose every layer of ``plan`` (``{name: {"groups": k, "rank": j}}``) in place.
+
+    Returns:
+        One :class:`LowRankDecomposeRecord`.
+    """
+    layers: list[LowRankSpec] = []
     for name, spec in plan.items():
-        layer = get_submodule(model, name)
         k, j = int(spec["groups"]), int(spec["rank"])
         try:
-            new = decompose_layer(layer, k, j)  # type: ignore[arg-type]
+            new = decompose_layer(_dense_layer(model, name), k, j)
         except SurgeryError as err:
             raise SurgeryError(f"`{name}`: {err}") from None
         replace_submodule(model, name, new)
         layers.append({"name": name, "groups": k, "rank": j})
-    return [make_record("low_rank_decompose", layers=layers)]
+    record: LowRankDecomposeRecord = {"op": "low_rank_decompose", "layers": layers}
+    return [plain_record(record)]
 
 
 def low_rank_layers(model: nn.Module) -> list[str]:
@@ -308,26 +374,39 @@ def low_rank_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, LowRankLayer)]
 
 
+def _low_rank_layer(model: nn.Module, name: str) -> LowRankLayer:
+    layer = get_submodule(model, name)
+    if not isinstance(layer, LowRankLayer):
+        raise SurgeryError(f"`{name}` is a {type(layer).__name__}, not a decomposed layer.")
+    return layer
+
+
 def low_rank_recompose_(model: nn.Module, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Recompose the named (default: all) decomposed layers into dense layers in place; one record."""
+    """Recompose the named (default: all) decomposed layers into dense layers in place.
+
+    Returns:
+        One :class:`LowRankRecomposeRecord`, or ``[]`` when there is nothing to recompose.
+    """
     names = low_rank_layers(model) if names is None else list(names)
     if not names:
         return []
     for name in names:
-        replace_submodule(model, name, recompose_layer(get_submodule(model, name)))  # type: ignore[arg-type]
-    return [make_record("low_rank_recompose", layers=list(names))]
+        replace_submodule(model, name, recompose_layer(_low_rank_layer(model, name)))
+    record: LowRankRecomposeRecord = {"op": "low_rank_recompose", "layers": list(names)}
+    return [plain_record(record)]
 
 
 @register_replay("low_rank_decompose")
-def _replay_decompose(model: nn.Module, record: dict[str, Any]) -> None:
+def _replay_decompose(model: nn.Module, record: LowRankDecomposeRecord) -> None:
     for spec in record["layers"]:
+        k, j = int(spec["groups"]), int(spec["rank"])
         layer = get_submodule(model, spec["name"])
-        _check_geometry(layer, int(spec["groups"]), int(spec["rank"]))
-        replace_submodule(model, spec["name"], _empty_low_rank(layer, int(spec["groups"]), int(spec["rank"])))  # type: ignore[arg-type]
+        _check_geometry(layer, k, j)
+        replace_submodule(model, spec["name"], _empty_low_rank(_dense_layer(model, spec["name"]), k, j))
 
 
 @register_replay("low_rank_recompose")
-def _replay_recompose(model: nn.Module, record: dict[str, Any]) -> None:
+def _replay_recompose(model: nn.Module, record: LowRankRecomposeRecord) -> None:
     for name in record["layers"]:
         layer = get_submodule(model, name)
         if not isinstance(layer, LowRankLayer):
@@ -337,7 +416,12 @@ def _replay_recompose(model: nn.Module, record: dict[str, Any]) -> None:
 
 __all__ = [
     "GroupedLinear",
+    "LowRankDecomposeRecord",
     "LowRankLayer",
+    "LowRankPlan",
+    "LowRankRecomposeRecord",
+    "LowRankSpec",
+    "RankChoice",
     "decompose_layer",
     "dense_weight",
     "divisors",

@@ -16,7 +16,7 @@ A ``BatchNorm1d`` between the activation and ``W2`` (eval statistics) is folded 
 between the layers is dropped. Collapsing early (``a ≠ 1``) changes the output by at most
 ``|1 − a| · ‖W2‖ · ‖min(0, h)‖``.
 
-Log records (plain data, replayable)::
+Log records (plain data, replayable; :class:`MakeCollapsibleRecord` and :class:`CollapseRecord`)::
 
     {"op": "make_collapsible", "activations": ["classifier.1", ...], "kinds": ["relu", ...],
      "init_slopes": [0.0, ...]}
@@ -34,22 +34,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import nn
+from typing_extensions import NotRequired
 
 from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.surgery.bn_fold import fold_linear_bn
 from lit_compress.surgery.bn_stats import default_forward
 from lit_compress.surgery.chains import ChainLink, LinearChain, linear_layout
-from lit_compress.surgery.log import make_record
+from lit_compress.surgery.log import plain_record
 from lit_compress.surgery.modules import SurgeryTransaction, get_submodule, preserve_mode, replace_submodule
 from lit_compress.surgery.replay import register_replay
 
 __all__ = [
     "SUPPORTED_ACTIVATIONS",
+    "CollapseMetrics",
+    "CollapseRecord",
+    "CollapsedLink",
     "CollapsibleActivation",
+    "MakeCollapsibleRecord",
+    "SkippedLink",
     "collapse_",
     "collapse_linear_pair",
     "collapse_penalty",
@@ -76,7 +82,52 @@ _DEFAULT_INIT: dict[str, float | None] = {
     "silu": 0.01,
 }
 
-LinkLike = Union[ChainLink, LinearChain, str]
+LinkLike = ChainLink | LinearChain | str
+
+
+class MakeCollapsibleRecord(TypedDict):
+    """Log record of :func:`make_collapsible_`: one entry per converted activation in each list."""
+
+    op: Literal["make_collapsible"]
+    activations: list[str]
+    kinds: list[str]
+    init_slopes: NotRequired[list[float]]  # absent in early logs: each kind's default then
+
+
+class CollapsedLink(TypedDict):
+    """One collapsed link; ``into`` is the linear that holds the merged layer."""
+
+    first: str
+    activation: str
+    dropout: str | None
+    norm: str | None
+    second: str
+    into: str
+
+
+class SkippedLink(TypedDict):
+    """A link left as it was: its slope was not within ``tau`` of 1."""
+
+    activation: str
+    slope: float
+
+
+class CollapseMetrics(TypedDict):
+    slopes: list[float]  # of the collapsed links (NaN for a plain activation linearised post-training)
+    tau: float
+    params_before: int
+    params_after: int
+    skipped: list[SkippedLink]
+    max_abs_output_error: NotRequired[float]  # post-training collapse only
+    post_training: NotRequired[bool]
+
+
+class CollapseRecord(TypedDict):
+    """Log record of :func:`collapse_` and :func:`collapse_post_training_`."""
+
+    op: Literal["collapse"]
+    links: list[CollapsedLink]
+    metrics: CollapseMetrics
 
 
 class CollapsibleActivation(nn.Module):
@@ -136,30 +187,29 @@ HF_GELU_CLASSES = ("GELUActivation", "NewGELUActivation", "FastGELUActivation", 
 
 
 def _kind_and_slope(name: str, module: nn.Module) -> tuple[str, float]:
-    for cls, kind in SUPPORTED_ACTIVATIONS.items():
-        if isinstance(module, cls):
-            break
-    else:
-        if type(module).__name__ in HF_GELU_CLASSES:
-            return "gelu", float(_DEFAULT_INIT["gelu"])
-        if type(module).__name__ == "SiLUActivation":
-            return "silu", float(_DEFAULT_INIT["silu"])
+    """The kind of activation ``module`` and the slope a :class:`CollapsibleActivation` replacing it starts at."""
+    if isinstance(module, nn.LeakyReLU):
+        return "leaky_relu", float(module.negative_slope)
+    if isinstance(module, nn.PReLU):
+        if module.weight.numel() != 1:
+            raise ConfigError(
+                f"Cannot make `{name}` collapsible: its PReLU has {module.weight.numel()} slopes; LayerCollapse "
+                "needs one scalar slope per MLP (supported: PReLU with num_parameters=1)."
+            )
+        return "prelu", float(module.weight.detach().reshape(()))
+    kind = next((k for cls, k in SUPPORTED_ACTIVATIONS.items() if isinstance(module, cls)), None)
+    if kind is None and type(module).__name__ in HF_GELU_CLASSES:
+        kind = "gelu"
+    if kind is None and type(module).__name__ == "SiLUActivation":
+        kind = "silu"
+    slope = None if kind is None else _DEFAULT_INIT[kind]
+    if kind is None or slope is None:
         supported = ", ".join([c.__name__ for c in SUPPORTED_ACTIVATIONS] + list(HF_GELU_CLASSES))
         raise ConfigError(
             f"Cannot make `{name}` collapsible: its type {type(module).__name__} is not supported "
             f"(supported: {supported})."
         )
-    if kind == "leaky_relu":
-        return kind, float(module.negative_slope)  # type: ignore[attr-defined]
-    if kind == "prelu":
-        weight = module.weight  # type: ignore[attr-defined]
-        if weight.numel() != 1:
-            raise ConfigError(
-                f"Cannot make `{name}` collapsible: its PReLU has {weight.numel()} slopes; LayerCollapse "
-                "needs one scalar slope per MLP (supported: PReLU with num_parameters=1)."
-            )
-        return kind, float(weight.detach().reshape(()))
-    return kind, float(_DEFAULT_INIT[kind])  # type: ignore[arg-type]
+    return kind, float(slope)
 
 
 def _as_links(items: Any, what: str) -> list[ChainLink]:
@@ -197,11 +247,10 @@ def _activation_names(targets: Any) -> list[str]:
 def as_linear(layer: nn.Module) -> nn.Linear:
     """``layer`` itself if it is an ``nn.Linear``; a GPT-2 style ``Conv1D`` (weight ``(in, out)``,
     ``y = x @ W + b``) as the equivalent ``nn.Linear`` (weight transposed); else ``SurgeryError``."""
-    layout = linear_layout(layer)
-    if layout == "linear":
-        return layer  # type: ignore[return-value]
-    if layout == "transposed":
-        weight = layer.weight  # (in, out)
+    if isinstance(layer, nn.Linear):
+        return layer
+    if linear_layout(layer) == "transposed":
+        weight = layer.get_parameter("weight")  # (in, out)
         bias = getattr(layer, "bias", None)
         linear = nn.Linear(
             weight.shape[0], weight.shape[1], bias=bias is not None, device=weight.device, dtype=weight.dtype
@@ -249,7 +298,7 @@ def make_collapsible_(
             (0 for ReLU, the module's own slope for LeakyReLU/PReLU, 0.01 for GELU/SiLU).
 
     Returns:
-        ``[make_record("make_collapsible", activations=[...], kinds=[...], init_slopes=[...])]``, or ``[]``.
+        One :class:`MakeCollapsibleRecord`, or ``[]`` when nothing was converted.
 
     Raises:
         ConfigError: For an unsupported activation type (module name, type and supported types named).
@@ -269,14 +318,13 @@ def make_collapsible_(
             device, dtype = _param_device_dtype(model, old)
             new = CollapsibleActivation(kind, slope, device=device, dtype=dtype).train(old.training)
             replace_submodule(model, name, new)
-    return [
-        make_record(
-            "make_collapsible",
-            activations=[p[0] for p in plan],
-            kinds=[p[1] for p in plan],
-            init_slopes=[p[2] for p in plan],
-        )
-    ]
+    record: MakeCollapsibleRecord = {
+        "op": "make_collapsible",
+        "activations": [p[0] for p in plan],
+        "kinds": [p[1] for p in plan],
+        "init_slopes": [p[2] for p in plan],
+    }
+    return [plain_record(record)]
 
 
 def _param_device_dtype(model: nn.Module, module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -287,8 +335,8 @@ def _param_device_dtype(model: nn.Module, module: nn.Module) -> tuple[torch.devi
 
 
 @register_replay("make_collapsible")
-def _replay_make_collapsible(model: nn.Module, record: dict[str, Any]) -> None:
-    inits = record.get("init_slopes") or [None] * len(record["activations"])
+def _replay_make_collapsible(model: nn.Module, record: MakeCollapsibleRecord) -> None:
+    inits: list[float | None] = [*record.get("init_slopes", [])] or [None] * len(record["activations"])
     for name, kind, slope in zip(record["activations"], record["kinds"], inits):
         old = get_submodule(model, name)
         device, dtype = _param_device_dtype(model, old)
@@ -353,7 +401,7 @@ def collapse_linear_pair(first: nn.Linear, second: nn.Linear, norm: nn.BatchNorm
     return merged.train(first.training)
 
 
-def _link_record(link: ChainLink, into: str) -> dict[str, Any]:
+def _link_record(link: ChainLink, into: str) -> CollapsedLink:
     return {
         "first": link.first,
         "activation": link.activation,
@@ -368,7 +416,7 @@ def _identity_like(old: nn.Module) -> nn.Identity:
     return nn.Identity().train(old.training)
 
 
-def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool) -> list[dict[str, Any]]:
+def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool) -> CollapseRecord | None:
     if not force and not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0):
         raise ConfigError(f"`tau`={tau!r} is not allowed: a positive float (spec default 0.05).")
     seen: set[str] = set()
@@ -378,7 +426,7 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
         seen.add(link.activation)
     chosen: list[ChainLink] = []
     slopes: list[float] = []
-    skipped: list[dict[str, Any]] = []
+    skipped: list[SkippedLink] = []
     for link in links:
         act = get_submodule(model, link.activation)
         if isinstance(act, CollapsibleActivation):
@@ -397,10 +445,10 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
         else:
             skipped.append({"activation": link.activation, "slope": a})
     if not chosen:
-        return []
+        return None
     params_before = _num_params(model)
     moved: dict[str, str] = {}  # a linear turned Identity -> the linear that holds its weights now
-    entries: list[dict[str, Any]] = []
+    entries: list[CollapsedLink] = []
     removed_acts: list[nn.Module] = []
     with SurgeryTransaction():
         for link in chosen:
@@ -412,7 +460,7 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
             if norm is not None and type(norm) is not nn.BatchNorm1d:
                 raise SurgeryError(f"`{link.norm}` is a {type(norm).__name__}, expected BatchNorm1d.")
             try:
-                merged = collapse_linear_pair(first, second, norm)  # type: ignore[arg-type]
+                merged = collapse_linear_pair(first, second, norm)
             except SurgeryError as err:
                 raise SurgeryError(
                     f"Cannot collapse `{into}` -> `{link.second}` (link at `{link.activation}`): {err}"
@@ -429,14 +477,14 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
         for act in removed_acts:
             if isinstance(act, CollapsibleActivation):
                 act.slope.fill_(1.0)
-    metrics = {
+    metrics: CollapseMetrics = {
         "slopes": slopes,
         "tau": float(tau),
         "params_before": params_before,
         "params_after": _num_params(model),
         "skipped": skipped,
     }
-    return [make_record("collapse", links=entries, metrics=metrics)]
+    return {"op": "collapse", "links": entries, "metrics": metrics}
 
 
 def collapse_(model: nn.Module, links: Sequence[LinkLike] | LinkLike, tau: float = 0.05) -> list[dict[str, Any]]:
@@ -455,13 +503,14 @@ def collapse_(model: nn.Module, links: Sequence[LinkLike] | LinkLike, tau: float
         tau: Collapse threshold (spec default 0.05).
 
     Returns:
-        One ``"collapse"`` record (see the module docstring), or ``[]`` if nothing qualified.
+        One :class:`CollapseRecord` (see the module docstring), or ``[]`` if nothing qualified.
 
     Raises:
         SurgeryError: If an activation is not collapsible, or a merge is impossible or would not save
             parameters; the model is then unchanged.
     """
-    return _collapse(model, _as_links(links, "links"), tau, force=False)
+    record = _collapse(model, _as_links(links, "links"), tau, force=False)
+    return [] if record is None else [plain_record(record)]
 
 
 @torch.no_grad()
@@ -482,15 +531,16 @@ def collapse_post_training_(
     with preserve_mode(model):
         model.eval()
         before = _flat_outputs(default_forward(model, example_inputs))
-        records = _collapse(model, link_list, math.inf, force=True)
+        record = _collapse(model, link_list, math.inf, force=True)
         after = _flat_outputs(default_forward(model, example_inputs))
     if len(before) != len(after) or any(a.shape != b.shape for a, b in zip(before, after)):
         raise SurgeryError("The collapsed model's outputs differ in structure or shape from the original's.")
     error = max((float((a.double() - b.double()).abs().max()) for a, b in zip(before, after) if a.numel()), default=0.0)
-    if records:
-        records[0]["metrics"]["max_abs_output_error"] = error
-        records[0]["metrics"]["post_training"] = True
-    return records, error
+    if record is None:
+        return [], error
+    record["metrics"]["max_abs_output_error"] = error
+    record["metrics"]["post_training"] = True
+    return [plain_record(record)], error
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
@@ -504,7 +554,7 @@ def _flat_outputs(out: Any) -> list[torch.Tensor]:
 
 
 @register_replay("collapse")
-def _replay_collapse(model: nn.Module, record: dict[str, Any]) -> None:
+def _replay_collapse(model: nn.Module, record: CollapseRecord) -> None:
     """Rebuild the shapes: each ``into`` becomes ``Linear(into.in_features, second.out_features)``
     with a bias; activation, dropout, norm and ``second`` become ``nn.Identity``."""
     for entry in record["links"]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lit_compress.errors import SurgeryError
 from lit_compress.surgery.select import name_matches
 
 _Q = {"q_proj", "query", "q", "wq", "q_lin"}
@@ -58,6 +59,10 @@ ROLES = (
 )
 
 
+#: ``(role, module type, parameter names, shapes)``: units may be tied only within one group.
+FusionGroup = tuple[str, str, tuple[str, ...], tuple[tuple[int, ...], ...]]
+
+
 @dataclass(frozen=True)
 class FusionUnit:
     """One layer that can be tied as a whole to another unit of the same :attr:`group`."""
@@ -69,7 +74,7 @@ class FusionUnit:
     shapes: tuple[tuple[int, ...], ...]
 
     @property
-    def group(self) -> tuple:
+    def group(self) -> FusionGroup:
         """Units may be tied only within one group."""
         return (self.role, self.kind, self.params, self.shapes)
 
@@ -127,6 +132,18 @@ def _present(module: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
     return tuple(n for n in names if isinstance(module._parameters.get(n), nn.Parameter))
 
 
+def unit_parameter(module: nn.Module, pname: str) -> nn.Parameter:
+    """The parameter ``pname`` registered on ``module`` itself (not a submodule's).
+
+    Raises:
+        SurgeryError: If ``module`` has no such parameter (or it is ``None``).
+    """
+    param = module._parameters.get(pname)
+    if param is None:
+        raise SurgeryError(f"{type(module).__name__} has no parameter `{pname}`.")
+    return param
+
+
 def unit_of(
     name: str, module: nn.Module, *, include_norms: bool = False, include_embeddings: bool = False
 ) -> FusionUnit | None:
@@ -146,7 +163,7 @@ def unit_of(
         role, params = "embedding", _present(module, ("weight",))
     if role is None or not params or not params[0].endswith("weight"):
         return None
-    shapes = tuple(tuple(module._parameters[p].shape) for p in params)
+    shapes = tuple(tuple(unit_parameter(module, p).shape) for p in params)
     return FusionUnit(name=name, role=role, kind=type(module).__name__, params=params, shapes=shapes)
 
 
@@ -168,9 +185,9 @@ def fusion_units(
     return units
 
 
-def candidate_groups(units: Sequence[FusionUnit]) -> dict[tuple, list[FusionUnit]]:
+def candidate_groups(units: Sequence[FusionUnit]) -> dict[FusionGroup, list[FusionUnit]]:
     """Units grouped by :attr:`FusionUnit.group`, keeping only groups with at least two units."""
-    groups: dict[tuple, list[FusionUnit]] = {}
+    groups: dict[FusionGroup, list[FusionUnit]] = {}
     for unit in units:
         groups.setdefault(unit.group, []).append(unit)
     return {k: v for k, v in groups.items() if len(v) >= 2}
@@ -180,7 +197,7 @@ def clusters(model: nn.Module, units: Sequence[FusionUnit]) -> list[list[FusionU
     """Units partitioned by the identity of their weight: units already tied form one cluster."""
     found: dict[int, list[FusionUnit]] = {}
     for unit in units:
-        weight = model.get_submodule(unit.name)._parameters[unit.params[0]]
+        weight = unit_parameter(model.get_submodule(unit.name), unit.params[0])
         found.setdefault(id(weight), []).append(unit)
     return list(found.values())
 
@@ -195,11 +212,12 @@ def max_removable(model: nn.Module, units: Sequence[FusionUnit]) -> int:
 
 def unit_weight(model: nn.Module, unit: FusionUnit) -> torch.Tensor:
     """The weight the similarity measures compare (biases are left out, as in the paper)."""
-    return model.get_submodule(unit.name)._parameters[unit.params[0]].detach()
+    return unit_parameter(model.get_submodule(unit.name), unit.params[0]).detach()
 
 
 __all__ = [
     "ROLES",
+    "FusionGroup",
     "FusionUnit",
     "candidate_groups",
     "clusters",
@@ -207,5 +225,6 @@ __all__ = [
     "linear_role",
     "max_removable",
     "unit_of",
+    "unit_parameter",
     "unit_weight",
 ]

@@ -17,28 +17,68 @@ change). The policies differ only in the value the shared parameter starts from:
   are dropped (its gradient is frozen out and from then on added to the kept one's). The kept
   cluster is drawn with probability ``n/(n_a + n_b)`` from the seeded generator (recorded as ``kept``).
 
-Each event is logged as op ``"fuse_layers"`` whose ``fusions`` list the two clusters, the tied
-parameter names, the seed and the kept side; the replayer rebuilds the ties on a fresh model (the
-values then come from the checkpoint, where a tied parameter appears once per name).
+A plan is a list of :class:`PlannedFusion`; each event is logged as a :class:`FuseLayersRecord`
+whose ``fusions`` (:class:`Fusion`) list the two clusters, the tied parameter names, the seed and
+the kept side; the replayer rebuilds the ties on a fresh model (the values then come from the
+checkpoint, where a tied parameter appears once per name).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import NotRequired
 
 from lit_compress.errors import ReplayError, SurgeryError, allowed
-from lit_compress.surgery.fusion.groups import FusionUnit, candidate_groups, clusters, unit_weight
+from lit_compress.surgery.fusion.groups import (
+    FusionGroup,
+    FusionUnit,
+    candidate_groups,
+    clusters,
+    unit_parameter,
+    unit_weight,
+)
 from lit_compress.surgery.fusion.similarity import check_measure, rank_key, score
-from lit_compress.surgery.log import make_record
+from lit_compress.surgery.log import plain_record
 from lit_compress.surgery.modules import get_submodule, set_parameter
 from lit_compress.surgery.replay import register_replay
 
 POLICIES = ("mean", "mix", "freeze")
+
+
+class PlannedFusion(TypedDict):
+    """One step of a plan: tie cluster ``a`` to cluster ``b`` (qualified module names)."""
+
+    a: list[str]
+    b: list[str]
+    params: list[str]  # the parameter names tied, the weight first
+    seed: NotRequired[int]  # of the ``mix``/``freeze`` draw (0 when absent)
+    score: NotRequired[float]  # the similarity measure's value for the pair, kept in the log
+
+
+class Fusion(TypedDict):
+    """One applied fusion, as :func:`fuse_pair_` returns it and the log keeps it."""
+
+    a: list[str]
+    b: list[str]
+    params: list[str]
+    seed: int
+    kept: str  # "a" or "b" for ``freeze``, else ""
+    removed: int  # stored parameters removed (one unit)
+    score: NotRequired[float]
+
+
+class FuseLayersRecord(TypedDict):
+    """Log record of :func:`fuse_layers_`."""
+
+    op: Literal["fuse_layers"]
+    policy: str
+    fusions: list[Fusion]
+    removed_params: int
 
 
 def check_policy(policy: str, argument: str = "policy") -> str:
@@ -77,13 +117,13 @@ def fused_values(
 
 def _params_of(model: nn.Module, unit_name: str, params: Sequence[str]) -> list[nn.Parameter]:
     module = get_submodule(model, unit_name)
-    return [module._parameters[p] for p in params]
+    return [unit_parameter(module, p) for p in params]
 
 
 @torch.no_grad()
 def fuse_pair_(
     model: nn.Module, a: Sequence[str], b: Sequence[str], params: Sequence[str], policy: str, seed: int
-) -> dict[str, Any]:
+) -> Fusion:
     """Tie every module of clusters ``a`` and ``b`` to new shared parameters; return the fusion's plain data."""
     a, b = list(a), list(b)
     if not a or not b or set(a) & set(b):
@@ -110,10 +150,10 @@ def fuse_pair_(
     return {"a": a, "b": b, "params": list(params), "seed": int(seed), "kept": kept, "removed": int(removed)}
 
 
-def fuse_layers_(model: nn.Module, fusions: Sequence[dict[str, Any]], policy: str) -> list[dict[str, Any]]:
+def fuse_layers_(model: nn.Module, fusions: Sequence[PlannedFusion], policy: str) -> list[dict[str, Any]]:
     """Apply ``fusions`` (each ``{"a": [...], "b": [...], "params": [...], "seed": int}``) in order.
 
-    Returns one ``"fuse_layers"`` record (or none if ``fusions`` is empty).
+    Returns one :class:`FuseLayersRecord` (or none if ``fusions`` is empty).
     """
     check_policy(policy)
     done = [fuse_pair_(model, f["a"], f["b"], f["params"], policy, int(f.get("seed", 0))) for f in fusions]
@@ -122,11 +162,17 @@ def fuse_layers_(model: nn.Module, fusions: Sequence[dict[str, Any]], policy: st
             f["score"] = float(plan["score"])
     if not done:
         return []
-    return [make_record("fuse_layers", policy=policy, fusions=done, removed_params=sum(f["removed"] for f in done))]
+    record: FuseLayersRecord = {
+        "op": "fuse_layers",
+        "policy": policy,
+        "fusions": done,
+        "removed_params": sum(f["removed"] for f in done),
+    }
+    return [plain_record(record)]
 
 
 @register_replay("fuse_layers")
-def _replay_fuse_layers(model: nn.Module, record: dict[str, Any]) -> None:
+def _replay_fuse_layers(model: nn.Module, record: FuseLayersRecord) -> None:
     for fusion in record["fusions"]:
         members = list(fusion["a"]) + list(fusion["b"])
         first = get_submodule(model, members[0])
@@ -150,7 +196,7 @@ def plan_fusions(
     remove: int,
     policy: str,
     seed: int = 0,
-) -> list[dict[str, Any]]:
+) -> list[PlannedFusion]:
     """Choose the fusions that remove at least ``remove`` stored parameters (fewer if impossible).
 
     Greedy, as the paper: score every pair of clusters inside each group with ``measure`` on their
@@ -167,7 +213,7 @@ def plan_fusions(
     generator = torch.Generator().manual_seed(int(seed))
     # Virtual state: cluster id -> (member names, tensors); unit -> cluster id.
     state: dict[int, tuple[list[str], list[Tensor]]] = {}
-    group_of: dict[int, tuple] = {}
+    group_of: dict[int, FusionGroup] = {}
     for group, members in candidate_groups(units).items():
         for cluster in clusters(model, members):
             names = [u.name for u in cluster]
@@ -177,7 +223,7 @@ def plan_fusions(
             group_of[cid] = group
     params_of_group = {u.group: list(u.params) for u in units}
     numel_of_group = {u.group: u.numel for u in units}
-    plan: list[dict[str, Any]] = []
+    plan: list[PlannedFusion] = []
     removed = 0
     next_id = len(state)
     while removed < remove:
@@ -241,6 +287,9 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
 
 __all__ = [
     "POLICIES",
+    "FuseLayersRecord",
+    "Fusion",
+    "PlannedFusion",
     "check_policy",
     "fuse_layers_",
     "fuse_pair_",
