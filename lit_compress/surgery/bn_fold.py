@@ -137,7 +137,7 @@ def _check_pairs(pairs: Any) -> list[tuple[str, str]]:
 
 def fold_batchnorm_(
     model: nn.Module,
-    pairs: Sequence[tuple[str, str]] | None = None,
+    pairs: Sequence[Sequence[str]] | None = None,
     example_inputs: Any = None,
     targets: Sequence[str] = ("*",),
 ) -> list[dict[str, Any]]:
@@ -145,7 +145,7 @@ def fold_batchnorm_(
 
     Args:
         model: The model. Fold only a model whose BN statistics are final (eval-mode semantics).
-        pairs: ``(layer_name, bn_name)`` pairs; ``None`` discovers them with
+        pairs: ``(layer_name, bn_name)`` pairs (tuples or lists); ``None`` discovers them with
             :func:`~lit_compress.surgery.chains.find_foldable_batchnorms` (traced when
             ``example_inputs`` is given, else ``nn.Sequential`` adjacency only).
         example_inputs: Inputs for discovery; ignored when ``pairs`` is given.

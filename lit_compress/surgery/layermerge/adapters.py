@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from torch import nn
 
@@ -69,15 +69,19 @@ class UnitLayout:
     act_class: str = "ReLU"
 
 
-UnitAdapter = Callable[[nn.Module], UnitLayout]
-TrunkAdapter = Callable[[nn.Module], list[str]]
+#: ``describe(unit) -> UnitLayout``; registered for a class, it is called with instances of it.
+UnitAdapter = Callable[[Any], UnitLayout]
+#: ``units(net) -> [unit names]``; registered for a class, it is called with instances of it.
+TrunkAdapter = Callable[[Any], list[str]]
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+_EntryT = TypeVar("_EntryT")
 
 _UNITS: dict[type, UnitAdapter] = {}
 _TRUNKS: dict[type, tuple[str, TrunkAdapter]] = {}
 _BUILTINS_LOADED = False
 
 
-def register_merge_unit(cls: type, describe: UnitAdapter) -> None:
+def register_merge_unit(cls: type[_ModuleT], describe: Callable[[_ModuleT], UnitLayout]) -> None:
     """Declare how instances of ``cls`` (and its subclasses) compute; see the module docstring."""
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise ConfigError(f"register_merge_unit: `cls`={cls!r} is not an nn.Module subclass.")
@@ -86,7 +90,7 @@ def register_merge_unit(cls: type, describe: UnitAdapter) -> None:
     _UNITS[cls] = describe
 
 
-def register_merge_trunk(cls: type, units: TrunkAdapter, arch: str | None = None) -> None:
+def register_merge_trunk(cls: type[_ModuleT], units: Callable[[_ModuleT], list[str]], arch: str | None = None) -> None:
     """Declare the residual units of networks of class ``cls``: ``units(net)`` returns their names in order.
 
     ``arch`` names the architecture in plans and reports (default: the class name in lower case).
@@ -98,7 +102,7 @@ def register_merge_trunk(cls: type, units: TrunkAdapter, arch: str | None = None
     _TRUNKS[cls] = (arch or cls.__name__.lower(), units)
 
 
-def _lookup(registry: dict[type, object], module: nn.Module) -> object | None:
+def _lookup(registry: dict[type, _EntryT], module: nn.Module) -> _EntryT | None:
     _load_builtins()
     for klass in type(module).__mro__:
         if klass in registry:
@@ -108,14 +112,12 @@ def _lookup(registry: dict[type, object], module: nn.Module) -> object | None:
 
 def registered_unit(module: nn.Module) -> UnitAdapter | None:
     """The adapter of ``module``'s class (or of its nearest registered base), or ``None``."""
-    found = _lookup(_UNITS, module)  # type: ignore[arg-type]
-    return found  # type: ignore[return-value]
+    return _lookup(_UNITS, module)
 
 
 def registered_trunk(module: nn.Module) -> tuple[str, TrunkAdapter] | None:
     """``(arch, units)`` for ``module``'s class if a trunk adapter is registered, else ``None``."""
-    found = _lookup(_TRUNKS, module)  # type: ignore[arg-type]
-    return found  # type: ignore[return-value]
+    return _lookup(_TRUNKS, module)
 
 
 def unit_layout(unit: nn.Module, name: str) -> UnitLayout:
@@ -166,7 +168,7 @@ def _resnet_block(block: nn.Module) -> UnitLayout:
 
 def _inverted_residual(unit: nn.Module) -> UnitLayout:
     convs: list[ConvEntry] = []
-    layers = list(unit.conv.named_children())
+    layers = list(unit.get_submodule("conv").named_children())
     i = 0
     while i < len(layers):
         cname, child = layers[i]
@@ -199,7 +201,7 @@ def _resnet_units(net: nn.Module) -> list[str]:
 
 def _mobilenet_v2_units(net: nn.Module) -> list[str]:
     # features[0] is the stem conv, features[-1] the last 1x1 conv: both stay outside the search
-    return [f"features.{n}" for n, _ in net.features.named_children()][1:-1]
+    return [f"features.{n}" for n, _ in net.get_submodule("features").named_children()][1:-1]
 
 
 def _load_builtins() -> None:

@@ -444,7 +444,7 @@ def block_candidates(space: MergeSpace, s: int, e: int, l1: dict[int, float]) ->
 
 def enumerate_candidates(model: nn.Module, space: MergeSpace) -> list[Candidate]:
     """All table entries of ``model``'s search space (the rows of the latency/importance tables)."""
-    l1 = {s.index: float(model.get_submodule(s.conv).weight.detach().abs().sum()) for s in space.sites}
+    l1 = {s.index: float(model.get_parameter(f"{s.conv}.weight").detach().abs().sum()) for s in space.sites}
     out: list[Candidate] = []
     for s, e in valid_blocks(space):
         out.extend(block_candidates(space, s, e, l1))

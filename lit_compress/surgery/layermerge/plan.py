@@ -19,20 +19,21 @@ one conv (exact composition, kernel ``1 + Σ (k_i - 1)``) placed at the first ke
 the skips of covered residual units into it (identity: +1 at the centre tap; 1x1 shortcut: its
 BN-folded weight at the centre tap). In eval mode the merged network equals the planned one.
 
-Records::
+Records (:class:`LayerMergePlanRecord`, :class:`LayerMergeFinalRecord`)::
 
     {"op": "layer_merge_plan", "blocks": [...], "layout": {...}}
-    {"op": "layer_merge_final", "blocks": [...], "layout": {...}}
+    {"op": "layer_merge_final", "blocks": [...], "layout": {...}, "kernels": [...]}
 
-``layout`` is plain data describing the planned network (names, original paddings, residual
-spans), so both ops replay on a fresh model without re-analysing it.
+``layout`` (:class:`MergeLayout`) is plain data describing the planned network (names, original
+paddings, residual spans), so both ops replay on a fresh model without re-analysing it.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import nn
@@ -41,11 +42,17 @@ from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.surgery.bn_fold import fold_conv_bn
 from lit_compress.surgery.layermerge.blocks import ACTIVATION_CLASSES, MergeSpace, _block_valid, analyze_merge_space
 from lit_compress.surgery.layermerge.conv import compose_convs, fuse_downsample_skip, fuse_identity_skip
-from lit_compress.surgery.log import make_record
+from lit_compress.surgery.log import plain_record
 from lit_compress.surgery.modules import SurgeryTransaction, get_submodule, replace_submodule
 from lit_compress.surgery.replay import register_replay
 
 __all__ = [
+    "LayerMergeFinalRecord",
+    "LayerMergePlanRecord",
+    "LayoutResidual",
+    "LayoutSite",
+    "MergeBlock",
+    "MergeLayout",
     "PlannedUnit",
     "apply_merge_plan_",
     "check_plan",
@@ -53,6 +60,59 @@ __all__ = [
     "merge_planned_",
     "single_block_plan",
 ]
+
+
+#: ``[start, end, [kept site indices]]``: the block ``(start, end]`` merged into one conv, keeping the
+#: listed sites (1-based, sorted). A list, not a tuple, so plan files and the log hold the same value.
+MergeBlock = list[Any]
+
+
+class LayoutSite(TypedDict):
+    """One conv site of the planned network (names there) and what the merge needs of the original."""
+
+    conv: str
+    bn: str | None
+    act: str | None
+    had_act: bool  # the original site had an activation
+    padding: int  # the original padding
+    stride: int
+    unit: str
+
+
+class LayoutResidual(TypedDict):
+    """A residual unit of the planned network: its skip spans positions ``start`` to ``end``."""
+
+    start: int
+    end: int
+    unit: str
+    skip: str  # "identity" | "conv"
+    shortcut: str | None  # the shortcut module for skip == "conv"
+
+
+class MergeLayout(TypedDict):
+    arch: str
+    root: str
+    act_class: str
+    sites: list[LayoutSite]  # site i (1-based) is sites[i - 1]
+    residuals: list[LayoutResidual]
+    units: list[str]
+
+
+class LayerMergePlanRecord(TypedDict):
+    """Log record of :func:`apply_merge_plan_`."""
+
+    op: Literal["layer_merge_plan"]
+    blocks: list[MergeBlock]
+    layout: MergeLayout
+
+
+class LayerMergeFinalRecord(TypedDict):
+    """Log record of :func:`merge_planned_`: ``kernels`` is each merged conv's kernel size."""
+
+    op: Literal["layer_merge_final"]
+    blocks: list[MergeBlock]
+    layout: MergeLayout
+    kernels: list[int]
 
 
 def _resize(x: torch.Tensor, margin_in: int, margin_out: int) -> torch.Tensor:
@@ -113,12 +173,12 @@ class PlannedUnit(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def identity_plan(space: MergeSpace) -> list[list[Any]]:
+def identity_plan(space: MergeSpace) -> list[MergeBlock]:
     """The plan that changes nothing: every site its own block."""
     return [[p - 1, p, [p]] for p in range(1, space.depth + 1)]
 
 
-def single_block_plan(space: MergeSpace, start: int, end: int, kept: list[int]) -> list[list[Any]]:
+def single_block_plan(space: MergeSpace, start: int, end: int, kept: list[int]) -> list[MergeBlock]:
     """The plan with one block ``(start, end]`` and every other site unchanged."""
     blocks = [[p - 1, p, [p]] for p in range(1, start + 1)]
     blocks.append([start, end, list(kept)])
@@ -126,7 +186,7 @@ def single_block_plan(space: MergeSpace, start: int, end: int, kept: list[int]) 
     return blocks
 
 
-def check_plan(space: MergeSpace, blocks: Any) -> list[list[Any]]:
+def check_plan(space: MergeSpace, blocks: Any) -> list[MergeBlock]:
     """Validate ``blocks`` against ``space``: a tiling of 0..L by valid blocks with valid kept sets.
 
     Raises:
@@ -134,7 +194,7 @@ def check_plan(space: MergeSpace, blocks: Any) -> list[list[Any]]:
     """
     if not isinstance(blocks, (list, tuple)) or not blocks:
         raise ConfigError(f"LayerMerge plan: `blocks` must be a non-empty list of [start, end, kept], got {blocks!r}.")
-    out = []
+    out: list[MergeBlock] = []
     pos = 0
     for blk in blocks:
         try:
@@ -166,14 +226,17 @@ def check_plan(space: MergeSpace, blocks: Any) -> list[list[Any]]:
     return out
 
 
-def _layout(space: MergeSpace, blocks: list[list[Any]]) -> dict[str, Any]:
+def _layout(space: MergeSpace) -> MergeLayout:
     """Plain-data description of the planned network: per site its names there, per unit its skip."""
     residual = space.arch != "sequential"
     unit_sizes: dict[str, int] = {}
     for site in space.sites:
         unit_sizes[site.unit] = unit_sizes.get(site.unit, 0) + 1
-    sites = []
+    sites: list[LayoutSite] = []
     for site in space.sites:
+        conv: str
+        bn: str | None
+        act: str | None
         if residual:
             last = site.local == unit_sizes[site.unit] - 1
             conv = f"{site.unit}.body.conv{site.local}"
@@ -212,7 +275,7 @@ def _layout(space: MergeSpace, blocks: list[list[Any]]) -> dict[str, Any]:
 
 
 def _position_settings(
-    layout: dict[str, Any], blocks: list[list[Any]]
+    layout: MergeLayout, blocks: list[MergeBlock]
 ) -> tuple[dict[int, str], dict[int, int], dict[int, int]]:
     """Per position: activation ("keep" / "force" / "drop"); per position: chain margin; per site: new padding."""
     sites = layout["sites"]
@@ -243,12 +306,29 @@ def _position_settings(
     return act, margin, padding
 
 
-def _new_act(layout: dict[str, Any]) -> nn.Module:
+def _new_act(layout: MergeLayout) -> nn.Module:
     cls = ACTIVATION_CLASSES.get(layout["act_class"], nn.ReLU)
     return cls()
 
 
-def _with_padding(conv: nn.Conv2d, pad: int) -> nn.Conv2d:
+def _out_of_place(act: nn.Module) -> nn.Module:
+    """``act`` with ``inplace=False`` where it has the flag (an in-place activation would overwrite
+    the tensor a skip connection still reads)."""
+    if hasattr(act, "inplace"):
+        flagged: Any = act  # the flag is a plain attribute that nn.Module does not declare
+        flagged.inplace = False
+    return act
+
+
+def _shortcut_name(name: str | None, unit: str) -> str:
+    if name is None:
+        raise SurgeryError(f"LayerMerge: the residual unit `{unit}` has a conv skip but no shortcut module.")
+    return name
+
+
+def _with_padding(conv: nn.Module, pad: int) -> nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d):
+        raise SurgeryError(f"LayerMerge: a kept site is a {type(conv).__name__}, expected nn.Conv2d.")
     if tuple(conv.padding) == (pad, pad):
         return conv
     new = copy.deepcopy(conv)
@@ -260,20 +340,21 @@ def apply_merge_plan_(model: nn.Module, blocks: Any, space: MergeSpace | None = 
     """Turn ``model`` into the unmerged fine-tuning network of the plan ``blocks``, in place.
 
     Returns:
-        ``[make_record("layer_merge_plan", blocks=..., layout=...)]``.
+        One :class:`LayerMergePlanRecord`.
 
     Raises:
         ConfigError: For an unsupported architecture or an invalid plan; the model is then unchanged.
     """
     space = space if space is not None else analyze_merge_space(model)
     blocks = check_plan(space, blocks)
-    layout = _layout(space, blocks)
+    layout = _layout(space)
     with SurgeryTransaction():
         _apply(model, space, layout, blocks)
-    return [make_record("layer_merge_plan", blocks=blocks, layout=layout)]
+    record: LayerMergePlanRecord = {"op": "layer_merge_plan", "blocks": blocks, "layout": layout}
+    return [plain_record(record)]
 
 
-def _apply(model: nn.Module, space: MergeSpace, layout: dict[str, Any], blocks: list[list[Any]]) -> None:
+def _apply(model: nn.Module, space: MergeSpace, layout: MergeLayout, blocks: list[MergeBlock]) -> None:
     act, margin, padding = _position_settings(layout, blocks)
     kept = {i for _, _, k in blocks for i in k}
     if space.arch == "sequential":
@@ -308,9 +389,7 @@ def _apply(model: nn.Module, space: MergeSpace, layout: dict[str, Any], blocks: 
                 if site.bn:
                     body[f"bn{j}"] = nn.Identity()
             a = _new_act(layout) if site.act is None else type(get_submodule(model, site.act))()
-            a = a if act[i] in ("keep", "force") else nn.Identity()
-            if hasattr(a, "inplace"):
-                a.inplace = False
+            a = _out_of_place(a) if act[i] in ("keep", "force") else nn.Identity()
             if j == len(usites) - 1:
                 post = a
             else:
@@ -318,7 +397,7 @@ def _apply(model: nn.Module, space: MergeSpace, layout: dict[str, Any], blocks: 
         res = residual_of.get(uname)
         shortcut, stride = None, 1
         if res is not None and res.skip == "conv":
-            shortcut = get_submodule(model, res.shortcut)
+            shortcut = get_submodule(model, _shortcut_name(res.shortcut, uname))
             stride = int(next(m for m in shortcut.modules() if isinstance(m, nn.Conv2d)).stride[0])
         unit = PlannedUnit(
             nn.Sequential(body),
@@ -334,10 +413,10 @@ def _apply(model: nn.Module, space: MergeSpace, layout: dict[str, Any], blocks: 
 
 
 @register_replay("layer_merge_plan")
-def _replay_plan(model: nn.Module, record: dict[str, Any]) -> None:
+def _replay_plan(model: nn.Module, record: LayerMergePlanRecord) -> None:
     space = analyze_merge_space(model)
     blocks = check_plan(space, record["blocks"])
-    _apply(model, space, _layout(space, blocks), blocks)
+    _apply(model, space, _layout(space), blocks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +424,7 @@ def _replay_plan(model: nn.Module, record: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _folded(model: nn.Module, site: dict[str, Any]) -> nn.Conv2d:
+def _folded(model: nn.Module, site: LayoutSite) -> nn.Conv2d:
     """The site's conv with its BN folded (eval statistics) and its ORIGINAL padding, in float64."""
     conv = get_submodule(model, site["conv"])
     if not isinstance(conv, nn.Conv2d):
@@ -362,6 +441,10 @@ def _folded(model: nn.Module, site: dict[str, Any]) -> nn.Conv2d:
 def _fold_shortcut(model: nn.Module, name: str) -> nn.Conv2d:
     seq = get_submodule(model, name)
     conv, bn = list(seq.children())
+    if not isinstance(conv, nn.Conv2d):
+        raise SurgeryError(
+            f"LayerMerge merge: the shortcut `{name}` starts with a {type(conv).__name__}, expected Conv2d."
+        )
     return fold_conv_bn(copy.deepcopy(conv).to(torch.float64), copy.deepcopy(bn).to(torch.float64).eval())
 
 
@@ -379,18 +462,23 @@ def _absorb(merged: nn.Conv2d | None, conv: nn.Conv2d, pending: float) -> tuple[
 
 
 @torch.no_grad()
-def merge_planned_(model: nn.Module, record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Merge a network planned by :func:`apply_merge_plan_` (its ``record``) into one conv per block.
+def merge_planned_(model: nn.Module, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Merge a network planned by :func:`apply_merge_plan_` into one conv per block.
+
+    Args:
+        model: The planned network.
+        record: Its :class:`LayerMergePlanRecord` (or, on replay, a :class:`LayerMergeFinalRecord`).
 
     Returns:
-        ``[make_record("layer_merge_final", blocks=..., layout=..., kernels=[...])]``.
+        One :class:`LayerMergeFinalRecord`.
 
     Raises:
         SurgeryError: If the model does not have the planned structure; it is then unchanged.
     """
-    blocks, layout = record["blocks"], record["layout"]
+    blocks: list[MergeBlock] = record["blocks"]
+    layout: MergeLayout = record["layout"]
     sites = layout["sites"]
-    finals: list[tuple[list[Any], list[dict[str, Any]], nn.Conv2d]] = []
+    finals: list[tuple[MergeBlock, list[LayoutResidual], nn.Conv2d]] = []
     for s, e, kept in blocks:  # compute everything first: the model is edited only if all blocks merge
         covered = [r for r in layout["residuals"] if s <= r["start"] and r["end"] <= e]
         ref = get_submodule(model, sites[kept[0] - 1]["conv"])
@@ -415,22 +503,24 @@ def merge_planned_(model: nn.Module, record: dict[str, Any]) -> list[dict[str, A
                         pending *= 2.0
                     else:
                         merged.weight.mul_(2.0)
-                        merged.bias.mul_(2.0)
+                        if merged.bias is not None:
+                            merged.bias.mul_(2.0)
                     continue
                 if res["skip"] == "identity":
                     segment = fuse_identity_skip(segment)
                 else:
-                    segment = fuse_downsample_skip(segment, _fold_shortcut(model, res["shortcut"]))
+                    shortcut = _fold_shortcut(model, _shortcut_name(res["shortcut"], res["unit"]))
+                    segment = fuse_downsample_skip(segment, shortcut)
                 merged, pending = _absorb(merged, segment, pending)
                 segment = None
         if merged is None:
             raise SurgeryError(f"LayerMerge merge: block ({s}, {e}] has no kept conv.")
         final = merged.to(device=ref.weight.device, dtype=ref.weight.dtype)
-        final.weight.requires_grad_(ref.weight.requires_grad)
-        final.bias.requires_grad_(ref.weight.requires_grad)
+        for param in final.parameters():  # weight and bias
+            param.requires_grad_(ref.weight.requires_grad)
         final.train(ref.training)
         finals.append(([s, e, kept], covered, final))
-    kernels = []
+    kernels: list[int] = []
     with SurgeryTransaction():
         for (s, e, kept), covered, final in finals:
             kernels.append(int(final.kernel_size[0]))
@@ -441,16 +531,22 @@ def merge_planned_(model: nn.Module, record: dict[str, Any]) -> list[dict[str, A
                     replace_submodule(model, site["bn"], nn.Identity())
             for r in covered:
                 if r["skip"] == "conv":
-                    replace_submodule(model, r["shortcut"], nn.Identity())
-        for (s, e, kept), covered, final in finals:
+                    replace_submodule(model, _shortcut_name(r["shortcut"], r["unit"]), nn.Identity())
+        for _, covered, _ in finals:
             for r in covered:
                 unit = get_submodule(model, r["unit"])
                 if isinstance(unit, PlannedUnit):
                     unit.skip = "none"
                     unit.margin_in = unit.margin_out = 0
-    return [make_record("layer_merge_final", blocks=blocks, layout=layout, kernels=kernels)]
+    final_record: LayerMergeFinalRecord = {
+        "op": "layer_merge_final",
+        "blocks": blocks,
+        "layout": layout,
+        "kernels": kernels,
+    }
+    return [plain_record(final_record)]
 
 
 @register_replay("layer_merge_final")
-def _replay_final(model: nn.Module, record: dict[str, Any]) -> None:
+def _replay_final(model: nn.Module, record: LayerMergeFinalRecord) -> None:
     merge_planned_(model, record)
