@@ -1,9 +1,17 @@
-"""measure_latency: sane numbers, honoured repeats and batch size, state restored."""
+"""measure_latency: sane numbers, honoured repeats and batch size, state restored.
+
+Only the test marked ``slow`` asserts on times read from the real clock; the others either do not
+look at the times or run on a fake clock.
+"""
+
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+import lit_compress.measure.latency as latency_module
 from lit_compress.errors import ConfigError
 from lit_compress.inputs import rebatch
 from lit_compress.measure import measure_latency, percentile
@@ -15,6 +23,26 @@ def make() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 2))
 
 
+def fake_clock(durations_ms: list[float]) -> Iterator[float]:
+    """``perf_counter`` values in seconds: one (start, stop) pair per timed call, ``durations_ms`` apart."""
+    for i, ms in enumerate(durations_ms):
+        yield float(i)
+        yield i + ms / 1000.0
+
+
+def test_statistics_of_the_timed_calls_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = fake_clock([5.0, 1.0, 3.0, 2.0, 4.0])
+    monkeypatch.setattr(latency_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    result = measure_latency(make(), torch.randn(3, 8), warmup=2, repeats=5)
+    assert next(clock, None) is None  # exactly the 5 timed calls read the clock, twice each
+    assert set(result) == KEYS
+    assert result["median_ms"] == pytest.approx(3.0)
+    assert result["p10_ms"] == pytest.approx(1.4) and result["p90_ms"] == pytest.approx(4.6)
+    assert all(type(result[k]) is float for k in ("median_ms", "p10_ms", "p90_ms"))
+    assert result["batch_size"] == 3 and result["device"] == "cpu" and result["repeats"] == 5
+
+
+@pytest.mark.slow
 def test_sane_numbers_and_plain_types():
     result = measure_latency(make(), torch.randn(3, 8), warmup=1, repeats=5)
     assert set(result) == KEYS

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lit_compress.errors import ConfigError, allowed
+from lit_compress.errors import ConfigError, SurgeryError, allowed
 from lit_compress.surgery.alds.low_rank import (
     LowRankLayer,
     LowRankPlan,
@@ -273,7 +273,7 @@ class _Search:
             if res is not None:
                 return ks, res[0], res[1]
             if all(k == 1 for k in ks):
-                raise RuntimeError("infeasible budget")  # excluded by the caller's feasibility check
+                raise SurgeryError("ALDS: the budget is infeasible even at k = 1")  # the caller checked it
             ks = [max(d for d in t.ks if d <= max(1, k // 2)) for t, k in zip(self.tables, ks)]
 
     def run_seed(self, ks: list[int], budget: float, alternations: int) -> tuple[list[int], list[int], float]:
@@ -306,15 +306,13 @@ def _alds_search(
 ) -> tuple[list[int], list[int], float, int]:
     search = _Search(tables)
     rng = np.random.default_rng(seed)
-    best: tuple[float, int, list[int], list[int], int] | None = None
+    results: list[tuple[tuple[float, int], list[int], list[int], int]] = []
     for s in range(num_seeds):
         ks, js, worst = search.run_seed(_initial_ks(tables, s, rng), budget, alternations)
         size = sum(t.size(k, j) for t, k, j in zip(tables, ks, js))
-        key = (worst, -size)
-        if best is None or key < (best[0], best[1]):
-            best = (worst, -size, ks, js, s)
-    assert best is not None
-    return best[2], best[3], best[0], best[4]
+        results.append(((worst, -size), ks, js, s))
+    (worst, _), ks, js, s = min(results, key=lambda r: r[0])  # the smallest worst error, then the largest size
+    return ks, js, worst, s
 
 
 def _knob_search(tables: list[LayerTable], budget: float, rank_of: Any) -> list[int]:
@@ -387,8 +385,9 @@ def allocate(
     Deterministic for a given ``seed``.
 
     Raises:
-        ConfigError: ``keep_ratio`` outside (0, 1], no decomposable layer among ``names``, or a
-            budget below what rank 1 everywhere needs (the message gives the smallest reachable ratio).
+        ConfigError: ``keep_ratio`` outside (0, 1], ``num_seeds`` < 1, ``alternations`` < 0, no
+            decomposable layer among ``names``, or a budget below what rank 1 everywhere needs (the
+            message gives the smallest reachable ratio).
     """
     start = time.perf_counter()
     if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
@@ -397,6 +396,9 @@ def allocate(
         raise allowed("method", method, "must be one of 'alds', 'uniform', 'energy'")
     if error_bound not in ("code", "theorem"):
         raise allowed("error_bound", error_bound, "must be 'code' or 'theorem'")
+    for name, value, least in (("num_seeds", num_seeds, 1), ("alternations", alternations, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise allowed(name, value, f"must be an int >= {least}")
     ok, skipped = target_layers(model, names)
     if not ok:
         detail = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:5]) or "no module given"

@@ -119,6 +119,10 @@ def test_bad_input_names_the_argument() -> None:
         allocate(dw, ["0"], 0.5, progress=False)
     with pytest.raises(ConfigError, match=r"`method`"):
         allocate(_MODEL, _NAMES, 0.5, method="pca", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"`num_seeds`=0 is not allowed: must be an int >= 1"):
+        allocate(_MODEL, _NAMES, 0.5, num_seeds=0, progress=False)
+    with pytest.raises(ConfigError, match=r"`alternations`=-1 is not allowed: must be an int >= 0"):
+        allocate(_MODEL, _NAMES, 0.5, alternations=-1, progress=False)
 
 
 @pytest.mark.slow
