@@ -113,6 +113,8 @@ class SkippedLink(TypedDict):
 
 
 class CollapseMetrics(TypedDict):
+    """What a collapse measured: not needed to replay it."""
+
     slopes: list[float]  # of the collapsed links (NaN for a plain activation linearised post-training)
     tau: float
     params_before: int

@@ -90,6 +90,8 @@ class LayoutResidual(TypedDict):
 
 
 class MergeLayout(TypedDict):
+    """The planned network as plain data, so that a log replays without analysing the model again."""
+
     arch: str
     root: str
     act_class: str
