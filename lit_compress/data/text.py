@@ -4,10 +4,11 @@ Folder layouts: WikiText (``wiki.train.tokens``, ``wiki.valid.tokens``, ``wiki.t
 ``train.txt``, ``valid.txt``, ``test.txt``. A single file is split 90/5/5 by token position.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from lit_compress.data._lm import UNK, Vocabulary, WindowedLMDataModule, compact_ids
+from lit_compress.data._lm import UNK, Corpus, Vocabulary, WindowedLMDataModule, compact_ids
 from lit_compress.errors import allowed
 
 #: Accepted folder layouts: (train, validation, test) file names.
@@ -33,10 +34,10 @@ def find_split_files(path: str) -> tuple[Path, Path, Path] | None:
         return None
     if not p.is_dir():
         raise FileNotFoundError(f"`path`={path!r} does not exist: it must be {_LAYOUT_TEXT}.")
-    for names in LAYOUTS:
-        files = tuple(p / n for n in names)
+    for train, valid, test in LAYOUTS:
+        files = (p / train, p / valid, p / test)
         if all(f.is_file() for f in files):
-            return files  # type: ignore[return-value]
+            return files
     raise FileNotFoundError(
         f"`path`={path!r} is a folder without the expected files: it must be {_LAYOUT_TEXT}. "
         f"Found: {', '.join(sorted(f.name for f in p.iterdir())[:10]) or 'nothing'}."
@@ -63,7 +64,8 @@ class TextFileDataModule(WindowedLMDataModule):
         encoding: Text encoding of the files.
 
     Batches: ``(x, y)``, both ``(batch_size, block_size)`` int64, ``y`` = ``x`` shifted by one.
-    ``vocab_size``, ``encode`` and ``decode`` are available right after construction.
+    ``__init__`` only checks that ``path`` exists: the files are read by ``setup`` or by the first
+    use of ``vocab_size``, ``encode``, ``decode`` or a split (then kept).
     """
 
     def __init__(
@@ -87,27 +89,30 @@ class TextFileDataModule(WindowedLMDataModule):
         self.save_hyperparameters()
         self.path = path
         self.level = level
-        files = find_split_files(path)
+        self.max_chars = max_chars
+        self.encoding = encoding
+        self.files = find_split_files(path)  # checks that the path exists; nothing is read yet
 
-        def read(f: Path) -> str:
-            with open(f, encoding=encoding) as fh:
-                return fh.read(max_chars) if max_chars is not None else fh.read()
+    def _read(self, file: Path) -> str:
+        with open(file, encoding=self.encoding) as fh:
+            return fh.read(self.max_chars) if self.max_chars is not None else fh.read()
 
-        if files is None:
-            text = read(Path(path).expanduser())
-            tokens = text if level == "char" else text.split()
-            n = len(tokens)
-            a, b = int(0.9 * n), int(0.95 * n)
+    def read_corpus(self) -> Corpus:
+        """Read the file(s), build the vocabulary (see ``level``) and encode the three splits."""
+        if self.files is None:
+            text = self._read(Path(self.path).expanduser())
+            tokens: Sequence[str] = text if self.level == "char" else text.split()
+            a, b = int(0.9 * len(tokens)), int(0.95 * len(tokens))
             splits = [tokens[:a], tokens[a:b], tokens[b:]]
         else:
-            texts = [read(f) for f in files]
-            splits = [t if level == "char" else t.split() for t in texts]
-        if level == "char":
-            self.vocab = Vocabulary("".join(splits), level="char")  # type: ignore[arg-type]
+            texts = [self._read(f) for f in self.files]
+            splits = [t if self.level == "char" else t.split() for t in texts]
+        if self.level == "char":
+            vocab = Vocabulary({c for s in splits for c in s}, level="char")
         else:
-            self.vocab = Vocabulary([*splits[0], UNK], level="word", unk=UNK)
-        train, val, test = (compact_ids(self.vocab.encode_tokens(s), len(self.vocab)) for s in splits)
-        self._set_splits(train, val, test, "path", path)
+            vocab = Vocabulary([*splits[0], UNK], level="word", unk=UNK)
+        train, val, test = (compact_ids(vocab.encode_tokens(s), len(vocab)) for s in splits)
+        return self.make_corpus(vocab, train, val, test, "path", self.path)
 
 
 __all__ = ["LAYOUTS", "TextFileDataModule", "find_split_files"]

@@ -202,8 +202,9 @@ __all__ = [
 ]
 
 
-def _merge_layout(block: BasicBlock) -> UnitLayout:
+def _merge_layout(block: nn.Module) -> UnitLayout:
     """LayerMerge's view of a :class:`BasicBlock` (identity or 1x1-conv shortcut; option A is refused)."""
+    assert isinstance(block, BasicBlock), type(block)  # registered for BasicBlock only
     if any(isinstance(m, PadShortcut) for m in block.shortcut):
         raise ConfigError(
             "LayerMerge: a CIFAR ResNet block with a zero-padding shortcut (shortcut='pad') cannot be merged; only "

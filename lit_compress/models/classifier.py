@@ -121,8 +121,10 @@ class ImageClassifier(CompressMixin, L.LightningModule):
     Args:
         backbone: One of ``small_cnn``, ``vgg_cnn``, ``cifar_resnet{20,32,44,56,110}``, or any
             torchvision classification model name (built with ``weights=None``).
-        num_classes: Number of classes.
-        in_channels: Input channels (a torchvision model's first conv is replaced when not 3).
+        num_classes: Number of classes (in the ``lit_compress`` CLI: the data module's ``num_classes``
+            when it has one).
+        in_channels: Input channels; a torchvision model's first conv is replaced when not 3 (in the
+            ``lit_compress`` CLI: the data module's ``in_channels`` when it has one).
         width_mult: Width multiplier of our backbones (must be 1.0 for torchvision models).
         image_size: Height = width of ``example_input_array`` (and of ViT models).
         optimizer: ``sgd`` (with momentum), ``adamw`` or ``adam``.
@@ -209,21 +211,25 @@ class ImageClassifier(CompressMixin, L.LightningModule):
         The schedule starts at the trainer's current epoch (see :func:`lambda_lr_at`), so a call in the
         middle of training continues it where it was instead of restarting it.
         """
-        hp = self.hparams
+        hp = self.hparams  # read here (not copied in __init__), so that changes to hparams (an LR finder) apply
+        optimizer: str = hp["optimizer"]
+        lr: float = hp["lr"]
+        weight_decay: float = hp["weight_decay"]
+        scheduler: str = hp["scheduler"]
         # Weight decay on weight matrices and kernels only: not on biases, norm parameters, or the
         # scalar slopes that LayerCollapse adds (decay would pull them away from 1).
         trainable = [p for p in self.parameters() if p.requires_grad]
         params = [
-            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
         ]
-        if hp.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum)
-        elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=hp.lr)
+        if optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=hp["momentum"])
+        elif optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr)
         else:
-            opt = torch.optim.Adam(params, lr=hp.lr)
-        if hp.scheduler == "none":
+            opt = torch.optim.Adam(params, lr=lr)
+        if scheduler == "none":
             return opt
         trainer = self._trainer
         max_epochs = getattr(trainer, "max_epochs", None) if trainer is not None else None
@@ -233,7 +239,7 @@ class ImageClassifier(CompressMixin, L.LightningModule):
             interval, start = "step", int(getattr(trainer, "global_step", 0) or 0)
         else:
             horizon, interval, start = max_epochs, "epoch", int(getattr(trainer, "current_epoch", 0) or 0)
-        factor = _cosine_factor if hp.scheduler == "cosine" else _step_factor
+        factor = _cosine_factor if scheduler == "cosine" else _step_factor
         sched = lambda_lr_at(opt, lambda i: factor(i, horizon), start)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 

@@ -31,7 +31,7 @@ class HFCausalLM(nn.Module):
                 f"`architecture`={architecture!r} needs Hugging Face transformers: pip install 'lit_compress[hf]'."
             ) from err
         if architecture == "gpt2":
-            config = transformers.GPT2Config(
+            gpt2 = transformers.GPT2Config(
                 vocab_size=vocab_size,
                 n_positions=block_size,
                 n_embd=d_model,
@@ -41,9 +41,9 @@ class HFCausalLM(nn.Module):
                 embd_pdrop=dropout,
                 attn_pdrop=dropout,
             )
-            self.model = transformers.GPT2LMHeadModel(config)
+            self.model: nn.Module = transformers.GPT2LMHeadModel(gpt2)
         else:
-            config = transformers.BertConfig(
+            bert = transformers.BertConfig(
                 vocab_size=vocab_size,
                 max_position_embeddings=block_size,
                 hidden_size=d_model,
@@ -54,7 +54,7 @@ class HFCausalLM(nn.Module):
                 attention_probs_dropout_prob=dropout,
                 is_decoder=True,
             )
-            self.model = transformers.BertLMHeadModel(config)
+            self.model = transformers.BertLMHeadModel(bert)
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(input_ids=idx).logits  # (B, T, V)

@@ -15,7 +15,12 @@ from lit_compress.errors import allowed
 from lit_compress.models.classifier import lambda_lr_at
 from lit_compress.models.transformer import TransformerLM, check_transformer_args
 
-_NO_DECAY_MODULES = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+_NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.Embedding,
+    nn.GroupNorm,
+    nn.modules.batchnorm._NormBase,
+)
 if hasattr(nn, "RMSNorm"):
     _NO_DECAY_MODULES = (*_NO_DECAY_MODULES, nn.RMSNorm)
 
@@ -174,8 +179,11 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
         The schedule starts at the trainer's ``global_step`` (see
         :func:`~lit_compress.models.classifier.lambda_lr_at`), so re-creating it mid-training continues it.
         """
-        hp = self.hparams
-        opt = torch.optim.AdamW(decay_groups(self, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.95))
+        hp = self.hparams  # read here (not copied in __init__), so that changes to hparams (an LR finder) apply
+        lr: float = hp["lr"]
+        weight_decay: float = hp["weight_decay"]
+        warmup: int = hp["warmup_steps"]
+        opt = torch.optim.AdamW(decay_groups(self, weight_decay), lr=lr, betas=(0.9, 0.95))
         trainer = self._trainer
         total: int | None = None
         start = 0
@@ -183,7 +191,6 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
             steps = trainer.estimated_stepping_batches
             total = int(steps) if math.isfinite(steps) else None
             start = int(trainer.global_step)
-        warmup = hp.warmup_steps
         sched = lambda_lr_at(opt, lambda s: warmup_cosine(s, warmup, total), start)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -195,7 +202,7 @@ class CausalLanguageModel(CompressMixin, L.LightningModule):
         The context is cropped to the last ``block_size`` tokens. Call ``.eval()`` first when the model
         has dropout.
         """
-        block_size = self.hparams.block_size
+        block_size: int = self.hparams["block_size"]
         for _ in range(max_new_tokens):
             logits = self(idx[:, -block_size:])[:, -1, :]  # (B, V)
             if temperature <= 0:

