@@ -197,7 +197,7 @@ def image_part(
         for p in FRACTIONS:
             cr = f"p={p} (CR {1 / (1 - p):.2f})"
             fusion = LayerFusion(
-                fraction=p, increments=increments, every_n_epochs=1, start=1, measure=MEASURE, policy=POLICY
+                fraction=p, increments=increments, every_n_epochs=1, at_epoch=1, measure=MEASURE, policy=POLICY
             )
             fused, wall = retrained([fusion])
             fused_row = record(
@@ -308,7 +308,7 @@ def lm_part(
         fraction=0.8,
         increments=k,
         every_n_steps=max(1, retrain // (k + 2)),
-        start=1,
+        at_step=1,
         measure=MEASURE,
         policy=POLICY,
         include_norms=True,

@@ -97,7 +97,7 @@ def compression_schedule(out: Path) -> list[L.Callback]:
         ALDS(keep_ratio=0.35, at_epoch=3, targets=["classifier.1"], rewind_lr=False),
         LayerMerge(
             budget=0.6,
-            plan_at_epoch=2,
+            at_epoch=2,
             importance="loss_proxy",
             latency_batch_size=16,
             latency_cache=str(out / "latency.json"),

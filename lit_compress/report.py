@@ -330,15 +330,16 @@ def plot_report(
         raw = [_number(r["metrics"].get(key)) for r in rows]
         ref = _number(original.get(key))
         relative = ref is not None and ref != 0
-        ys = [math.nan if v is None else (v / ref if relative else v) for v in raw]
+        scale = ref if ref else 1.0  # 1.0: absolute values where there is no original to divide by
+        ys = [math.nan if v is None else v / scale for v in raw]
         _draw(ax, xs, ys, title)
         ax.set_ylabel("relative to original" if relative else ("ms" if key == "latency_ms" else "count"))
         if relative:
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ax = axes[3]
     for name in names:
-        ys = [_number(r["metrics"].get(name)) for r in rows]
-        _draw(ax, xs, [math.nan if v is None else v for v in ys], "validation", label=name)
+        values = [_number(r["metrics"].get(name)) for r in rows]
+        _draw(ax, xs, [math.nan if v is None else v for v in values], "validation", label=name)
     if names:
         ax.legend(fontsize="small")
     else:

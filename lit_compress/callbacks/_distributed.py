@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import atexit
-from typing import Any
+from typing import TypeVar
 
+import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lit_compress.errors import ConfigError
 
-def check_strategy_supported(trainer: Any, who: str) -> None:
+T = TypeVar("T")
+
+
+def check_strategy_supported(trainer: pl.Trainer, who: str) -> None:
     """Refuse strategies that restore checkpoints after wrapping (FSDP, DeepSpeed, ModelParallel).
 
     Raises:
-        MisconfigurationException: Naming the strategy and what to use instead.
+        ConfigError: Naming the strategy and what to use instead.
     """
     strategy = trainer.strategy
     if getattr(strategy, "restore_checkpoint_after_setup", False):
-        raise MisconfigurationException(
+        raise ConfigError(
             f"`{who}` changes the model's structure during training, which is not supported under "
             f"`{type(strategy).__name__}` yet: sharded strategies load checkpoints after wrapping the model, "
             "so a compressed checkpoint could not be restored. Use `strategy='ddp'` (or 'ddp_spawn', "
@@ -27,39 +32,41 @@ def check_strategy_supported(trainer: Any, who: str) -> None:
         )
 
 
-def broadcast_from_rank_zero(trainer: Any, obj: Any) -> Any:
+def broadcast_from_rank_zero(trainer: pl.Trainer, obj: T) -> T:
     """``obj`` as computed on rank 0, on every rank (a no-op on one process)."""
     if trainer.world_size <= 1:
         return obj
     return trainer.strategy.broadcast(obj, src=0)
 
 
-def average_batchnorm_stats(trainer: Any, module: nn.Module) -> None:
+def average_batchnorm_stats(trainer: pl.Trainer, module: nn.Module) -> None:
     """Average BatchNorm running statistics over ranks after a per-rank re-estimation."""
     if trainer.world_size <= 1:
         return
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            for buf in (m.running_mean, m.running_var):
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        for buf in (m.running_mean, m.running_var):
+            if buf is not None:
                 reduced = trainer.strategy.reduce(buf.detach().clone().float(), reduce_op="mean")
                 buf.copy_(reduced.to(buf.dtype))
 
 
-def rewrap_ddp(trainer: Any, module: nn.Module) -> bool:
+def rewrap_ddp(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
     """Build a new ``DistributedDataParallel`` around ``module`` if the strategy had one.
 
     The DDP constructor broadcasts rank 0's parameters and buffers, so every rank holds identical
     weights afterwards. Returns whether a re-wrap happened.
     """
     strategy = trainer.strategy
-    if not isinstance(strategy.model, DistributedDataParallel):
+    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
         return False
     strategy.model = module
     strategy.configure_ddp()
     return True
 
 
-def convert_for_precision(trainer: Any, module: nn.Module) -> None:
+def convert_for_precision(trainer: pl.Trainer, module: nn.Module) -> None:
     """Under ``*-true`` precision, convert freshly created modules to the plugin's dtype.
 
     ``HalfPrecision.convert_module`` casts floating parameters and buffers; modules already in that
@@ -72,7 +79,7 @@ def convert_for_precision(trainer: Any, module: nn.Module) -> None:
         plugin.convert_module(module)
 
 
-def is_spawn_launcher(trainer: Any) -> bool:
+def is_spawn_launcher(trainer: pl.Trainer) -> bool:
     """Whether the model object of the launching process is a copy that Lightning refreshes with ``strict=False``."""
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
@@ -107,16 +114,3 @@ def _destroy_if_gloo() -> None:
     dist = torch.distributed
     if dist.is_initialized() and dist.get_backend() == "gloo":
         dist.destroy_process_group()
-
-
-def tensors_equal_across_ranks(trainer: Any, module: nn.Module) -> bool:
-    """Whether every rank holds bit-identical parameters and buffers (a debugging aid)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        if isinstance(t, torch.Tensor):
-            digest.update(name.encode())
-            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    gathered = trainer.strategy.all_gather(torch.tensor(list(digest.digest()), dtype=torch.uint8))
-    return bool((gathered == gathered[0]).all()) if gathered.dim() > 1 else True

@@ -1,4 +1,5 @@
-"""Model inputs for measurements and BatchNorm re-estimation, taken from what the Trainer already has.
+"""Model inputs for measurements and BatchNorm re-estimation, taken from what the Trainer already has,
+and the torch RNG states that keep such extra data passes from shifting training.
 
 The convention for what an input is (tensor, positional tuple/list, keyword dict) lives in
 :mod:`lit_compress.inputs`.
@@ -10,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -24,7 +26,22 @@ def isolated_rng() -> Iterator[None]:
         yield
 
 
-def train_batches(trainer: Any, limit: int) -> Iterator[Any]:
+def rng_states() -> dict[str, Any]:
+    """torch's CPU (and, once initialised, CUDA) generator states, as tensors (``weights_only``-loadable)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def train_batches(trainer: pl.Trainer, limit: int) -> Iterator[Any]:
     """Up to ``limit`` batches from the training dataloader, moved to the module's device.
 
     Iterates a fresh iterator of ``trainer.train_dataloader`` (under DDP each rank sees its shard).
@@ -43,7 +60,7 @@ def train_batches(trainer: Any, limit: int) -> Iterator[Any]:
         yield trainer.strategy.batch_to_device(batch)
 
 
-def example_inputs(trainer: Any, module: nn.Module, cached: Any = None, n: int = 2) -> Any:
+def example_inputs(trainer: pl.Trainer | None, module: nn.Module, cached: Any = None, n: int = 2) -> Any:
     """A small input for tracing and measuring: ``example_input_array``, a cached batch, or one drawn.
 
     Returns ``None`` when no input can be found (no example array and no training data).

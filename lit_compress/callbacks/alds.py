@@ -20,16 +20,18 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import lightning as L
+import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_compress.callbacks.base import CompressionCallback, Moment
+from lit_compress.callbacks._optim import OptimizerSnapshot
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import allowed
 from lit_compress.surgery.alds.allocate import allocate, dense_param_count, target_layers
 from lit_compress.surgery.alds.low_rank import LowRankLayer, low_rank_decompose_, low_rank_recompose_
@@ -38,7 +40,20 @@ from lit_compress.surgery.select import select_modules
 _TYPES = (nn.Conv2d, nn.Linear, LowRankLayer)
 
 
-class ALDS(CompressionCallback):
+class ALDSPlan(TypedDict):
+    """One ALDS event (plain data, broadcast from rank 0).
+
+    ``layers``: the target layers (resolved once); ``recompose``: decomposed layers made dense
+    first; ``decompose``: ``{name: {"groups": k, "rank": j}}``; ``summary``: the allocation's numbers.
+    """
+
+    layers: list[str]
+    recompose: list[str]
+    decompose: dict[str, dict[str, int]]
+    summary: dict[str, Any]
+
+
+class ALDS(CompressionCallback[ALDSPlan]):
     """Compress with ALDS, one-shot or as a cascade of keep ratios, with LR rewinding.
 
     Args:
@@ -95,16 +110,17 @@ class ALDS(CompressionCallback):
             _check_ratio("keep_ratio", keep_ratio)
         if not isinstance(at_epoch, int) or at_epoch < 0:
             raise allowed("at_epoch", at_epoch, "must be an integer >= 0")
+        steps: list[tuple[Any, ...]] = []
         if cascade is not None:
-            cascade = [tuple(step) for step in cascade]  # type: ignore[misc]
-            if not cascade or any(len(step) != 2 for step in cascade):
-                raise allowed("cascade", cascade, "must be a non-empty list of [epoch, keep_ratio] pairs")
-            for epoch, ratio in cascade:
+            steps = [tuple(step) for step in cascade]
+            if not steps or any(len(step) != 2 for step in steps):
+                raise allowed("cascade", steps, "must be a non-empty list of [epoch, keep_ratio] pairs")
+            for epoch, ratio in steps:
                 if not isinstance(epoch, int) or epoch < 0:
-                    raise allowed("cascade", cascade, f"epochs must be integers >= 0 (got {epoch!r})")
+                    raise allowed("cascade", steps, f"epochs must be integers >= 0 (got {epoch!r})")
                 _check_ratio("cascade", ratio, f"keep ratios must be in (0, 1] (got {ratio!r})")
-            if any(b[0] <= a[0] for a, b in itertools.pairwise(cascade)):
-                raise allowed("cascade", cascade, "epochs must be strictly increasing")
+            if any(b[0] <= a[0] for a, b in itertools.pairwise(steps)):
+                raise allowed("cascade", steps, "epochs must be strictly increasing")
         if method not in ("alds", "uniform", "energy"):
             raise allowed("method", method, "must be one of 'alds', 'uniform', 'energy'")
         if error_bound not in ("code", "theorem"):
@@ -114,9 +130,9 @@ class ALDS(CompressionCallback):
                 raise allowed(name, value, "must be an integer >= 1")
         if retrain_epochs is not None and (not isinstance(retrain_epochs, int) or retrain_epochs < 0):
             raise allowed("retrain_epochs", retrain_epochs, "must be an integer >= 0")
-        self.schedule: list[tuple[int, float]] = (
-            [(int(e), float(r)) for e, r in cascade] if cascade is not None else [(int(at_epoch), float(keep_ratio))]  # type: ignore[arg-type]
-        )
+        self.schedule: list[tuple[int, float]] = [(int(e), float(r)) for e, r in steps]
+        if keep_ratio is not None:
+            self.schedule = [(int(at_epoch), float(keep_ratio))]
         self.method, self.targets = method, list(targets) if targets else ["*"]
         self.seed, self.num_seeds, self.alternations = int(seed), num_seeds, alternations
         self.error_bound, self.rewind_lr, self.retrain_epochs = error_bound, rewind_lr, retrain_epochs
@@ -128,42 +144,46 @@ class ALDS(CompressionCallback):
     def resolve_targets(self, pl_module: nn.Module) -> list[str]:
         """The decomposable layers ``targets`` select (resolved once; later events reuse the names)."""
         if self.layer_names is None:
-            inside = {n for n, m in pl_module.named_modules() if isinstance(m, LowRankLayer)}
-            names = select_modules(pl_module, self.targets, types=_TYPES, require_each=False)
-            names = [n for n in names if not any(n.startswith(p + ".") for p in inside)]
-            ok, skipped = target_layers(pl_module, names)
-            for name, reason in skipped.items():
-                rank_zero_warn(f"ALDS: skipping `{name}`: {reason}.")
-            if not ok:
-                raise allowed(
-                    "targets",
-                    self.targets,
-                    "it must select at least one decomposable layer (Conv2d with groups=1, or Linear, weight not shared)"
-                    + (f"; skipped: {'; '.join(f'{n}: {r}' for n, r in list(skipped.items())[:5])}" if skipped else ""),
-                )
-            self.layer_names = ok
+            self.layer_names = self._find_targets(pl_module)
         return self.layer_names
 
+    def _find_targets(self, pl_module: nn.Module) -> list[str]:
+        """Resolve ``targets`` on ``pl_module`` now (warns about skipped layers)."""
+        inside = {n for n, m in pl_module.named_modules() if isinstance(m, LowRankLayer)}
+        names = select_modules(pl_module, self.targets, types=_TYPES, require_each=False)
+        names = [n for n in names if not any(n.startswith(p + ".") for p in inside)]
+        ok, skipped = target_layers(pl_module, names)
+        for name, reason in skipped.items():
+            rank_zero_warn(f"ALDS: skipping `{name}`: {reason}.")
+        if not ok:
+            raise allowed(
+                "targets",
+                self.targets,
+                "it must select at least one decomposable layer (Conv2d with groups=1, or Linear, weight not shared)"
+                + (f"; skipped: {'; '.join(f'{n}: {r}' for n, r in list(skipped.items())[:5])}" if skipped else ""),
+            )
+        return ok
+
     @override
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
+    def claimed_modules(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> list[str] | None:
         return list(self.resolve_targets(pl_module))
 
     @override
-    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.events_done == 0:
             self.resolve_targets(pl_module)
 
     # ------------------------------------------------------------------ schedule
     @override
-    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+    def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
         if moment != "epoch_start" or self.events_done >= len(self.schedule):
             return False
         return trainer.current_epoch >= self.schedule[self.events_done][0]
 
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any] | None:
-        names = self.resolve_targets(pl_module)
+    def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> ALDSPlan | None:
+        names = self.layer_names if self.layer_names is not None else self._find_targets(pl_module)
         keep = self.schedule[self.events_done][1]
         current = sum(p.numel() for p in pl_module.parameters()) / dense_param_count(pl_module, names)
         alloc = allocate(
@@ -185,10 +205,12 @@ class ALDS(CompressionCallback):
         )
         recompose = [n for n in names if isinstance(pl_module.get_submodule(n), LowRankLayer)]
         summary = {k: v for k, v in alloc.to_plain().items() if k not in ("plan", "errors", "skipped")}
-        return {"recompose": recompose, "decompose": alloc.plan, "summary": summary}
+        return {"layers": names, "recompose": recompose, "decompose": alloc.plan, "summary": summary}
 
     @override
-    def apply_event(self, pl_module: L.LightningModule, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    def apply_event(self, pl_module: L.LightningModule, plan: ALDSPlan) -> list[Record]:
+        if self.layer_names is None:
+            self.layer_names = list(plan["layers"])
         records = low_rank_recompose_(pl_module, plan["recompose"])
         decompose = low_rank_decompose_(pl_module, plan["decompose"])
         s = plan["summary"]
@@ -203,16 +225,21 @@ class ALDS(CompressionCallback):
         return records + decompose
 
     @override
-    def run_event(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> list[dict[str, Any]]:
-        index = self.events_done
-        records = super().run_event(trainer, pl_module, moment)
+    def after_event(
+        self,
+        trainer: pl.Trainer,
+        pl_module: L.LightningModule,
+        records: list[Record],
+        snapshot: OptimizerSnapshot | None,
+    ) -> None:
+        """LR rewinding: move the schedulers back (the base has just restored their pre-event state)."""
         if records and self.rewind_lr:
+            index = self.events_done - 1  # this event's place in the schedule
             positions = rewind_schedulers(trainer, self._retrain_epochs(trainer, index))
             for record in records:
                 record["lr_rewound_to"] = positions
-        return records
 
-    def _retrain_epochs(self, trainer: Any, index: int) -> int | None:
+    def _retrain_epochs(self, trainer: pl.Trainer, index: int) -> int | None:
         if self.retrain_epochs is not None:
             return self.retrain_epochs
         epoch = int(trainer.current_epoch)
@@ -239,14 +266,14 @@ def _check_ratio(name: str, value: Any, what: str = "must be in (0, 1]") -> None
         raise allowed(name, value, what)
 
 
-def _steps_per_epoch(trainer: Any) -> int | None:
+def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
     batches = trainer.num_training_batches
     if batches is None or batches == float("inf") or batches <= 0:
         return None
     return max(1, math.ceil(int(batches) / trainer.accumulate_grad_batches))
 
 
-def rewind_schedulers(trainer: Any, epochs: int | None) -> list[int | None]:
+def rewind_schedulers(trainer: pl.Trainer, epochs: int | None) -> list[int | None]:
     """Move every LR scheduler back ``epochs`` epochs (clamped at its start); return the new positions.
 
     The scheduler is replayed from its start (param groups reset to ``base_lrs``, then stepped to the

@@ -1,31 +1,65 @@
 """``CompressionCallback``: the structural-change contract, owned once for every method.
 
-A subclass decides WHEN (:meth:`event_due`) and WHAT (:meth:`plan_event` on rank 0, plain data;
-:meth:`apply_event` on every rank, pure surgery returning log records). This base does the rest,
-in the order measured to work on Lightning 2.6.6 (``specs/lightning_verified.md``):
+A subclass answers three questions and may use three hooks; it never overrides :meth:`run_event`
+or touches a private attribute of this base:
+
+- WHEN: :meth:`event_due` -- a pure function of the callback's state and the Trainer's position;
+- WHAT: :meth:`plan_event` -- runs on rank 0 only, returns plain data (a ``TypedDict`` of lists,
+  strings and numbers: it is pickled for the broadcast) or ``None``, and changes no state of the
+  callback (other ranks would not see the change);
+- HOW: :meth:`apply_event` -- runs on every rank with the broadcast plan: the surgery, and the only
+  place where an event changes the callback's own state;
+- hooks: :meth:`recalibrates_batchnorm` (per plan), :meth:`after_event` (every rank, once the
+  optimizers are rebuilt; gets the pre-event optimizer snapshot) and :meth:`after_optimizer_step`.
+
+This base does the rest, in the order measured to work on Lightning 2.6:
 
 1. skip the sanity check; run step events only at optimizer-step boundaries;
 2. plan on rank 0, broadcast, apply on every rank to ``trainer.lightning_module`` (undo on error);
 3. new modules take their parent's train/eval mode; ``*-true`` precision converts them;
-4. optionally re-estimate BatchNorm statistics on training batches (averaged over ranks);
+4. if the plan asks for it, re-estimate BatchNorm statistics on training batches (averaged over ranks);
 5. re-wrap DDP; rebuild optimizers and schedulers, keeping surviving state by parameter name;
-6. barrier; append the event (plain data) to the module's log; log metrics.
+6. barrier; append the event (plain data) to the module's log; publish metrics; :meth:`after_event`.
 
 Checkpoints carry the log in ``checkpoint["lit_compress"]``; on ``fit(ckpt_path=...)`` the log is
-replayed on the fresh module before its weights load (see :mod:`lit_compress.checkpointing`).
+replayed on the fresh module before its weights load (see :mod:`lit_compress.checkpointing`). The
+callback's own state (:meth:`state_dict`) holds torch's RNG states too, so that a resumed run draws
+the same dropout masks and shuffles as an uninterrupted one.
+
+Schedule arguments mean the same in every method:
+
+=================  ==================================================================  =========================
+argument           meaning                                                             methods
+=================  ==================================================================  =========================
+``at_epoch``       the event (or the first of a series) runs at the start of this      ALDS, FoldBatchNorm,
+                   epoch, 0-based; 0 = before any training step                        LayerFusion, LayerMerge
+``at_step``        the event (or the first of a series) runs right after this          FoldBatchNorm, LayerFusion
+                   optimizer step (``trainer.global_step``; 0 = after the first)
+``every_n_epochs`` period of a series, in epochs                                       LayerFusion
+``every_n_steps``  period of a series, in optimizer steps                              LayerFusion
+``targets``        fnmatch globs or ``re:`` regexes over module names: what the        every method
+                   method may change (default: everything it supports)
+=================  ==================================================================  =========================
+
+Method-specific schedule arguments: ALDS ``cascade`` (``[[epoch, keep_ratio], ...]``, each step
+at the start of its epoch); LayerCollapse ``warmup``/``warmup_unit`` (the λ ramp) and
+``collapse_at`` (``"epoch_start"``: check at every epoch start and at fit end; ``"fit_end"``);
+LayerMerge ``merge_at_end`` (the exact merge at fit end); LayerFusion ``increments`` (how many
+steps in the series; spread over ``max_epochs``/``max_steps`` without ``every_n_*``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import lightning as L
+import lightning.pytorch as pl
 from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from typing_extensions import override
+from typing_extensions import final, override
 
 from lit_compress.callbacks._distributed import (
     average_batchnorm_stats,
@@ -36,7 +70,7 @@ from lit_compress.callbacks._distributed import (
     is_spawn_launcher,
     rewrap_ddp,
 )
-from lit_compress.callbacks._inputs import isolated_rng, train_batches
+from lit_compress.callbacks._inputs import isolated_rng, rng_states, set_rng_states, train_batches
 from lit_compress.callbacks._optim import OptimizerSnapshot, rebuild_optimizers
 from lit_compress.callbacks.report import CompressionReport
 from lit_compress.checkpointing import (
@@ -53,10 +87,14 @@ from lit_compress.surgery.modules import SurgeryTransaction, preserve_mode
 from lit_compress.surgery.replay import applied_events, record_events
 
 Moment = Literal["fit_start", "epoch_start", "step", "fit_end"]
+#: One entry of the surgery log: plain data (``op`` plus the method's fields).
+Record = dict[str, Any]
+PlanT = TypeVar("PlanT")
 
 
-class CompressionCallback(Callback):
-    """Base class of every lit_compress callback (see the module docstring for the contract).
+class CompressionCallback(Callback, Generic[PlanT]):
+    """Base class of every lit_compress callback (see the module docstring for the contract and
+    the schedule vocabulary).
 
     Args:
         bn_recalibration_batches: After each event, re-estimate BatchNorm running statistics on
@@ -75,19 +113,49 @@ class CompressionCallback(Callback):
         self._train_loop_started = False
 
     # ------------------------------------------------------------------ subclass API
-    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
-        """Whether an event should run now; ``moment`` says which hook is asking."""
+    def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
+        """Whether an event should run now; ``moment`` says which hook is asking.
+
+        Called on every rank, where it must give the same answer: read the callback's state and the
+        Trainer's position only, and change nothing.
+        """
         return False
 
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Any:
-        """Decide what the event does (rank 0 only); return plain data, or ``None`` to skip."""
+    def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> PlanT | None:
+        """Decide what the event does; return plain data, or ``None`` to skip.
+
+        Runs on rank 0 only (the plan is broadcast): it must not change the callback's state, which
+        the other ranks would never see. Store what the plan decides in :meth:`apply_event`.
+        """
         raise NotImplementedError
 
-    def apply_event(self, pl_module: L.LightningModule, plan: Any) -> list[dict[str, Any]]:
+    def apply_event(self, pl_module: L.LightningModule, plan: PlanT) -> list[Record]:
         """Apply ``plan`` to the module (every rank); return the log records of what was done."""
         raise NotImplementedError
 
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
+    def recalibrates_batchnorm(self, plan: PlanT) -> bool:
+        """Whether BatchNorm statistics are re-estimated after applying ``plan`` (an exact change says no)."""
+        return True
+
+    def after_event(
+        self,
+        trainer: pl.Trainer,
+        pl_module: L.LightningModule,
+        records: list[Record],
+        snapshot: OptimizerSnapshot | None,
+    ) -> None:
+        """Called on every rank after each due event, once optimizers are rebuilt and the event is logged.
+
+        ``records`` are the event's log entries (still mutable: fields added here are checkpointed);
+        ``snapshot`` holds the optimizer and scheduler state from before the event. Both are empty
+        (``[]``, ``None``) when :meth:`plan_event` returned ``None``. :attr:`events_done` already counts
+        the event.
+        """
+
+    def after_optimizer_step(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
+        """Called on every rank after each optimizer step, before step events are checked."""
+
+    def claimed_modules(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> list[str] | None:
         """Qualified names of the modules this callback will restructure, or ``None`` if unknown.
 
         Called once at ``setup`` (before any event) for every lit_compress callback of the Trainer; two
@@ -103,7 +171,8 @@ class CompressionCallback(Callback):
         """Restore what :meth:`extra_state` saved."""
 
     # ------------------------------------------------------------------ the event
-    def run_event(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> list[dict[str, Any]]:
+    @final
+    def run_event(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> list[Record]:
         """Run one structural event now, following the contract; return its log records."""
         reporter = self.reporter(trainer)
         before = reporter.measure(trainer, pl_module)
@@ -111,6 +180,7 @@ class CompressionCallback(Callback):
 
         plan = self._plan_on_rank_zero(trainer, pl_module)
         if plan is None:
+            self.after_event(trainer, pl_module, [], None)
             return []
         snapshot = OptimizerSnapshot.capture(trainer, pl_module)
         old_modules = {id(m) for m in pl_module.modules()}
@@ -118,7 +188,7 @@ class CompressionCallback(Callback):
             records = self.apply_event(pl_module, plan)
         _align_new_module_modes(pl_module, old_modules)
         convert_for_precision(trainer, pl_module)
-        recalibrated = self._recalibrate_batchnorm(trainer, pl_module)
+        recalibrated = self._recalibrate_batchnorm(trainer, pl_module) if self.recalibrates_batchnorm(plan) else 0
         rewrapped = rewrap_ddp(trainer, pl_module)
         optimizer_counts = rebuild_optimizers(trainer, pl_module, snapshot)
         trainer.strategy.barrier("lit_compress.event")
@@ -152,11 +222,12 @@ class CompressionCallback(Callback):
             f"{trainer.global_step}: params {before.get('params')} -> {after.get('params')} "
             f"({overhead_s * 1000:.0f} ms)"
         )
+        self.after_event(trainer, pl_module, records, snapshot)
         return records
 
-    def _plan_on_rank_zero(self, trainer: Any, pl_module: L.LightningModule) -> Any:
+    def _plan_on_rank_zero(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> PlanT | None:
         """Plan on rank 0 and broadcast; an error on rank 0 is re-raised on every rank (no hang)."""
-        outcome: Any = None
+        outcome: tuple[str, Any] = ("ok", None)
         if trainer.is_global_zero:
             try:
                 outcome = ("ok", self.plan_event(trainer, pl_module))
@@ -167,9 +238,10 @@ class CompressionCallback(Callback):
         outcome = broadcast_from_rank_zero(trainer, outcome)
         if outcome[0] == "error":
             raise SurgeryError(f"{type(self).__name__} could not plan its event on rank 0: {outcome[1]}")
-        return outcome[1]
+        plan: PlanT | None = outcome[1]
+        return plan
 
-    def _recalibrate_batchnorm(self, trainer: Any, pl_module: L.LightningModule) -> int:
+    def _recalibrate_batchnorm(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> int:
         if self.bn_recalibration_batches <= 0:
             return 0
         from lit_compress.surgery.bn_stats import has_batchnorm, reestimate_batchnorm_
@@ -192,15 +264,15 @@ class CompressionCallback(Callback):
         average_batchnorm_stats(trainer, pl_module)
         return used
 
-    def reporter(self, trainer: Any) -> CompressionReport:
+    def reporter(self, trainer: pl.Trainer) -> CompressionReport:
         """The Trainer's first ``CompressionReport``; one with defaults is added if there is none."""
         if self._reporter is None:
-            found = [cb for cb in trainer.callbacks if isinstance(cb, CompressionReport)]
+            found = [cb for cb in _callbacks_of(trainer) if isinstance(cb, CompressionReport)]
             if found:
                 self._reporter = found[0]
             else:
                 self._reporter = CompressionReport()
-                trainer.callbacks.append(self._reporter)
+                _callbacks_of(trainer).append(self._reporter)
         return self._reporter
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -214,7 +286,7 @@ class CompressionCallback(Callback):
         return self._generate_state_key(targets=list(targets))
 
     @override
-    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_strategy_supported(trainer, type(self).__name__)
         destroy_gloo_group_at_exit()
         self.reporter(trainer)
@@ -224,7 +296,7 @@ class CompressionCallback(Callback):
             _check_claims_once(trainer, pl_module, self)
 
     @override
-    def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         self._train_loop_started = True
         remove_one_shot_replay(pl_module)
         if not pl_module.training:
@@ -238,40 +310,41 @@ class CompressionCallback(Callback):
             self.run_event(trainer, pl_module, "fit_start")
 
     @override
-    def on_train_epoch_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self.event_due(trainer, pl_module, "epoch_start"):
             self.run_event(trainer, pl_module, "epoch_start")
 
     @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # An optimizer step happened in this batch iff global_step moved (correct also on the last,
         # incomplete accumulation window of an epoch, where `batch_idx`-based tests are wrong).
         if trainer.global_step == self._last_global_step:
             return
         self._last_global_step = trainer.global_step
+        self.after_optimizer_step(trainer, pl_module)
         if not trainer.sanity_checking and self.event_due(trainer, pl_module, "step"):
             self.run_event(trainer, pl_module, "step")
 
     @override
-    def on_train_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         if self.event_due(trainer, pl_module, "fit_end"):
             self.run_event(trainer, pl_module, "fit_end")
 
     @override
-    def on_fit_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         # Resuming from a checkpoint taken after the last epoch skips the whole training loop, and
         # with it `on_train_end`: the fit-end event (e.g. LayerMerge's final merge) would be lost.
         if not self._train_loop_started and self.event_due(trainer, pl_module, "fit_end"):
             self.run_event(trainer, pl_module, "fit_end")
 
     @override
-    def on_save_checkpoint(self, trainer: Any, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[LOG_KEY] = log_payload(pl_module)
 
     @override
-    def teardown(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         remove_one_shot_replay(pl_module)
         if stage != "fit" or not is_spawn_launcher(trainer):
             return
@@ -295,17 +368,27 @@ class CompressionCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"events_done": self.events_done, **self.extra_state()}
+        """``events_done``, torch's RNG states (Lightning saves none; they make a resume bit-exact with
+        dropout or shuffling) and the subclass's :meth:`extra_state`."""
+        return {"events_done": self.events_done, "rng": rng_states(), **self.extra_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events_done = int(state_dict.get("events_done", 0))
+        if state_dict.get("rng") is not None:
+            set_rng_states(state_dict["rng"])
         self.load_extra_state(state_dict)
 
 
-def _check_claims_once(trainer: Any, pl_module: L.LightningModule, caller: CompressionCallback) -> None:
+def _callbacks_of(trainer: pl.Trainer) -> list[Callback]:
+    """``trainer.callbacks`` (Lightning assigns the list at run time without declaring it on the class)."""
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    return callbacks
+
+
+def _check_claims_once(trainer: pl.Trainer, pl_module: L.LightningModule, caller: CompressionCallback[Any]) -> None:
     """Refuse two lit_compress callbacks that would restructure the same module (first callback only)."""
-    methods = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+    methods = [cb for cb in _callbacks_of(trainer) if isinstance(cb, CompressionCallback)]
     if not methods or methods[0] is not caller or applied_events(pl_module):
         return
     owner: dict[str, str] = {}

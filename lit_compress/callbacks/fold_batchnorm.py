@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 import lightning as L
+import lightning.pytorch as pl
 from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_compress.callbacks.base import CompressionCallback, Moment
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import allowed
 from lit_compress.surgery.select import name_matches, select_modules
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
-class FoldBatchNorm(CompressionCallback):
+class FoldPlan(TypedDict):
+    """The (layer, BatchNorm) pairs to fold, by qualified name (plain data, broadcast from rank 0)."""
+
+    pairs: list[list[str]]
+
+
+class FoldBatchNorm(CompressionCallback[FoldPlan]):
     """Fold every (conv or linear → BatchNorm) pair into one layer; exact in eval mode.
 
     A pair is folded only when the BatchNorm is the sole consumer of the layer's output (found by
@@ -53,13 +60,13 @@ class FoldBatchNorm(CompressionCallback):
         self.at_step = at_step
 
     @override
-    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.events_done == 0:
             select_modules(pl_module, self.targets, types=_FOLDABLE, require_each=True)
 
     @override
-    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+    def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
         if self.events_done:
             return False
         if self.at_epoch is not None:
@@ -69,7 +76,7 @@ class FoldBatchNorm(CompressionCallback):
         return moment == "fit_end"
 
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> list[list[str]] | None:
+    def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> FoldPlan | None:
         from lit_compress.surgery.chains import find_foldable_batchnorms
 
         inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
@@ -78,10 +85,10 @@ class FoldBatchNorm(CompressionCallback):
         if not chosen:
             rank_zero_warn(f"FoldBatchNorm: no foldable (layer, BatchNorm) pair matches `targets`={self.targets!r}.")
             return None
-        return chosen
+        return {"pairs": chosen}
 
     @override
-    def apply_event(self, pl_module: L.LightningModule, plan: list[list[str]]) -> list[dict[str, Any]]:
+    def apply_event(self, pl_module: L.LightningModule, plan: FoldPlan) -> list[Record]:
         from lit_compress.surgery.bn_fold import fold_batchnorm_
 
-        return fold_batchnorm_(pl_module, pairs=[tuple(p) for p in plan])
+        return fold_batchnorm_(pl_module, pairs=[(layer, bn) for layer, bn in plan["pairs"]])

@@ -10,17 +10,20 @@ dropout removed). The math lives in :mod:`lit_compress.surgery.collapse.mlp`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import lightning as L
+import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
-from lit_compress.callbacks.base import CompressionCallback, Moment
-from lit_compress.errors import ConfigError, allowed
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.errors import ConfigError, SurgeryError, allowed
 from lit_compress.surgery.chains import ChainLink, find_linear_chains
 from lit_compress.surgery.collapse.mlp import (
     CollapsibleActivation,
@@ -33,7 +36,28 @@ from lit_compress.surgery.select import name_matches
 PenaltyMode = Literal["auto", "loss", "decoupled"]
 
 
-class LayerCollapse(CompressionCallback):
+class Link(TypedDict):
+    """One MLP, by module names: ``first → activation [→ dropout] [→ norm] → second`` (a ``ChainLink``)."""
+
+    first: str
+    activation: str
+    dropout: str | None
+    norm: str | None
+    second: str
+
+
+class CollapsePlan(TypedDict):
+    """What one LayerCollapse event does (plain data, broadcast from rank 0).
+
+    ``selected`` is the whole selection (output side last), stored by every rank on the first event.
+    """
+
+    selected: list[Link]
+    collapse: list[Link]
+    convert: list[Link]
+
+
+class LayerCollapse(CompressionCallback[CollapsePlan]):
     """Collapse MLPs during training with the LayerCollapse regulariser (see the module docstring).
 
     Which MLPs: ``targets`` (patterns over any module name of the MLP: its linears, activation,
@@ -107,12 +131,12 @@ class LayerCollapse(CompressionCallback):
         self.warmup, self.warmup_unit = float(warmup), warmup_unit
         self.tau, self.collapse_at, self.penalty = float(tau), collapse_at, penalty
         self.log_every_n_steps = log_every_n_steps
-        self.selected: list[dict[str, Any]] | None = None  # the chosen MLPs, output side last
+        self.selected: list[Link] | None = None  # the chosen MLPs, output side last (set by the first event)
         self.converted = 0  # how many of `selected` have been converted so far
         self.collapsed: list[str] = []  # activation names collapsed so far
 
     # ------------------------------------------------------------------ schedule
-    def current_lambda(self, trainer: Any) -> float:
+    def current_lambda(self, trainer: pl.Trainer) -> float:
         """λ at the trainer's position: a linear ramp from ``lambda_start`` to ``lambda_final``."""
         if self.warmup <= 0:
             return self.lambda_final
@@ -127,7 +151,7 @@ class LayerCollapse(CompressionCallback):
         return self.lambda_start + (self.lambda_final - self.lambda_start) * progress
 
     @override
-    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+    def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
         if moment == "fit_start":
             return self.selected is None or self.converted == 0
         if moment == "epoch_start" and self.collapse_at == "epoch_start" and trainer.current_epoch > 0:
@@ -141,17 +165,16 @@ class LayerCollapse(CompressionCallback):
 
     # ------------------------------------------------------------------ plan / apply
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any] | None:
-        if self.selected is None:
-            self.selected = self._select(trainer, pl_module)
+    def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> CollapsePlan | None:
+        selected = self.selected if self.selected is not None else self._select(trainer, pl_module)
         live = dict(collapsible_activations(pl_module))
-        converted = self.selected[len(self.selected) - self.converted :]  # converted from the output side
+        converted = selected[len(selected) - self.converted :]  # converted from the output side
         ready = [
             link
             for link in converted
             if link["activation"] in live and abs(float(live[link["activation"]].slope.detach()) - 1.0) < self.tau
         ]
-        collapse = []
+        collapse: list[Link] = []
         for link in ready:
             reason = _no_saving_reason(pl_module, link)
             if reason:
@@ -160,18 +183,20 @@ class LayerCollapse(CompressionCallback):
                 collapse.append(link)
         done = set(self.collapsed) | {link["activation"] for link in collapse}
         pending = [link for link in converted if link["activation"] not in done]
-        convert: list[dict[str, Any]] = []
-        if not pending and self.converted < len(self.selected):
-            step = self.stage_size or len(self.selected)
-            start = len(self.selected) - self.converted  # convert from the output side backwards
-            convert = self.selected[max(0, start - step) : start]
+        convert: list[Link] = []
+        if not pending and self.converted < len(selected):
+            step = self.stage_size or len(selected)
+            start = len(selected) - self.converted  # convert from the output side backwards
+            convert = selected[max(0, start - step) : start]
         if not collapse and not convert:
             return None
-        return {"collapse": collapse, "convert": convert}
+        return {"selected": selected, "collapse": collapse, "convert": convert}
 
     @override
-    def apply_event(self, pl_module: L.LightningModule, plan: dict[str, Any]) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
+    def apply_event(self, pl_module: L.LightningModule, plan: CollapsePlan) -> list[Record]:
+        if self.selected is None:
+            self.selected = [_as_link(link) for link in plan["selected"]]
+        records: list[Record] = []
         if plan["collapse"]:
             links = [ChainLink(**link) for link in plan["collapse"]]
             records += collapse_(pl_module, links, tau=self.tau)
@@ -181,56 +206,55 @@ class LayerCollapse(CompressionCallback):
             self.converted += len(plan["convert"])
         return records
 
-    def _select(self, trainer: Any, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+    def _select(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> list[Link]:
         """The MLPs to work on, in model order (the last ones are nearest the output)."""
         inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
         if inputs is None:
             raise ConfigError(
                 "LayerCollapse needs an example input to find MLPs: set `example_input_array` on the module."
             )
-        links = [asdict(link) for chain in find_linear_chains(pl_module, inputs) for link in chain.links()]
-        found = [link for link in links if any(name_matches(n, self.targets) for n in link.values() if n)]
+        links = _links(pl_module, inputs)
+        found = self._chosen(links)
         if not found:
             names = ", ".join(link["activation"] for link in links) or "none"
             raise ConfigError(
                 f"`targets`={self.targets!r} matches no collapsible MLP (Linear → activation [→ Dropout] "
                 f"[→ BatchNorm1d] → Linear). MLPs found, by activation name: {names}."
             )
-        if self.last_n is not None:
+        return found
+
+    def _chosen(self, links: list[Link]) -> list[Link]:
+        """``links`` filtered by ``targets``, then cut to ``last_n`` or ``fraction`` (output side kept)."""
+        found = [link for link in links if any(name_matches(n, self.targets) for n in _names(link))]
+        if found and self.last_n is not None:
             found = found[-self.last_n :]
-        elif self.fraction is not None:
+        elif found and self.fraction is not None:
             found = found[-max(1, math.ceil(len(found) * self.fraction)) :]
         return found
 
     @override
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
+    def claimed_modules(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> list[str] | None:
         """The linears, activations, dropouts and norms of the selected MLPs (needs ``example_input_array``)."""
         if self.selected is None:
-            if getattr(pl_module, "example_input_array", None) is None:
+            example = getattr(pl_module, "example_input_array", None)
+            if example is None:
                 return None
-            links = [
-                asdict(link)
-                for chain in find_linear_chains(pl_module, pl_module.example_input_array)
-                for link in chain.links()
-            ]
-            found = [link for link in links if any(name_matches(n, self.targets) for n in link.values() if n)]
-            if self.last_n is not None:
-                found = found[-self.last_n :]
-            elif self.fraction is not None:
-                found = found[-max(1, math.ceil(len(found) * self.fraction)) :]
+            found = self._chosen(_links(pl_module, example))
         else:
             found = self.selected
-        return sorted({n for link in found for n in link.values() if n})
+        return sorted({n for link in found for n in _names(link)})
 
     # ------------------------------------------------------------------ the regulariser
-    def _mode(self, trainer: Any) -> str:
+    def _mode(self, trainer: pl.Trainer) -> str:
         if self.penalty != "auto":
             return self.penalty
         opt = trainer.optimizers[0] if trainer.optimizers else None
         return "decoupled" if opt is not None and "adam" in type(opt).__name__.lower() else "loss"
 
     @override
-    def on_before_optimizer_step(self, trainer: Any, pl_module: L.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if self._mode(trainer) != "loss":
             return
         lam = self.current_lambda(trainer)
@@ -240,18 +264,14 @@ class LayerCollapse(CompressionCallback):
             act.slope.grad.add_(2.0 * lam * (act.slope.detach() - 1.0))
 
     @override
-    def on_train_batch_end(
-        self, trainer: Any, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        stepped = trainer.global_step != self._last_global_step
-        if stepped and self._mode(trainer) == "decoupled":
+    def after_optimizer_step(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
+        if self._mode(trainer) == "decoupled":
             self._decoupled_step(trainer, pl_module)
-        if stepped and trainer.global_step % self.log_every_n_steps == 0:
+        if trainer.global_step % self.log_every_n_steps == 0:
             self._log(trainer, pl_module)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @torch.no_grad()
-    def _decoupled_step(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def _decoupled_step(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         lam = self.current_lambda(trainer)
         lrs = {id(p): g["lr"] for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         for _, act in collapsible_activations(pl_module):
@@ -259,7 +279,7 @@ class LayerCollapse(CompressionCallback):
             if lr is not None:
                 act.slope.sub_(lr * 2.0 * lam * (act.slope - 1.0))
 
-    def _log(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         metrics = {"collapse/lambda": self.current_lambda(trainer)}
@@ -270,7 +290,7 @@ class LayerCollapse(CompressionCallback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
-    def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         _warn_about_weight_decay(trainer, pl_module)
 
@@ -280,24 +300,54 @@ class LayerCollapse(CompressionCallback):
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.selected = state.get("selected")
+        selected = state.get("selected")
+        self.selected = None if selected is None else [_as_link(link) for link in selected]
         self.converted = int(state.get("converted", 0))
         self.collapsed = list(state.get("collapsed", []))
 
 
-def _no_saving_reason(model: torch.nn.Module, link: dict[str, Any]) -> str | None:
+def _links(pl_module: nn.Module, inputs: Any) -> list[Link]:
+    """Every MLP found by tracing ``pl_module`` on ``inputs``, in model order."""
+    return [_as_link(asdict(link)) for chain in find_linear_chains(pl_module, inputs) for link in chain.links()]
+
+
+def _as_link(fields: Mapping[str, Any]) -> Link:
+    """A :class:`Link` from a mapping with its five names (a ``ChainLink`` as a dict, or saved state)."""
+    return Link(
+        first=str(fields["first"]),
+        activation=str(fields["activation"]),
+        dropout=fields.get("dropout"),
+        norm=fields.get("norm"),
+        second=str(fields["second"]),
+    )
+
+
+def _names(link: Link) -> list[str]:
+    """The module names of one MLP (its linears, activation, and dropout/norm where present)."""
+    return [n for n in (link["first"], link["activation"], link["dropout"], link["norm"], link["second"]) if n]
+
+
+def _in_out(layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` features of an ``nn.Linear``, or of a GPT-2 style ``Conv1D`` (weight ``(in, out)``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise SurgeryError(f"LayerCollapse: a {type(layer).__name__} is neither nn.Linear nor a GPT-2 style Conv1D.")
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def _no_saving_reason(model: nn.Module, link: Link) -> str | None:
     first, second = model.get_submodule(link["first"]), model.get_submodule(link["second"])
     pair = sum(p.numel() for p in first.parameters()) + sum(p.numel() for p in second.parameters())
-    merged = first.in_features * second.out_features + second.out_features
+    (d_in, _), (_, d_out) = _in_out(first), _in_out(second)
+    merged = d_in * d_out + d_out
     if merged >= pair:
-        return (
-            f"one Linear({first.in_features}, {second.out_features}) has {merged} parameters, not fewer than "
-            f"the pair's {pair}"
-        )
+        return f"one Linear({d_in}, {d_out}) has {merged} parameters, not fewer than the pair's {pair}"
     return None
 
 
-def _warn_about_weight_decay(trainer: Any, pl_module: L.LightningModule) -> None:
+def _warn_about_weight_decay(trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
     for opt in trainer.optimizers:
         for group in opt.param_groups:
             if group.get("weight_decay", 0) and any(

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import lightning as L
+import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from typing_extensions import override
 
 from lit_compress.callbacks._optim import OptimizerSnapshot
-from lit_compress.callbacks.base import CompressionCallback, Moment
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.measure import count_parameters
 from lit_compress.surgery.fusion.groups import candidate_groups, fusion_units, max_removable
@@ -38,7 +39,14 @@ MeasureName = Literal["cosine", "covariance", "cka", "euclidean", "manhattan", "
 PolicyName = Literal["mean", "mix", "freeze"]
 
 
-class LayerFusion(CompressionCallback):
+class FusionPlan(TypedDict):
+    """One fusion step (plain data, broadcast from rank 0): the pairs to tie and the step's number."""
+
+    fusions: list[dict[str, Any]]  # see ``lit_compress.surgery.fusion.tie.plan_fusions``
+    increment: int
+
+
+class LayerFusion(CompressionCallback[FusionPlan]):
     """Tie similar same-role, same-shape layers in ``increments`` fusion steps (see the module docstring).
 
     Args:
@@ -46,11 +54,14 @@ class LayerFusion(CompressionCallback):
             compression ratio on unique storage is ``1/(1 − p)`` (0.7 → 3.33). Fusion stops short
             only if the targets run out of same-group pairs, which :meth:`setup` refuses up front.
         increments: Number ``K`` of fusion steps; each removes another ``p/K``.
-        every_n_epochs: Fuse at the start of every ``n``-th epoch, from epoch ``start``.
-        every_n_steps: Fuse after every ``n``-th optimizer step, from step ``start``.
-            With neither, the ``K`` steps are spread evenly over ``max_epochs`` (or ``max_steps``)
-            after ``start``, leaving the last interval for retraining.
-        start: First fusion step, in epochs (or steps with ``every_n_steps``).
+        every_n_epochs: Fuse at the start of every ``n``-th epoch, from epoch ``at_epoch``.
+        every_n_steps: Fuse after every ``n``-th optimizer step, from step ``at_step``.
+            With neither, the ``K`` steps are spread evenly over ``max_epochs`` (or, with ``at_step``
+            or without ``max_epochs``, over ``max_steps``) after the first one, leaving the last
+            interval for retraining.
+        at_epoch: Epoch of the first fusion step (its start; 0 = before any training). Default 0.
+        at_step: Optimizer step after which the first fusion step runs (instead of ``at_epoch``;
+            the series then counts steps).
         measure: Similarity measure (``lit_compress.surgery.fusion.similarity``): ``cosine``, ``covariance``,
             ``cka``, ``euclidean``, ``manhattan``, ``kl`` or ``wasserstein`` (exact 1-D earth mover's
             distance between the weights' value distributions).
@@ -74,7 +85,8 @@ class LayerFusion(CompressionCallback):
         increments: PositiveInt = 10,
         every_n_epochs: PositiveInt | None = None,
         every_n_steps: PositiveInt | None = None,
-        start: NonNegativeInt = 0,
+        at_epoch: NonNegativeInt | None = None,
+        at_step: NonNegativeInt | None = None,
         measure: MeasureName = "wasserstein",
         policy: PolicyName = "mean",
         targets: list[str] | None = None,
@@ -94,8 +106,15 @@ class LayerFusion(CompressionCallback):
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise allowed(name, value, "must be an integer >= 1")
-        if not isinstance(start, int) or start < 0:
-            raise allowed("start", start, "must be an integer >= 0")
+        for name, value in (("at_epoch", at_epoch), ("at_step", at_step)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise allowed(name, value, "must be an integer >= 0")
+        if at_epoch is not None and at_step is not None:
+            raise allowed("at_step", at_step, "give `at_epoch` or `at_step`, not both")
+        if at_epoch is not None and every_n_steps is not None:
+            raise allowed("at_epoch", at_epoch, "a series `every_n_steps` starts `at_step`")
+        if at_step is not None and every_n_epochs is not None:
+            raise allowed("at_step", at_step, "a series `every_n_epochs` starts `at_epoch`")
         if measure not in MEASURES:
             raise allowed("measure", measure, f"must be one of {', '.join(repr(m) for m in MEASURES)}")
         if policy not in POLICIES:
@@ -103,7 +122,8 @@ class LayerFusion(CompressionCallback):
         if optimizer_state not in ("reset", "average"):
             raise allowed("optimizer_state", optimizer_state, "must be 'reset' or 'average'")
         self.fraction, self.increments = float(fraction), int(increments)
-        self.every_n_epochs, self.every_n_steps, self.start = every_n_epochs, every_n_steps, int(start)
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.at_epoch, self.at_step = at_epoch, at_step
         self.measure, self.policy = measure, policy
         self.targets = list(targets) if targets else None
         self.include_norms, self.include_embeddings = bool(include_norms), bool(include_embeddings)
@@ -121,7 +141,7 @@ class LayerFusion(CompressionCallback):
         )
 
     @override
-    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
@@ -152,7 +172,12 @@ class LayerFusion(CompressionCallback):
                 "or select more layers with `targets`",
             )
 
-    def _resolve_schedule(self, trainer: Any) -> None:
+    @property
+    def first_event_at(self) -> int:
+        """The first fusion step's epoch or step (in :attr:`unit`)."""
+        return int(self.at_step if self.at_step is not None else self.at_epoch or 0)
+
+    def _resolve_schedule(self, trainer: pl.Trainer) -> None:
         if self.interval is not None:
             return
         if self.every_n_steps is not None:
@@ -163,30 +188,32 @@ class LayerFusion(CompressionCallback):
             return
         max_epochs = getattr(trainer, "max_epochs", None)
         max_steps = getattr(trainer, "max_steps", -1)
-        if max_epochs is not None and max_epochs > 0:
+        if self.at_step is None and max_epochs is not None and max_epochs > 0:
             self.unit, total = "epochs", int(max_epochs)
-        elif max_steps is not None and max_steps > 0:
+        elif self.at_epoch is None and max_steps is not None and max_steps > 0:
             self.unit, total = "steps", int(max_steps)
         else:
+            name, value = ("at_step", self.at_step) if self.at_step is not None else ("every_n_epochs", None)
             raise allowed(
-                "every_n_epochs",
-                None,
-                "must be set when the Trainer has neither `max_epochs` nor `max_steps` to spread the fusion steps over",
+                name,
+                value,
+                "needs `every_n_epochs`/`every_n_steps`, or the Trainer's `max_epochs` (or `max_steps` with "
+                "`at_step`) to spread the fusion steps over",
             )
-        self.interval = max(1, (total - self.start) // (self.increments + 1))
+        self.interval = max(1, (total - self.first_event_at) // (self.increments + 1))
 
     @override
-    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
+    def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
         if self.increments_done >= self.increments or self.interval is None:
             return False
-        due_at = self.start + self.increments_done * self.interval
+        due_at = self.first_event_at + self.increments_done * self.interval
         if self.unit == "epochs":
             return moment == "epoch_start" and trainer.current_epoch >= due_at
         return moment == "step" and trainer.global_step >= max(due_at, 1)
 
     # ------------------------------------------------------------------ plan / apply
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any] | None:
+    def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> FusionPlan | None:
         base = int(self.base_params or count_parameters(pl_module))
         k = self.increments_done + 1
         goal = math.ceil(self.fraction * base * k / self.increments)
@@ -200,28 +227,32 @@ class LayerFusion(CompressionCallback):
         return {"fusions": fusions, "increment": k} if fusions else None
 
     @override
-    def apply_event(self, pl_module: L.LightningModule, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    def apply_event(self, pl_module: L.LightningModule, plan: FusionPlan) -> list[Record]:
         records = fuse_layers_(pl_module, plan["fusions"], self.policy)
         for record in records:
             record.update(increment=int(plan["increment"]), increments=self.increments, measure=self.measure)
         return records
 
     @override
-    def run_event(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> list[dict[str, Any]]:
-        snapshot = OptimizerSnapshot.capture(trainer, pl_module) if trainer.optimizers else None
-        records = super().run_event(trainer, pl_module, moment)
-        self.increments_done += 1  # on every rank, also when the plan was empty
+    def after_event(
+        self,
+        trainer: pl.Trainer,
+        pl_module: L.LightningModule,
+        records: list[Record],
+        snapshot: OptimizerSnapshot | None,
+    ) -> None:
+        """Count the step (also an empty one), give tied parameters their optimizer state, log the ratio."""
+        self.increments_done += 1
         self.removed_params += sum(int(r.get("removed_params", 0)) for r in records)
-        if records and snapshot is not None:
+        if records and snapshot is not None and trainer.optimizers:
             merge_fused_optimizer_state_(trainer.optimizers, pl_module, records, snapshot.states, self.optimizer_state)
         if records and trainer.is_global_zero and self.base_params:
             ratio = self.base_params / max(count_parameters(pl_module), 1)
             for logger in trainer.loggers:
                 logger.log_metrics({"fusion/compression_ratio": ratio}, step=trainer.global_step)
-        return records
 
     @override
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
+    def claimed_modules(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> list[str] | None:
         return [u.name for members in candidate_groups(self._units(pl_module)).values() for u in members]
 
     @override
@@ -257,6 +288,22 @@ def _average_states(a: dict[str, Any], b: dict[str, Any], n_a: int, n_b: int) ->
     return out
 
 
+def _state_of(
+    names: Sequence[str],
+    pname: str,
+    current: dict[str, dict[str, Any] | None],
+    before: dict[str, dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The state of parameter ``pname`` of a cluster ``names``: as merged earlier in this event, else from before."""
+    for n in names:
+        if f"{n}.{pname}" in current:
+            return current[f"{n}.{pname}"]
+    for n in names:
+        if f"{n}.{pname}" in before:
+            return before[f"{n}.{pname}"]
+    return None
+
+
 def merge_fused_optimizer_state_(
     optimizers: Sequence[torch.optim.Optimizer],
     model: torch.nn.Module,
@@ -277,17 +324,6 @@ def merge_fused_optimizer_state_(
         in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
         current: dict[str, dict[str, Any] | None] = {}
         final: dict[int, tuple[torch.nn.Parameter, dict[str, Any] | None]] = {}
-
-        def state_of(names: Sequence[str], pname: str) -> dict[str, Any] | None:
-            for n in names:
-                key = f"{n}.{pname}"
-                if key in current:
-                    return current[key]
-            for n in names:
-                if f"{n}.{pname}" in states:
-                    return states[f"{n}.{pname}"]
-            return None
-
         for record in records:
             if record.get("op") != "fuse_layers":
                 continue
@@ -296,13 +332,14 @@ def merge_fused_optimizer_state_(
                 for pname in fusion["params"]:
                     merged: dict[str, Any] | None = None
                     if mode == "average":
-                        sa, sb = state_of(a, pname), state_of(b, pname)
+                        sa, sb = _state_of(a, pname, current, states), _state_of(b, pname, current, states)
                         if sa and sb:
                             merged = _average_states(sa, sb, len(a), len(b))
                     for n in a + b:
                         current[f"{n}.{pname}"] = merged
                     param = get_submodule(model, a[0])._parameters[pname]
-                    final[id(param)] = (param, merged)
+                    if param is not None:
+                        final[id(param)] = (param, merged)
         for param, merged in final.values():
             if id(param) not in in_opt:
                 continue

@@ -10,6 +10,10 @@ fine-tuned for the rest of ``fit``. At fit end the network is merged (BN folded,
 conv, skips fused): the merged network equals the fine-tuned one exactly (eval mode). The merge is
 a logged event, so checkpoints saved afterwards and :func:`lit_compress.export.export_compressed`
 hold the merged model.
+
+``targets`` limits the search to some conv sites: a site outside it keeps its own conv, BatchNorm
+and activation (the plan gives it its original single-conv block, and the final merge leaves it
+alone).
 """
 
 from __future__ import annotations
@@ -19,18 +23,23 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import lightning as L
+import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lit_compress.callbacks.base import CompressionCallback, Moment
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.surgery.replay import applied_events
+from lit_compress.surgery.select import name_matches
+
+if TYPE_CHECKING:
+    from lit_compress.surgery.layermerge.blocks import Candidate, MergeSpace
 
 ImportanceMethod = Literal["finetune", "loss_proxy"]
 PLAN_FORMAT = "lit_compress.layermerge_plan"
@@ -52,7 +61,26 @@ def _classification_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, in
     return loss, int((out.argmax(1) == y).sum()), int(y.shape[0])
 
 
-class LayerMerge(CompressionCallback):
+class SearchPlan(TypedDict):
+    """The searched (or loaded) plan: ``blocks`` ``[[start, end, [kept sites]], ...]``, its numbers,
+    and the (1-based) conv sites that ``targets`` selects."""
+
+    kind: Literal["plan"]
+    blocks: list[list[Any]]
+    summary: dict[str, Any]
+    sites: list[int]
+
+
+class MergeStep(TypedDict):
+    """The final merge of the planned network (nothing to broadcast but the decision)."""
+
+    kind: Literal["merge"]
+
+
+MergePlan = SearchPlan | MergeStep
+
+
+class LayerMerge(CompressionCallback[MergePlan]):
     """LayerMerge with a latency budget: plan at fit start, fine-tune unmerged, merge at fit end.
 
     Args:
@@ -77,8 +105,11 @@ class LayerMerge(CompressionCallback):
         load_plan: A plan JSON written with ``save_plan``; skips the tables and the DP.
         save_plan: Where to write the plan (JSON) after planning.
         merge_at_end: Merge at fit end (else call :func:`merge_now` or export the unmerged network).
-        plan_at_epoch: Plan at fit start (0, the paper's setting: the model is pretrained) or at the
+        at_epoch: Plan at fit start (0, the paper's setting: the model is pretrained) or at the
             start of this epoch, so that one ``fit`` can pretrain, then plan and fine-tune.
+        targets: fnmatch globs or ``re:`` regexes over the trunk's conv names: the sites the plan may
+            merge, prune or strip of their activation; every other site keeps its conv, BatchNorm
+            and activation. Default: every site.
         progress: Show progress bars while building the tables.
         bn_recalibration_batches: Re-estimate BatchNorm statistics after the plan is applied.
     """
@@ -101,7 +132,8 @@ class LayerMerge(CompressionCallback):
         load_plan: str | None = None,
         save_plan: str | None = None,
         merge_at_end: bool = True,
-        plan_at_epoch: NonNegativeInt = 0,
+        at_epoch: NonNegativeInt = 0,
+        targets: list[str] | None = None,
         progress: bool = True,
         bn_recalibration_batches: NonNegativeInt = 20,
     ) -> None:
@@ -127,8 +159,8 @@ class LayerMerge(CompressionCallback):
             raise allowed("importance_lr", importance_lr, "a number > 0")
         if time_unit_ms is not None and not (time_unit_ms > 0 and math.isfinite(time_unit_ms)):
             raise allowed("time_unit_ms", time_unit_ms, "a finite number > 0, or None")
-        if isinstance(plan_at_epoch, bool) or not isinstance(plan_at_epoch, int) or plan_at_epoch < 0:
-            raise allowed("plan_at_epoch", plan_at_epoch, "an integer >= 0")
+        if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 0:
+            raise allowed("at_epoch", at_epoch, "an integer >= 0")
         if load_plan is not None and not Path(load_plan).is_file():
             raise allowed("load_plan", load_plan, "an existing plan file written with `save_plan`")
         self.budget = float(budget)
@@ -147,56 +179,75 @@ class LayerMerge(CompressionCallback):
         self.load_plan = load_plan
         self.save_plan = save_plan
         self.merge_at_end = merge_at_end
-        self.plan_at_epoch = plan_at_epoch
+        self.at_epoch = at_epoch
+        self.targets = list(targets) if targets else ["*"]
         self.progress = progress
         self.planned = False
         self.merged = False
         self.summary: dict[str, Any] = {}
-        self._next: str | None = None
 
     # ------------------------------------------------------------------ schedule
     @override
-    def event_due(self, trainer: Any, pl_module: L.LightningModule, moment: Moment) -> bool:
-        if not self.planned and (
-            (moment == "fit_start" and self.plan_at_epoch == 0)
-            or (moment == "epoch_start" and self.plan_at_epoch > 0 and trainer.current_epoch >= self.plan_at_epoch)
-        ):
-            self._next = "plan"
-            return True
-        if moment == "fit_end" and self.planned and not self.merged and self.merge_at_end:
-            self._next = "merge"
-            return True
-        return False
+    def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
+        if not self.planned:
+            if self.at_epoch == 0:
+                return moment == "fit_start"
+            return moment == "epoch_start" and trainer.current_epoch >= self.at_epoch
+        return moment == "fit_end" and not self.merged and self.merge_at_end
+
+    # ------------------------------------------------------------------ targets
+    def targeted_sites(self, space: MergeSpace) -> set[int]:
+        """Indices of the conv sites that ``targets`` selects.
+
+        Raises:
+            ConfigError: If ``targets`` selects none of the trunk's convs.
+        """
+        chosen = {s.index for s in space.sites if name_matches(s.conv, self.targets)}
+        if not chosen:
+            convs = ", ".join(s.conv for s in space.sites[:12])
+            raise allowed("targets", self.targets, f"must select at least one conv of the trunk ({convs}, ...)")
+        return chosen
+
+    def _allowed(self, space: MergeSpace, candidates: list[Candidate]) -> list[Candidate]:
+        """The candidates that change targeted sites only (every site keeps its original candidate)."""
+        chosen = self.targeted_sites(space)
+        return [
+            c for c in candidates if c.is_original(space) or all(i in chosen for i in range(c.start + 1, c.end + 1))
+        ]
 
     @override
-    def claimed_modules(self, trainer: Any, pl_module: L.LightningModule) -> list[str] | None:
-        """Every conv, BN, activation and residual unit of the searched trunk."""
+    def claimed_modules(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> list[str] | None:
+        """The targeted sites' convs, BNs and activations; on residual networks every unit (a plan
+        rebuilds them all) with everything in it, and the units' shortcuts."""
         from lit_compress.surgery.layermerge.blocks import analyze_merge_space
 
         try:
             space = analyze_merge_space(pl_module)
         except ConfigError:
             return None
+        chosen = {s.index for s in space.sites if name_matches(s.conv, self.targets)}
         names = set(space.units)
         for s in space.sites:
-            names.update(n for n in (s.conv, s.bn, s.act) if n)
+            if s.index in chosen or s.unit in names:
+                names.update(n for n in (s.conv, s.bn, s.act) if n)
         for r in space.residuals:
             if r.shortcut:
                 names.add(r.shortcut)
         return sorted(names)
 
     @override
-    def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and not self.planned and not applied_events(pl_module):
             from lit_compress.surgery.layermerge.blocks import analyze_merge_space
 
-            analyze_merge_space(pl_module)  # unsupported architectures fail before training starts
+            # unsupported architectures and `targets` selecting no conv fail before training starts
+            self.targeted_sites(analyze_merge_space(pl_module))
 
     # ------------------------------------------------------------------ planning (rank 0)
     @override
-    def plan_event(self, trainer: Any, pl_module: L.LightningModule) -> Any:
-        if self._next == "merge":
+    def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> MergePlan | None:
+        if self.planned:
             return {"kind": "merge"}
         from lit_compress.surgery.layermerge.blocks import analyze_merge_space
 
@@ -207,9 +258,11 @@ class LayerMerge(CompressionCallback):
             blocks, summary = self._search(trainer, pl_module, space)
         if self.save_plan is not None:
             self._write_plan(space, blocks, summary)
-        return {"kind": "plan", "blocks": blocks, "summary": summary}
+        return {"kind": "plan", "blocks": blocks, "summary": summary, "sites": sorted(self.targeted_sites(space))}
 
-    def _search(self, trainer: Any, pl_module: L.LightningModule, space: Any) -> tuple[list[Any], dict[str, Any]]:
+    def _search(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, space: MergeSpace
+    ) -> tuple[list[list[Any]], dict[str, Any]]:
         from lit_compress.callbacks._inputs import isolated_rng, train_batches
         from lit_compress.measure.latency_table import latency_table
         from lit_compress.surgery.layermerge.blocks import enumerate_candidates, original_latency, site_input_shapes
@@ -225,7 +278,7 @@ class LayerMerge(CompressionCallback):
             shape = [shape[0], self.latency_input_size, self.latency_input_size]
         probe = torch.zeros([1, *shape], dtype=inputs.dtype, device=inputs.device)
         site_input_shapes(pl_module, space, probe)
-        candidates = enumerate_candidates(pl_module, space)
+        candidates = self._allowed(space, enumerate_candidates(pl_module, space))
         device = torch.device(self.latency_device) if self.latency_device else pl_module.device
         cache = self.latency_cache or str(Path(trainer.default_root_dir) / "layermerge_latency.json")
         t0 = time.perf_counter()
@@ -297,17 +350,26 @@ class LayerMerge(CompressionCallback):
         )
         return blocks, summary
 
-    def _read_plan(self, space: Any) -> tuple[list[Any], dict[str, Any]]:
-        data = json.loads(Path(self.load_plan).read_text())  # type: ignore[arg-type]
+    def _read_plan(self, space: MergeSpace) -> tuple[list[list[Any]], dict[str, Any]]:
+        assert self.load_plan is not None
+        data = json.loads(Path(self.load_plan).read_text())
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise allowed("load_plan", self.load_plan, f"a plan file of format {PLAN_FORMAT!r}")
         convs = [s.conv for s in space.sites]
         if data.get("convs") != convs:
             raise allowed("load_plan", self.load_plan, "a plan made for this network (its conv names differ)")
+        chosen = self.targeted_sites(space)
+        for start, end, kept in data["blocks"]:
+            original = end == start + 1 and list(kept) == [end]
+            if not original and any(i not in chosen for i in range(start + 1, end + 1)):
+                raise allowed(
+                    "load_plan", self.load_plan, f"a plan that changes only sites in `targets` (block ({start}, {end}])"
+                )
         return data["blocks"], dict(data.get("summary") or {}, loaded_from=str(self.load_plan))
 
-    def _write_plan(self, space: Any, blocks: list[Any], summary: dict[str, Any]) -> None:
-        path = Path(self.save_plan)  # type: ignore[arg-type]
+    def _write_plan(self, space: MergeSpace, blocks: list[list[Any]], summary: dict[str, Any]) -> None:
+        assert self.save_plan is not None
+        path = Path(self.save_plan)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "format": PLAN_FORMAT,
@@ -321,33 +383,42 @@ class LayerMerge(CompressionCallback):
 
     # ------------------------------------------------------------------ surgery (every rank)
     @override
-    def apply_event(self, pl_module: L.LightningModule, plan: Any) -> list[dict[str, Any]]:
+    def apply_event(self, pl_module: L.LightningModule, plan: MergePlan) -> list[Record]:
         from lit_compress.surgery.layermerge.plan import apply_merge_plan_, merge_planned_
 
         if plan["kind"] == "merge":
-            record = _plan_record(pl_module)
-            records = merge_planned_(pl_module, record)
+            records = merge_planned_(pl_module, self._merge_record(pl_module))
             self.merged = True
             records[0]["summary"] = dict(self.summary)
             return records
         records = apply_merge_plan_(pl_module, plan["blocks"])
         records[0]["summary"] = dict(plan["summary"])
+        records[0]["targeted_sites"] = list(plan["sites"])
         self.summary = dict(plan["summary"])
         self.planned = True
         return records
 
     @override
-    def _recalibrate_batchnorm(self, trainer: Any, pl_module: L.LightningModule) -> int:
-        if self._next == "merge":  # the merge is exact: no statistics may change
-            return 0
-        return super()._recalibrate_batchnorm(trainer, pl_module)
+    def recalibrates_batchnorm(self, plan: MergePlan) -> bool:
+        return plan["kind"] != "merge"  # the merge is exact: no statistics may change
 
-    def merge_now(self, pl_module: nn.Module) -> list[dict[str, Any]]:
+    @staticmethod
+    def _merge_record(model: nn.Module) -> Record:
+        """The applied plan's record, without the blocks of untargeted sites (the merge leaves them alone)."""
+        record = _plan_record(model)
+        targeted = record.get("targeted_sites")
+        if targeted is None:  # a plan applied by hand, or logged before `targets` existed: merge every block
+            return record
+        chosen = set(targeted)
+        blocks = [b for b in record["blocks"] if any(i in chosen for i in range(b[0] + 1, b[1] + 1))]
+        return {**record, "blocks": blocks}
+
+    def merge_now(self, pl_module: nn.Module) -> list[Record]:
         """Merge the planned network outside ``fit`` (e.g. with ``merge_at_end=False``); records are logged."""
         from lit_compress.surgery.layermerge.plan import merge_planned_
         from lit_compress.surgery.replay import record_events
 
-        records = merge_planned_(pl_module, _plan_record(pl_module))
+        records = merge_planned_(pl_module, self._merge_record(pl_module))
         record_events(pl_module, records)
         self.merged = True
         return records

@@ -7,6 +7,7 @@ import platform
 from typing import Any
 
 import lightning as L
+import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback
@@ -24,9 +25,12 @@ class CompressionReport(Callback):
     """Measures parameters, FLOPs and (optionally) latency before and after each structural event.
 
     Every lit_compress callback uses the first ``CompressionReport`` in the Trainer's callbacks, and
-    adds one with the defaults below when there is none. Metrics go to the Trainer's loggers
-    (``compress/params``, ``compress/flops``, ``compress/latency_ms``); at fit end the report is
-    written to the log directory as ``compression_report.{json,md,png}`` and printed.
+    adds one with the defaults below when there is none. Metrics (``compress/params``,
+    ``compress/flops``, ``compress/latency_ms``) go to the Trainer's loggers and into
+    ``trainer.callback_metrics`` at the start of training and after every event, so that
+    ``ModelCheckpoint(monitor="compress/params", mode="min")`` or ``EarlyStopping`` can use them. At
+    fit end the report is written to the log directory as ``compression_report.{json,md,png}`` and
+    printed.
 
     Args:
         measure_flops: Count FLOPs with ``torch.utils.flop_counter`` on a 2-sample example input.
@@ -66,11 +70,12 @@ class CompressionReport(Callback):
         self.print_report = print_report
         self.initial: dict[str, Any] | None = None
         self.final: dict[str, Any] | None = None
+        self.latest: dict[str, float] = {}  # the metrics published last, by name (``compress/params``, ...)
         self.paths: dict[str, str] = {}
         self._cached_inputs: Any = None
 
     # ------------------------------------------------------------------ measurement
-    def example_inputs(self, trainer: Any, pl_module: L.LightningModule) -> Any:
+    def example_inputs(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> Any:
         """A 2-sample input on the module's device (see :func:`lit_compress.callbacks._inputs.example_inputs`)."""
         if self._cached_inputs is None:
             self._cached_inputs = example_inputs(trainer, pl_module)
@@ -78,7 +83,7 @@ class CompressionReport(Callback):
                 self._cached_inputs = self._cached_inputs.detach()
         return self._cached_inputs
 
-    def measure(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any]:
+    def measure(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> dict[str, Any]:
         """Parameters, FLOPs, latency and the latest validation metrics, measured on rank 0 and broadcast."""
         stats: dict[str, Any] | None = None
         if trainer is None or trainer.is_global_zero:
@@ -87,7 +92,7 @@ class CompressionReport(Callback):
             stats = broadcast_from_rank_zero(trainer, stats)
         return dict(stats or {})
 
-    def _measure_local(self, trainer: Any, pl_module: L.LightningModule) -> dict[str, Any]:
+    def _measure_local(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> dict[str, Any]:
         from lit_compress.measure import count_flops, count_parameters, measure_latency
 
         stats: dict[str, Any] = {"params": count_parameters(pl_module)}
@@ -112,32 +117,44 @@ class CompressionReport(Callback):
             return torch.zeros(shape, dtype=inputs.dtype, device=inputs.device)
         return rebatch(inputs, self.latency_batch_size)
 
-    def log_stats(self, trainer: Any, stats: dict[str, Any], prefix: str = "compress") -> None:
-        """Send numeric stats to every logger of the Trainer (rank 0)."""
-        if trainer is None or not trainer.is_global_zero:
+    def log_stats(self, trainer: pl.Trainer | None, stats: dict[str, Any], prefix: str = "compress") -> None:
+        """Publish numeric stats (validation metrics left out) as ``{prefix}/{name}``.
+
+        Every rank puts them into ``trainer.callback_metrics`` (for ``ModelCheckpoint``/``EarlyStopping``
+        monitors); rank 0 also sends them to every logger of the Trainer.
+        """
+        if trainer is None:
             return
         metrics = {
             f"{prefix}/{k}": float(v)
             for k, v in stats.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("val")
         }
+        self.latest.update(metrics)
+        _publish(trainer, metrics)
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_train_batch_start(self, trainer: Any, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._cached_inputs is None and getattr(pl_module, "example_input_array", None) is None:
             self._cached_inputs = first_samples(batch_inputs(batch), 2)
 
     @override
-    def on_train_start(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         if self.initial is None:
             self.initial = self.measure(trainer, pl_module)
             self.log_stats(trainer, self.initial)
+        else:  # a resumed or repeated fit: the monitors see the latest values again (Lightning cleared them)
+            _publish(trainer, self.latest)
 
     @override
-    def on_validation_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         metrics = _val_metrics(trainer)
@@ -147,7 +164,7 @@ class CompressionReport(Callback):
                 after.update(metrics)
 
     @override
-    def on_fit_end(self, trainer: Any, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         self.final = self.measure(trainer, pl_module)
         out_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir  # log_dir is collective
         if trainer.is_global_zero:
@@ -156,7 +173,7 @@ class CompressionReport(Callback):
         # its gloo process group) while rank 0 is still busy was seen to abort under `ddp_spawn`.
         trainer.strategy.barrier("lit_compress.report")
 
-    def _write(self, trainer: Any, pl_module: L.LightningModule, out_dir: str) -> None:
+    def _write(self, trainer: pl.Trainer, pl_module: L.LightningModule, out_dir: str) -> None:
         from lit_compress.report import format_report_markdown, write_report
 
         events = [dict(e) for e in applied_events(pl_module)]
@@ -168,31 +185,21 @@ class CompressionReport(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # The RNG states make a resume bit-exact for models with dropout too (Lightning does not save them).
-        return {"initial": self.initial, "rng": _rng_states()}
+        return {"initial": self.initial, "latest": dict(self.latest)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial = state_dict.get("initial")
-        if state_dict.get("rng") is not None:
-            _set_rng_states(state_dict["rng"])
+        self.latest = dict(state_dict.get("latest") or {})
 
 
-def _rng_states() -> dict[str, Any]:
-    """torch's CPU (and CUDA) generator states, as tensors (``weights_only``-loadable)."""
-    states: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def _publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Put ``metrics`` into ``trainer.callback_metrics`` (as tensors, where Lightning's monitors look)."""
+    for key, value in metrics.items():
+        trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
 
 
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _val_metrics(trainer: Any) -> dict[str, float]:
+def _val_metrics(trainer: pl.Trainer) -> dict[str, float]:
     out = {}
     for key, value in trainer.callback_metrics.items():
         if key.startswith("val") and isinstance(value, (torch.Tensor, float, int)):
@@ -201,7 +208,7 @@ def _val_metrics(trainer: Any) -> dict[str, float]:
     return out
 
 
-def run_metadata(trainer: Any) -> dict[str, Any]:
+def run_metadata(trainer: pl.Trainer | None) -> dict[str, Any]:
     """Machine, versions and run settings printed beside every report."""
     import lightning
 

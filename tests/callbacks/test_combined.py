@@ -54,7 +54,7 @@ def schedule(latency_cache: Path) -> list[Callback]:
             fraction=0.15,
             increments=1,
             every_n_epochs=1,
-            start=1,
+            at_epoch=1,
             targets=FUSION_TARGETS,
             measure="cosine",
             bn_recalibration_batches=0,
@@ -70,7 +70,7 @@ def schedule(latency_cache: Path) -> list[Callback]:
         ),
         LayerMerge(
             budget=0.7,
-            plan_at_epoch=3,
+            at_epoch=3,
             importance="loss_proxy",
             importance_batches=1,
             holdout_batches=1,
@@ -209,7 +209,12 @@ def test_fusion_counts_only_its_own_ties_after_another_method_shrank_the_model(t
     callbacks = [
         LayerCollapse(targets=COLLAPSE_TARGETS, lambda_final=20.0, warmup=1, tau=0.05, penalty="decoupled"),
         LayerFusion(
-            fraction=0.15, increments=1, every_n_epochs=1, start=2, targets=FUSION_TARGETS, bn_recalibration_batches=0
+            fraction=0.15,
+            increments=1,
+            every_n_epochs=1,
+            at_epoch=2,
+            targets=FUSION_TARGETS,
+            bn_recalibration_batches=0,
         ),
     ]
     L.seed_everything(0, verbose=False)

@@ -121,3 +121,34 @@ def test_gloo_group_is_destroyed_before_the_interpreter_exits(tmp_path: Path, re
     )
     assert proc.returncode == 0, proc.stderr
     assert result.read_text() == ("destroyed" if register else "initialized")
+
+
+def run_script(script: str, out_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Run a test script that starts `strategy="ddp"` itself (Lightning re-launches it for rank 1)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOBAL_RANK"):
+        env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "callbacks" / script), str(out_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
+
+
+def test_second_fit_with_the_same_callback_keeps_ddp_ranks_in_agreement(tmp_path: Path) -> None:
+    """`plan_event` runs on rank 0 only; everything the next fit reads must be set on every rank."""
+    proc = run_script("ddp_refit_script.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+    import json
+
+    ranks = [json.loads((tmp_path / f"refit_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["plan_calls"] > 0 and ranks[1]["plan_calls"] == 0  # planning is rank 0's alone
+    assert ranks[0]["state"] == ranks[1]["state"] and ranks[0]["state"]["selected"]
+    assert ranks[0]["hash"] == ranks[1]["hash"]
+    first_fit, second_fit = ranks[0]["events"]
+    assert first_fit == ["make_collapsible"]
+    assert len(second_fit) > len(first_fit)  # the second fit made structural events of its own

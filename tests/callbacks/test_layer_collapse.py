@@ -189,7 +189,7 @@ def test_resume_after_a_collapse_matches_an_uninterrupted_run(tmp_path: Path) ->
             if trainer.current_epoch == 4:
                 raise RuntimeError("simulated crash")
 
-    # With dropout: CompressionReport checkpoints the RNG state, which Lightning does not.
+    # With dropout: the callback checkpoints the RNG state, which Lightning does not.
     L.seed_everything(0, verbose=False)
     model_a = MLPNet(dropout=0.1)
     run(tmp_path / "a", [], model_a)

@@ -113,7 +113,9 @@ def test_auto_spread_and_step_schedules(tmp_path: Path, seed: int) -> None:
     trainer_for(tmp_path, [LayerFusion(fraction=0.4, increments=2)], max_epochs=6).fit(model)
     assert [e["epoch"] for e in fusion_events(model)] == [0, 2]  # interval = 6 // (2 + 1)
     model = FusionNet()
-    trainer_for(tmp_path, [LayerFusion(fraction=0.4, increments=2, every_n_steps=3, start=2)], max_epochs=2).fit(model)
+    trainer_for(tmp_path, [LayerFusion(fraction=0.4, increments=2, every_n_steps=3, at_step=2)], max_epochs=2).fit(
+        model
+    )
     assert [e["global_step"] for e in fusion_events(model)] == [2, 5]
 
 
@@ -156,7 +158,7 @@ def test_optimizer_state_is_reset_inside_fit(tmp_path: Path, seed: int) -> None:
                 seen["other_state"] = opt.state.get(pl_module.stem.weight)
 
     model = FusionNet()
-    callbacks = [LayerFusion(fraction=0.2, increments=1, every_n_epochs=1, start=1), Probe()]
+    callbacks = [LayerFusion(fraction=0.2, increments=1, every_n_epochs=1, at_epoch=1), Probe()]
     trainer_for(tmp_path, callbacks, max_epochs=2).fit(model)
     assert seen["tied_state"] and all(not s for s in seen["tied_state"])
     assert seen["other_state"] and "exp_avg" in seen["other_state"]  # untouched layers keep their moments
@@ -308,3 +310,16 @@ def test_torchvision_vgg_fuses(seed: int) -> None:
     fuse_layers_(model, plan, "mean")
     assert count_parameters(model) == base - most
     model(torch.randn(1, 3, 64, 64))
+
+
+def test_schedule_arguments_follow_the_shared_vocabulary(tmp_path: Path, seed: int) -> None:
+    with pytest.raises(ConfigError, match=r"`at_step`=2 is not allowed: give `at_epoch` or `at_step`, not both"):
+        LayerFusion(at_epoch=1, at_step=2)
+    with pytest.raises(ConfigError, match=r"`at_epoch`=1 is not allowed: a series `every_n_steps` starts `at_step`"):
+        LayerFusion(every_n_steps=3, at_epoch=1)
+    with pytest.raises(ConfigError, match=r"`at_step`=1 is not allowed: a series `every_n_epochs` starts `at_epoch`"):
+        LayerFusion(every_n_epochs=3, at_step=1)
+    # `at_step` without a period: the steps are spread over `max_steps` (interval (11 - 2) // 3 = 3).
+    model = FusionNet()
+    trainer_for(tmp_path, [LayerFusion(fraction=0.4, increments=2, at_step=2)], max_steps=11).fit(model)
+    assert [e["global_step"] for e in fusion_events(model)] == [2, 5]

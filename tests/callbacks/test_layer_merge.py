@@ -215,12 +215,37 @@ def test_layer_merge_under_ddp_spawn_keeps_ranks_identical(tmp_path: Path, plan_
     assert after[0] == after[1] and end[0] == end[1]
 
 
-def test_plan_at_epoch_pretrains_first(tmp_path: Path, plan_file: str) -> None:
+def test_at_epoch_pretrains_first(tmp_path: Path, plan_file: str) -> None:
     model = tiny_model()
-    cb = lm(tmp_path, load_plan=plan_file, plan_at_epoch=1)
+    cb = lm(tmp_path, load_plan=plan_file, at_epoch=1)
     trainer_for(tmp_path, [cb], max_epochs=2, limit_train_batches=1).fit(model, loaders())
     plan, final = applied_events(model)
     assert (plan["op"], plan["epoch"], plan["moment"]) == ("layer_merge_plan", 1, "epoch_start")
     assert final["op"] == "layer_merge_final" and final["moment"] == "fit_end"
-    with pytest.raises(ConfigError, match="plan_at_epoch"):
-        LayerMerge(plan_at_epoch=-1)
+    with pytest.raises(ConfigError, match="at_epoch"):
+        LayerMerge(at_epoch=-1)
+
+
+def test_targets_leave_the_other_convs_unchanged(tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lit_compress.measure.latency_table as tables
+
+    # Every table entry "takes" 1 ms: the 4-conv VGG (pooling after sites 2 and 4) costs 4 ms; a budget of
+    # 80 % needs one merged block, and with `targets` only (2, 4] may merge.
+    monkeypatch.setattr(tables, "latency_table", lambda space, cands, **kw: {c.key: 1.0 for c in cands})
+    model = ImageClassifier(backbone="vgg_cnn", width_mult=0.125, image_size=12)
+    outside = ["net.features.0", "net.features.1", "net.features.2", "net.features.3", "net.features.4"]
+    modules = {name: model.get_submodule(name) for name in outside}
+    callback = lm(tmp_path, budget=0.8, targets=["net.features.7", "re:net\\.features\\.1[0-9]"])
+    assert callback.claimed_modules(None, model) == [f"net.features.{i}" for i in (10, 11, 12, 7, 8, 9)]
+    trainer_for(tmp_path, [callback], max_epochs=1, limit_train_batches=2).fit(model, loaders())
+    plan, final = applied_events(model)
+    assert plan["blocks"][:2] == [[0, 1, [1]], [1, 2, [2]]] and plan["blocks"][2][:2] == [2, 4]
+    assert plan["targeted_sites"] == [3, 4]
+    # the plan and the merge left the untargeted convs, BatchNorms and activations in place (BN not folded)
+    assert all(model.get_submodule(name) is module for name, module in modules.items())
+    assert isinstance(model.get_submodule("net.features.7"), torch.nn.Conv2d)
+    assert isinstance(model.get_submodule("net.features.8"), torch.nn.Identity)  # the targeted BN was folded
+    # the exact merge re-estimates no statistics; the plan did
+    assert (plan["bn_recalibrated_batches"], final["bn_recalibrated_batches"]) == (2, 0)
+    with pytest.raises(ConfigError, match=r"`targets`=\['classifier\.\*'\].*at least one conv"):
+        trainer_for(tmp_path, [lm(tmp_path, targets=["classifier.*"])], max_epochs=1).fit(tiny_model(), loaders())
