@@ -34,7 +34,7 @@ from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import allowed
 from lit_compress.surgery.alds.allocate import allocate, dense_param_count, target_layers
-from lit_compress.surgery.alds.low_rank import LowRankLayer, low_rank_decompose_, low_rank_recompose_
+from lit_compress.surgery.alds.low_rank import LowRankLayer, LowRankPlan, low_rank_decompose_, low_rank_recompose_
 from lit_compress.surgery.select import select_modules
 
 _TYPES = (nn.Conv2d, nn.Linear, LowRankLayer)
@@ -49,7 +49,7 @@ class ALDSPlan(TypedDict):
 
     layers: list[str]
     recompose: list[str]
-    decompose: dict[str, dict[str, int]]
+    decompose: LowRankPlan
     summary: dict[str, Any]
 
 
@@ -205,7 +205,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         )
         recompose = [n for n in names if isinstance(pl_module.get_submodule(n), LowRankLayer)]
         summary = {k: v for k, v in alloc.to_plain().items() if k not in ("plan", "errors", "skipped")}
-        return {"layers": names, "recompose": recompose, "decompose": alloc.plan, "summary": summary}
+        return ALDSPlan(layers=names, recompose=recompose, decompose=alloc.plan, summary=summary)
 
     @override
     def apply_event(self, pl_module: L.LightningModule, plan: ALDSPlan) -> list[Record]:

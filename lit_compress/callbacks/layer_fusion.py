@@ -32,7 +32,7 @@ from lit_compress.errors import ConfigError, allowed
 from lit_compress.measure import count_parameters
 from lit_compress.surgery.fusion.groups import candidate_groups, fusion_units, max_removable
 from lit_compress.surgery.fusion.similarity import MEASURES
-from lit_compress.surgery.fusion.tie import POLICIES, fuse_layers_, plan_fusions
+from lit_compress.surgery.fusion.tie import POLICIES, PlannedFusion, fuse_layers_, plan_fusions
 from lit_compress.surgery.modules import get_submodule
 
 MeasureName = Literal["cosine", "covariance", "cka", "euclidean", "manhattan", "kl", "wasserstein"]
@@ -42,7 +42,7 @@ PolicyName = Literal["mean", "mix", "freeze"]
 class FusionPlan(TypedDict):
     """One fusion step (plain data, broadcast from rank 0): the pairs to tie and the step's number."""
 
-    fusions: list[dict[str, Any]]  # see ``lit_compress.surgery.fusion.tie.plan_fusions``
+    fusions: list[PlannedFusion]  # see ``lit_compress.surgery.fusion.tie.plan_fusions``
     increment: int
 
 
@@ -224,7 +224,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         fusions = plan_fusions(
             pl_module, units, self.measure, remove, self.policy, seed=self.seed * 1_000_003 + self.increments_done
         )
-        return {"fusions": fusions, "increment": k} if fusions else None
+        return FusionPlan(fusions=fusions, increment=k) if fusions else None
 
     @override
     def apply_event(self, pl_module: L.LightningModule, plan: FusionPlan) -> list[Record]:
