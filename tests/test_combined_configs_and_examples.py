@@ -10,8 +10,10 @@ import pytest
 import torch
 import yaml
 
+import lit_compress.measure.latency_table as latency_table
 from lit_compress.cli import build_cli
 from lit_compress.surgery import applied_events
+from tests._latency import fill_fake_latency_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,17 @@ def ops(cli) -> list[str]:
     return [e["op"] for e in applied_events(cli.model)]
 
 
-def test_combined_cnn_recipe_on_few_batches(tmp_path: Path) -> None:
+def _no_timing(*args: object) -> float:
+    raise AssertionError("every latency entry should come from the pre-filled cache")
+
+
+def test_combined_cnn_recipe_on_few_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # LayerMerge's latency table from a cost model, so that the plan does not depend on the machine's load
+    model = build_cli(["--config", str(ROOT / "configs" / "combined_cnn.yaml")], run=False).model
+    fill_fake_latency_cache(
+        tmp_path / "layermerge_latency.json", model.net.features, model.example_input_array, batch_sizes=(16,)
+    )
+    monkeypatch.setattr(latency_table, "time_layer", _no_timing)
     cli = run_config("combined_cnn.yaml", tmp_path, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2")
     found = ops(cli)  # the collapse needs the full warm-up: not within 2 batches per epoch
     assert [op for op in found if op != "collapse"] == [

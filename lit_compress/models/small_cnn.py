@@ -69,7 +69,7 @@ class VGGStyleCNN(nn.Module):
     followed by BN and ReLU; ``avgpool`` to 7x7 (the identity on 28x28 inputs); ``classifier`` with
     the layout of torchvision's VGG: Linear -> ReLU -> Dropout -> Linear -> ReLU -> Dropout -> Linear,
     hidden width 256 x ``width_mult``. 936,618 parameters at ``width_mult=1`` on 1x28x28 with 10
-    classes (235,098 at 0.5), the counts in ``shared/BENCHMARKS.md``.
+    classes (235,098 at 0.5).
 
     Shapes: ``(B, in_channels, H, W) -> (B, num_classes)``.
     """

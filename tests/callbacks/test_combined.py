@@ -32,6 +32,7 @@ from lit_compress import load_from_checkpoint
 from lit_compress.callbacks import ALDS, CompressionReport, LayerCollapse, LayerFusion, LayerMerge
 from lit_compress.errors import ConfigError
 from lit_compress.surgery import applied_events
+from tests._latency import fill_fake_latency_cache
 from tests.callbacks._combined_net import ALDS_TARGETS, COLLAPSE_TARGETS, FUSION_TARGETS, FourPartNet
 from tests.callbacks._toy import HashRecorder
 
@@ -117,8 +118,10 @@ def assert_every_method_acted(model: FourPartNet) -> None:
 
 @pytest.fixture(scope="module")
 def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One measured latency table, shared by every run here so that all of them plan alike."""
-    return tmp_path_factory.mktemp("latency") / "lat.json"
+    """One latency table (a cost model, see ``tests/_latency.py``) shared by every run, so that all plan alike."""
+    path = tmp_path_factory.mktemp("latency") / "lat.json"
+    model = FourPartNet()
+    return fill_fake_latency_cache(path, model, model.example_input_array)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from lit_compress.callbacks import (
 )
 from lit_compress.models import ImageClassifier
 from lit_compress.surgery import applied_events
+from tests._latency import fill_fake_latency_cache
 from tests.callbacks._toy import MLPNet, SplitLinear, ToyNet
 from tests.callbacks.test_layer_fusion import FusionNet
 
@@ -91,17 +92,19 @@ def _case(method: type, tmp_path: Path) -> tuple[CompressionCallback[Any], L.Lig
         return LayerCollapse(lambda_final=20.0, tau=0.3), MLPNet(), ()
     if method is LayerFusion:
         return LayerFusion(fraction=0.2, increments=2, every_n_epochs=1, measure="cosine"), FusionNet(), ()
+    model = _merge_model()
+    cache = fill_fake_latency_cache(tmp_path / "latency.json", model, next(iter(_merge_data()))[0])
     callback = LayerMerge(
         budget=0.8,
         importance_batches=1,
         holdout_batches=1,
         latency_warmup=0,
         latency_repeats=1,
-        latency_cache=str(tmp_path / "latency.json"),
+        latency_cache=str(cache),
         progress=False,
         bn_recalibration_batches=1,
     )
-    return callback, _merge_model(), (_merge_data(),)
+    return callback, model, (_merge_data(),)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)

@@ -88,7 +88,7 @@ def test_collapse_is_exact_at_the_moment_it_happens(tmp_path: Path, seed: int) -
 
 
 @pytest.mark.parametrize("mode", ["loss", "decoupled"])
-def test_penalty_application_matches_the_spec(mode: str) -> None:
+def test_penalty_application_matches_the_paper(mode: str) -> None:
     model = MLPNet()
     from lit_compress.surgery import make_collapsible_
     from lit_compress.surgery.chains import ChainLink

@@ -17,6 +17,7 @@ from lit_compress.errors import ConfigError
 from lit_compress.models import ImageClassifier
 from lit_compress.surgery import applied_events
 from lit_compress.surgery.log import strip_measurements
+from tests._latency import fill_fake_latency_cache
 from tests.callbacks._toy import HashRecorder, MLPNet
 
 
@@ -48,6 +49,12 @@ def trainer_for(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> L.T
 
 
 def lm(tmp_path: Path, **kwargs: Any) -> LayerMerge:
+    """A small LayerMerge; its latency cache is pre-filled from a cost model (see ``tests/_latency.py``)."""
+    cache = tmp_path / "lat.json"
+    if not cache.exists() and "load_plan" not in kwargs:  # a loaded plan must time nothing
+        example = torch.zeros(1, 1, 12, 12)
+        for backbone in ("cifar_resnet20", "small_mobilenet_v2"):
+            fill_fake_latency_cache(cache, tiny_model(backbone), example)
     options: dict[str, Any] = dict(
         budget=0.6,
         importance_batches=1,
@@ -84,7 +91,7 @@ def test_fine_tuned_network_equals_the_merged_one(tmp_path: Path, seed: int) -> 
     assert ops(model) == ["layer_merge_plan"] and cb.planned and not cb.merged
     summary = cb.summary
     blocks = applied_events(model)[0]["blocks"]
-    # times are floored to the unit (spec §2.5), so the table sum may exceed the budget by < 1 unit per block
+    # times are floored to the unit, so the table sum may exceed the budget by < 1 unit per block
     assert summary["planned_table_ms"] <= 0.6 * summary["original_table_ms"] + len(blocks) * summary["time_unit_ms"]
     assert any(e - s > 1 for s, e, _ in applied_events(model)[0]["blocks"])
     x = torch.randn(4, 1, 12, 12, dtype=torch.float64)

@@ -16,7 +16,7 @@ def n_params(m: nn.Module) -> int:
 def test_resnet20_parameter_counts():
     # Option A (padding shortcut) on CIFAR: the paper's 0.27 M.
     assert n_params(resnet20(in_channels=3, shortcut="pad")) == 269_722
-    # Option B (1x1 conv + BN, the default) adds 2,752: the counts in shared/BENCHMARKS.md (1x28x28).
+    # Option B (1x1 conv + BN, the default) adds 2,752, on 1x28x28.
     assert n_params(resnet20(in_channels=3)) == 272_474
     assert n_params(resnet20(in_channels=1)) == 272_186
     assert n_params(resnet20(in_channels=1, width_mult=0.5)) == 68_642

@@ -1,6 +1,6 @@
 """ALDS rank allocation: choose ``(k, j)`` per layer to minimise the worst relative error under a budget.
 
-Error table (spec §1.3): for a layer with dense weight ``W`` and each divisor ``k`` of its input
+Error table: for a layer with dense weight ``W`` and each divisor ``k`` of its input
 channels, ``ε(k, j) = max_i σ_{j+1}(W_i) / σ₁(W)`` for ``j = 1 … min(f, c/k·κ1κ2)``, where ``W_i``
 are the ``k`` folded groups (:func:`lit_compress.surgery.low_rank.folded_groups`) and ``σ₁(W)`` is
 the spectral norm of the whole folded layer (``f × c·κ1κ2``). By default the √k factor of the

@@ -5,7 +5,7 @@ A *collapsible MLP* is ``y = W2 · φ_a(W1 x + b1) + b2`` with the PReLU form
     φ_a(h) = max(0, h) + a · min(0, h)
 
 and **one scalar slope ``a`` per MLP**. Training adds ``λ · Σ_l (a_l − 1)²`` (see
-:func:`collapse_penalty`; ``λ`` is applied by the caller, and under Adam the spec recommends a
+:func:`collapse_penalty`; ``λ`` is applied by the caller, and under Adam the authors use a
 decoupled step on the slopes instead of putting the penalty in the loss). When ``|a − 1| < τ`` the
 slope is set to 1, φ becomes the identity and the two linears merge:
 
@@ -139,7 +139,7 @@ class CollapsibleActivation(nn.Module):
       a ``LeakyReLU``/single-parameter ``PReLU`` starts at its own negative slope, so conversion
       leaves the function unchanged.
     * ``a = 1`` is exactly the identity (``h`` is returned bit for bit).
-    * ``kind="gelu"`` / ``"silu"``: the spec's official code replaces GELU by this PReLU
+    * ``kind="gelu"`` / ``"silu"``: the authors' code replaces GELU by this PReLU
       initialised at ``a = 0.01``. That **changes the pretrained function** (φ_0.01 is not GELU),
       so the model must be fine-tuned with the slope penalty (1–46 epochs in the paper's runs)
       before the slope approaches 1 and the MLP can be collapsed without loss. SiLU is treated the
@@ -420,7 +420,7 @@ def _identity_like(old: nn.Module) -> nn.Identity:
 
 def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool) -> CollapseRecord | None:
     if not force and not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0):
-        raise ConfigError(f"`tau`={tau!r} is not allowed: a positive float (spec default 0.05).")
+        raise ConfigError(f"`tau`={tau!r} is not allowed: a positive float (the authors' default: 0.05).")
     seen: set[str] = set()
     for link in links:
         if link.activation in seen:
@@ -475,7 +475,7 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
                     replace_submodule(model, name, _identity_like(get_submodule(model, name)))
             moved[link.second] = into
             entries.append(_link_record(link, into))
-    with torch.no_grad():  # the spec sets a := 1 before merging; the merge used the identity
+    with torch.no_grad():  # the authors set a := 1 before merging; the merge used the identity
         for act in removed_acts:
             if isinstance(act, CollapsibleActivation):
                 act.slope.fill_(1.0)
@@ -502,7 +502,7 @@ def collapse_(model: nn.Module, links: Sequence[LinkLike] | LinkLike, tau: float
         model: The model.
         links: :class:`LinearChain` s or :class:`ChainLink` s whose activations are
             :class:`CollapsibleActivation`.
-        tau: Collapse threshold (spec default 0.05).
+        tau: Collapse threshold (the authors' default: 0.05).
 
     Returns:
         One :class:`CollapseRecord` (see the module docstring), or ``[]`` if nothing qualified.

@@ -2,7 +2,7 @@
 
 A *unit* is one layer whose parameters are tied as a whole: a conv or linear (weight and bias), a
 packed attention input projection, a norm (behind ``include_norms``) or an embedding (behind
-``include_embeddings``). Roles follow the Layer Fusion code (spec §1.2.1): in a transformer the
+``include_embeddings``). Roles follow the Layer Fusion code: in a transformer the
 query, key, value, attention-output, FFN-in and FFN-out projections are separate groups, so a
 query projection is never tied to a key projection even if their shapes agree; in a CNN every
 conv is role ``conv`` and every other linear role ``linear``. A group is
@@ -16,7 +16,7 @@ Roles are read from the qualified name, which covers our :class:`~lit_compress.m
 
 GPT-2's ``c_attn`` is ONE ``Conv1D`` computing Q, K and V together (weight ``(C, 3C)``). It is
 role ``attn_qkv`` and is tied as one unit with the ``c_attn`` of other blocks, never split into
-Q/K/V or heads (spec §1.4: "GPT-2's packed QKV is fused as one unit"); the same holds for the
+Q/K/V or heads (the authors fuse GPT-2's packed QKV as one unit); the same holds for the
 packed ``in_proj_weight`` of ``nn.MultiheadAttention``.
 
 BatchNorm is never a candidate (it carries running statistics; a BN after a fused conv keeps its

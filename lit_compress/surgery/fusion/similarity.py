@@ -1,4 +1,4 @@
-"""Data-free similarity between two same-shape weights (Layer Fusion, spec §1.2.2).
+"""Data-free similarity between two same-shape weights (Layer Fusion).
 
 Every measure reads a weight ``W`` of shape ``(out, ...)`` as the matrix ``(out, rest)`` (a 1-D
 weight, e.g. a norm's, as one row) and computes in float64. Biases are not compared.
@@ -19,7 +19,7 @@ weight, e.g. a norm's, as one row) and computes in float64. Biases are not compa
 
 Similarities rank pairs in descending order, distances in ascending order (:func:`rank_key`).
 
-Deviations from the authors' code, on purpose (spec §1.2.2 and §1.6 list what the code does):
+Deviations from the authors' code, on purpose (the authors' published code differs here):
 
 - ``covariance``: the code's score is the *signed* difference ``‖C_i‖ − ‖C_j‖`` (×1e3), which makes a
   pair's rank depend on the order of its layers; we use its absolute value (the 1e3 scale does not

@@ -13,7 +13,7 @@ change). The policies differ only in the value the shared parameter starts from:
   ``M`` at every step and sums the pair's gradients, but keeps two stored copies, so it compresses
   nothing until the copies are merged; here the mixed value becomes the one shared weight and the
   summed gradient is what autograd gives a tied weight.
-- ``freeze`` (the paper's "drop", spec §1.2.4): one member cluster's weights are kept, the other's
+- ``freeze`` (the paper's "drop"): one member cluster's weights are kept, the other's
   are dropped (its gradient is frozen out and from then on added to the kept one's). The kept
   cluster is drawn with probability ``n/(n_a + n_b)`` from the seeded generator (recorded as ``kept``).
 

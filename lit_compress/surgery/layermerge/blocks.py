@@ -1,4 +1,4 @@
-"""LayerMerge's search space: conv sites, residual spans, valid blocks and their candidates (spec §2.2).
+"""LayerMerge's search space: conv sites, residual spans, valid blocks and their candidates.
 
 A supported network is read as a line of **conv sites** 1..L inside a trunk (the stem before it
 and the head after it are outside the search). Activation position ``p`` follows site ``p``

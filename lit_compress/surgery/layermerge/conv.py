@@ -1,4 +1,4 @@
-"""Exact composition of consecutive 2-D convolutions (LayerMerge's merge step, spec §2.6).
+"""Exact composition of consecutive 2-D convolutions (LayerMerge's merge step).
 
 Two convolutions A then B with nothing in between (no activation, BN already folded) are one
 convolution. Per spatial dimension, with kernel ``k``, stride ``s``, padding ``p``, dilation ``d``::

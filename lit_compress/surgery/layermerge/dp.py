@@ -1,4 +1,4 @@
-"""LayerMerge's dynamic program (spec §2.5): maximise summed importance under a latency budget.
+"""LayerMerge's dynamic program: maximise summed importance under a latency budget.
 
 Entries are ``(start, end, time, importance, payload)`` for blocks ``(start, end]``. Time is
 discretised as ``g = floor(time / unit)``; with ``D[0][t] = 0`` for every ``t >= 0``::

@@ -1,4 +1,4 @@
-"""Apply a LayerMerge plan for fine-tuning, and the final merge (spec §2.6).
+"""Apply a LayerMerge plan for fine-tuning, and the final merge.
 
 A **plan** is plain data: ``{"blocks": [[s, e, [kept sites]], ...]}`` tiling positions 0..L
 (see :mod:`lit_compress.surgery.layermerge.blocks`). :func:`apply_merge_plan_` turns the network into

@@ -1,4 +1,4 @@
-"""LayerMerge's search space: blocks and candidates, checked against the official counts (spec §2.2)."""
+"""LayerMerge's search space: blocks and candidates, checked against the official counts."""
 
 from __future__ import annotations
 
