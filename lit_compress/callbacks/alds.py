@@ -31,6 +31,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_compress.callbacks._optim import OptimizerSnapshot
+from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import allowed
 from lit_compress.surgery.alds.allocate import allocate, dense_param_count, target_layers
@@ -180,6 +181,18 @@ class ALDS(CompressionCallback[ALDSPlan]):
         if moment != "epoch_start" or self.events_done >= len(self.schedule):
             return False
         return trainer.current_epoch >= self.schedule[self.events_done][0]
+
+    @override
+    def scheduled_events(self, trainer: pl.Trainer) -> list[ScheduledEvent]:
+        n = len(self.schedule)
+        return [
+            ScheduledEvent(
+                f"the compression to keep_ratio {ratio:g}" + (f" (cascade step {i + 1} of {n})" if n > 1 else ""),
+                epoch=epoch,
+            )
+            for i, (epoch, ratio) in enumerate(self.schedule)
+            if i >= self.events_done
+        ]
 
     @override
     def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> ALDSPlan | None:

@@ -72,6 +72,7 @@ from lit_compress.callbacks._distributed import (
 )
 from lit_compress.callbacks._inputs import isolated_rng, rng_states, set_rng_states, train_batches
 from lit_compress.callbacks._optim import OptimizerSnapshot, rebuild_optimizers
+from lit_compress.callbacks._schedule import FitLength, ScheduledEvent, missed_notes, unreachable_warnings
 from lit_compress.callbacks.report import CompressionReport
 from lit_compress.checkpointing import (
     SPAWN_EVENTS_KEY,
@@ -163,6 +164,29 @@ class CompressionCallback(Callback, Generic[PlanT]):
         """
         return None
 
+    def scheduled_events(self, trainer: pl.Trainer) -> list[ScheduledEvent]:
+        """The epoch- or step-scheduled events this callback has still to run, with when each is due.
+
+        Before training starts, an event the fit never reaches (``max_epochs``, ``max_steps``, the
+        steps of an epoch) is a warning; at fit end, one still listed is a warning and a report line.
+        Events run at fit end and events that depend on the model's state are not listed. Default: none.
+        """
+        return []
+
+    def shortfalls(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> list[str]:
+        """At fit end: what the callback set out to do and did not finish, one sentence each (default: none).
+
+        Pending :meth:`scheduled_events` are reported by the base; this is for the rest (e.g. a
+        LayerCollapse slope that never got within ``tau`` of 1).
+        """
+        return []
+
+    @final
+    def unfinished(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> list[str]:
+        """At fit end: the pending scheduled events and the :meth:`shortfalls`, one sentence each."""
+        name = type(self).__name__
+        return missed_notes(name, self.scheduled_events(trainer), trainer) + self.shortfalls(trainer, pl_module)
+
     def extra_state(self) -> dict[str, Any]:
         """Subclass state saved with the callback (plain data)."""
         return {}
@@ -175,7 +199,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
     def run_event(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> list[Record]:
         """Run one structural event now, following the contract; return its log records."""
         reporter = self.reporter(trainer)
-        before = reporter.measure(trainer, pl_module)
+        before = reporter.measure_before_event(trainer, pl_module)
         start = time.perf_counter()
 
         plan = self._plan_on_rank_zero(trainer, pl_module)
@@ -306,6 +330,8 @@ class CompressionCallback(Callback, Generic[PlanT]):
                 "`model.train()` before `trainer.fit(model)` unless that is intended."
             )
         self._last_global_step = trainer.global_step
+        for message in unreachable_warnings(type(self).__name__, self.scheduled_events(trainer), FitLength.of(trainer)):
+            rank_zero_warn(message)
         if self.event_due(trainer, pl_module, "fit_start"):
             self.run_event(trainer, pl_module, "fit_start")
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import allowed
 from lit_compress.surgery.select import name_matches, select_modules
@@ -74,6 +75,12 @@ class FoldBatchNorm(CompressionCallback[FoldPlan]):
         if self.at_step is not None:
             return moment == "step" and trainer.global_step >= self.at_step
         return moment == "fit_end"
+
+    @override
+    def scheduled_events(self, trainer: pl.Trainer) -> list[ScheduledEvent]:
+        if self.events_done or (self.at_epoch is None and self.at_step is None):
+            return []
+        return [ScheduledEvent("the BatchNorm fold", epoch=self.at_epoch, step=self.at_step)]
 
     @override
     def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> FoldPlan | None:

@@ -244,6 +244,32 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
             found = self.selected
         return sorted({n for link in found for n in _names(link)})
 
+    @override
+    def shortfalls(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> list[str]:
+        """Selected MLPs that did not collapse: a slope short of ``tau``, or a stage never converted."""
+        if not self.selected:
+            return []
+        live = dict(collapsible_activations(pl_module))
+        short = [
+            (link, float(live[link["activation"]].slope.detach()))
+            for link in self.selected
+            if link["activation"] in live and abs(float(live[link["activation"]].slope.detach()) - 1.0) >= self.tau
+        ]
+        out = [
+            f"LayerCollapse: the MLP `{link['first']}` → `{link['second']}` ended with slope a={a:.4g} at "
+            f"`{link['activation']}`, short of tau: |a − 1| = {abs(a - 1):.3g} >= tau={self.tau:g}, so it was NOT "
+            f"collapsed and keeps the activation max(0, h) + {a:.4g}·min(0, h). Train longer, raise `lambda_final`, "
+            "or collapse it after training (lit_compress.surgery.collapse_post_training_, which changes the function)."
+            for link, a in short
+        ]
+        waiting = len(self.selected) - self.converted
+        if waiting > 0:
+            out.append(
+                f"LayerCollapse: {waiting} of the {len(self.selected)} selected MLPs were never converted (their "
+                f"stage, stage_size={self.stage_size}, waits for the MLPs after them to collapse)."
+            )
+        return out
+
     # ------------------------------------------------------------------ the regulariser
     def _mode(self, trainer: pl.Trainer) -> str:
         if self.penalty != "auto":

@@ -27,6 +27,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from typing_extensions import override
 
 from lit_compress.callbacks._optim import OptimizerSnapshot
+from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.measure import count_parameters
@@ -210,6 +211,16 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         if self.unit == "epochs":
             return moment == "epoch_start" and trainer.current_epoch >= due_at
         return moment == "step" and trainer.global_step >= max(due_at, 1)
+
+    @override
+    def scheduled_events(self, trainer: pl.Trainer) -> list[ScheduledEvent]:
+        if self.interval is None:
+            return []
+        out = []
+        for k in range(self.increments_done, self.increments):
+            at, what = self.first_event_at + k * self.interval, f"fusion step {k + 1} of {self.increments}"
+            out.append(ScheduledEvent(what, epoch=at) if self.unit == "epochs" else ScheduledEvent(what, step=at))
+        return out
 
     # ------------------------------------------------------------------ plan / apply
     @override

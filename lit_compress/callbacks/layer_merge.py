@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.surgery.replay import applied_events
@@ -194,6 +195,13 @@ class LayerMerge(CompressionCallback[MergePlan]):
                 return moment == "fit_start"
             return moment == "epoch_start" and trainer.current_epoch >= self.at_epoch
         return moment == "fit_end" and not self.merged and self.merge_at_end
+
+    @override
+    def scheduled_events(self, trainer: pl.Trainer) -> list[ScheduledEvent]:
+        if self.planned or self.at_epoch == 0:  # at epoch 0 the plan is made at fit start, which always comes
+            return []
+        merge = " (and with it the merge at fit end)" if self.merge_at_end else ""
+        return [ScheduledEvent(f"the plan for budget {self.budget:g}{merge}", epoch=self.at_epoch)]
 
     # ------------------------------------------------------------------ targets
     def targeted_sites(self, space: MergeSpace) -> set[int]:

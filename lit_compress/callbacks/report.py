@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 from typing import Any
@@ -11,7 +12,8 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
 from lit_compress.callbacks._distributed import broadcast_from_rank_zero
@@ -30,15 +32,26 @@ class CompressionReport(Callback):
     ``trainer.callback_metrics`` at the start of training and after every event, so that
     ``ModelCheckpoint(monitor="compress/params", mode="min")`` or ``EarlyStopping`` can use them. At
     fit end the report is written to the log directory as ``compression_report.{json,md,png}`` and
-    printed.
+    printed, with a line (and a warning) for every scheduled event that did not run and every
+    LayerCollapse slope left short of ``tau``; a fit without any event says "no structural change".
+
+    Latency is the median of ``latency_rounds × latency_repeats`` timed calls, with its p10–p90
+    range. At fit end the final model and a copy of the original are timed *together*, in
+    interleaved rounds, and a speed-up is printed only when their p10–p90 ranges do not overlap
+    (otherwise: "within noise"). The copy costs host memory: the original's parameters and buffers
+    once more (logged at fit start; the model's size in MB). Without it (``latency_compare=False``,
+    or a resumed fit) the start-of-fit timing is compared, which the report says.
 
     Args:
         measure_flops: Count FLOPs with ``torch.utils.flop_counter`` on a 2-sample example input.
-        measure_latency: Time the model's forward on the training device (median of repeats).
+        measure_latency: Time the model's forward on the training device.
         latency_batch_size: Batch size of the latency input.
         latency_input_shape: Shape of one sample, e.g. ``[3, 224, 224]``; by default the shape of
             the model's ``example_input_array`` or of a training batch.
-        latency_repeats: Timed repeats after 5 warm-up runs.
+        latency_repeats: Timed calls per round (each round starts with 3 untimed warm-up calls).
+        latency_rounds: Rounds; at fit end the original and the final model alternate, round by round.
+        latency_compare: Keep a CPU copy of the model as it starts ``fit``, to time it together with
+            the final model at fit end.
         output_dir: Where the report goes; by default the Trainer's ``log_dir``.
         print_report: Print the Markdown table at fit end (rank 0).
     """
@@ -49,7 +62,9 @@ class CompressionReport(Callback):
         measure_latency: bool = False,
         latency_batch_size: PositiveInt = 1,
         latency_input_shape: list[PositiveInt] | None = None,
-        latency_repeats: PositiveInt = 20,
+        latency_repeats: PositiveInt = 10,
+        latency_rounds: PositiveInt = 5,
+        latency_compare: bool = True,
         output_dir: str | None = None,
         print_report: bool = True,
     ) -> None:
@@ -57,6 +72,8 @@ class CompressionReport(Callback):
             raise allowed("latency_batch_size", latency_batch_size, "must be an integer >= 1")
         if latency_repeats < 1:
             raise allowed("latency_repeats", latency_repeats, "must be an integer >= 1")
+        if latency_rounds < 1:
+            raise allowed("latency_rounds", latency_rounds, "must be an integer >= 1")
         if latency_input_shape is not None and (
             not latency_input_shape or any(int(d) < 1 for d in latency_input_shape)
         ):
@@ -66,13 +83,18 @@ class CompressionReport(Callback):
         self.latency_batch_size = latency_batch_size
         self.latency_input_shape = list(latency_input_shape) if latency_input_shape else None
         self.latency_repeats = latency_repeats
+        self.latency_rounds = latency_rounds
+        self.latency_compare = latency_compare
         self.output_dir = output_dir
         self.print_report = print_report
         self.initial: dict[str, Any] | None = None
         self.final: dict[str, Any] | None = None
         self.latest: dict[str, float] = {}  # the metrics published last, by name (``compress/params``, ...)
         self.paths: dict[str, str] = {}
+        self.latency: dict[str, Any] | None = None  # the original and the final model timed together (fit end)
+        self.notes: list[str] = []  # what did not happen (fit end)
         self._cached_inputs: Any = None
+        self._original: nn.Module | None = None  # CPU copy of the model as it started fit (rank 0)
 
     # ------------------------------------------------------------------ measurement
     def example_inputs(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> Any:
@@ -92,7 +114,33 @@ class CompressionReport(Callback):
             stats = broadcast_from_rank_zero(trainer, stats)
         return dict(stats or {})
 
-    def _measure_local(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> dict[str, Any]:
+    def measure_before_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """:meth:`measure`; before the first event of a fresh fit this is also the original's measurement
+        (a method callback listed before the report can run an event at fit start, before the report's
+        own ``on_train_start``)."""
+        if self.initial is None:
+            self._start(trainer, pl_module)
+            return dict(self.initial or {})
+        return self.measure(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
+        self.initial = self.measure(trainer, pl_module)
+        self.log_stats(trainer, self.initial)
+        if self.measure_latency and self.latency_compare and trainer.is_global_zero:
+            self._original = _cpu_copy(pl_module)
+            if self._original is not None:
+                size = sum(
+                    t.numel() * t.element_size() for t in [*self._original.parameters(), *self._original.buffers()]
+                )
+                rank_zero_info(
+                    f"[lit_compress] CompressionReport keeps a CPU copy of the model as it starts fit "
+                    f"({size / 2**20:.1f} MB of host memory) to time it together with the final model at fit end "
+                    "(`latency_compare: false` turns this off)."
+                )
+
+    def _measure_local(
+        self, trainer: pl.Trainer | None, pl_module: L.LightningModule, latency: bool = True
+    ) -> dict[str, Any]:
         from lit_compress.measure import count_flops, count_parameters, measure_latency
 
         stats: dict[str, Any] = {"params": count_parameters(pl_module)}
@@ -101,13 +149,40 @@ class CompressionReport(Callback):
         if self.measure_flops and inputs is not None:
             stats["flops"] = int(count_flops(pl_module, inputs))
         stats["latency_ms"] = None
-        if self.measure_latency and inputs is not None:
+        if self.measure_latency and latency and inputs is not None:
             lat_inputs = self._latency_inputs(inputs, pl_module)
-            result = measure_latency(pl_module, lat_inputs, warmup=10, repeats=self.latency_repeats)
-            stats["latency_ms"] = float(result["median_ms"])
+            result = measure_latency(
+                pl_module, lat_inputs, warmup=10, repeats=self.latency_rounds * self.latency_repeats
+            )
+            stats.update(_latency_stats(result))
         if trainer is not None:
             stats.update(_val_metrics(trainer))
         return stats
+
+    def _measure_final_local(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The final model's stats; with events and the original's copy, both timed together (rank 0)."""
+        from lit_compress.measure import measure_interleaved
+
+        original, self._original = self._original, None
+        if original is None or not applied_events(pl_module) or not self.measure_latency:
+            return {"stats": self._measure_local(trainer, pl_module), "latency": None}
+        stats = self._measure_local(trainer, pl_module, latency=False)
+        inputs = self.example_inputs(trainer, pl_module)
+        if inputs is None:
+            return {"stats": stats, "latency": None}
+        lat_inputs = self._latency_inputs(inputs, pl_module)
+        before, after = measure_interleaved(
+            [original, pl_module],
+            lat_inputs,
+            rounds=self.latency_rounds,
+            repeats=self.latency_repeats,
+            warmup=3,
+            device=pl_module.device,
+        )
+        stats.update(_latency_stats(after))
+        keys = ("rounds", "repeats", "batch_size", "device", "num_threads")
+        latency = {"original": _timing(before), "final": _timing(after), **{k: after[k] for k in keys}}
+        return {"stats": stats, "latency": latency}
 
     def _latency_inputs(self, inputs: Any, pl_module: L.LightningModule) -> Any:
         if self.latency_input_shape is not None and isinstance(inputs, torch.Tensor):
@@ -148,8 +223,7 @@ class CompressionReport(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
         if self.initial is None:
-            self.initial = self.measure(trainer, pl_module)
-            self.log_stats(trainer, self.initial)
+            self._start(trainer, pl_module)
         else:  # a resumed or repeated fit: the monitors see the latest values again (Lightning cleared them)
             _publish(trainer, self.latest)
 
@@ -165,7 +239,12 @@ class CompressionReport(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
-        self.final = self.measure(trainer, pl_module)
+        final = self._measure_final_local(trainer, pl_module) if trainer.is_global_zero else None
+        final = broadcast_from_rank_zero(trainer, final) or {}
+        self.final, self.latency = dict(final.get("stats") or {}), final.get("latency")
+        self.notes = unfinished_work(trainer, pl_module)
+        for note in self.notes:
+            rank_zero_warn(note)
         out_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir  # log_dir is collective
         if trainer.is_global_zero:
             self._write(trainer, pl_module, out_dir)
@@ -178,9 +257,17 @@ class CompressionReport(Callback):
 
         events = [dict(e) for e in applied_events(pl_module)]
         meta = run_metadata(trainer)
-        self.paths = write_report(out_dir, events=events, initial=self.initial or {}, final=self.final, meta=meta)
+        report: dict[str, Any] = {
+            "events": events,
+            "initial": self.initial or {},
+            "final": self.final,
+            "meta": meta,
+            "latency": self.latency,
+            "notes": self.notes,
+        }
+        self.paths = write_report(out_dir, **report)
         if self.print_report:
-            text = format_report_markdown(events=events, initial=self.initial or {}, final=self.final, meta=meta)
+            text = format_report_markdown(**report)
             rank_zero_info(f"\nlit_compress compression report ({self.paths.get('markdown', out_dir)}):\n{text}")
 
     @override
@@ -191,6 +278,47 @@ class CompressionReport(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial = state_dict.get("initial")
         self.latest = dict(state_dict.get("latest") or {})
+
+
+def unfinished_work(trainer: pl.Trainer, pl_module: L.LightningModule) -> list[str]:
+    """What the Trainer's lit_compress callbacks set out to do and did not (their ``unfinished`` sentences)."""
+    from lit_compress.callbacks.base import CompressionCallback
+
+    notes: list[str] = []
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, CompressionCallback):
+            notes += callback.unfinished(trainer, pl_module)
+    return notes
+
+
+def _latency_stats(result: dict[str, Any]) -> dict[str, float]:
+    """``latency_ms`` (median), ``latency_p10_ms``, ``latency_p90_ms`` of a timing result."""
+    return {
+        "latency_ms": float(result["median_ms"]),
+        "latency_p10_ms": float(result["p10_ms"]),
+        "latency_p90_ms": float(result["p90_ms"]),
+    }
+
+
+def _timing(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(result[k]) for k in ("median_ms", "p10_ms", "p90_ms")}
+
+
+def _cpu_copy(module: L.LightningModule) -> nn.Module | None:
+    """A deep copy of ``module`` on the CPU, without its Trainer reference; ``None`` (warned) if it cannot be copied."""
+    trainer = module.__dict__.get("_trainer")
+    module.__dict__["_trainer"] = None
+    try:
+        clone = copy.deepcopy(module)
+    except Exception as err:
+        rank_zero_warn(
+            f"CompressionReport: the model could not be copied ({type(err).__name__}: {err}); at fit end the final "
+            "latency is compared with the start-of-fit timing instead of being timed together with the original."
+        )
+        return None
+    finally:
+        module.__dict__["_trainer"] = trainer
+    return clone.to("cpu")
 
 
 def _publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:

@@ -91,16 +91,116 @@ def measure_latency(
         inputs = inputs_to(inputs, target)
         batch = batch_size_of(inputs) if batch_size is None else batch_size
     args, kwargs = split_inputs(inputs)
+    flush = _flush_denormal(flush_denormal and target.type == "cpu")
+    with _on_device(model, target), _threads(num_threads), flush:
+        threads = torch.get_num_threads()
+        times = _timed_calls(model, inputs, args, kwargs, target, warmup, repeats)
+    return {
+        "median_ms": percentile(times, 50.0),
+        "p10_ms": percentile(times, 10.0),
+        "p90_ms": percentile(times, 90.0),
+        "batch_size": int(batch),
+        "device": str(target),
+        "repeats": int(repeats),
+        "num_threads": int(threads),
+    }
+
+
+def measure_interleaved(
+    models: Sequence[nn.Module],
+    example_inputs: ExampleInputs,
+    *,
+    rounds: int = 5,
+    repeats: int = 10,
+    warmup: int = 3,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    num_threads: int | None = None,
+    flush_denormal: bool = True,
+) -> list[dict[str, Any]]:
+    """Time several models on the same input *together*, in interleaved rounds; one result per model.
+
+    In each of ``rounds`` rounds every model runs ``warmup`` untimed and ``repeats`` timed calls, in
+    an order that rotates from round to round (A B, B A, A B, ...). Whatever else loads the machine
+    then falls on every model alike, so their latencies can be compared; a model timed alone, minutes
+    apart from the other, can come out several times slower or faster on a shared machine.
+
+    Args:
+        models: The models (all must accept ``example_inputs``); each is moved to ``device`` for the
+            measurement and back afterwards.
+        example_inputs: Inputs for ``model(...)`` (see :func:`measure_latency`).
+        rounds: Rounds (>= 1).
+        repeats: Timed calls per model and round (>= 1).
+        warmup: Untimed calls per model and round (>= 0).
+        batch_size, device, num_threads, flush_denormal: As in :func:`measure_latency` (``device``
+            ``None``: the first model's device).
+
+    Returns:
+        Per model: ``"median_ms"``, ``"p10_ms"``, ``"p90_ms"`` over all its ``rounds × repeats``
+        timed calls, ``"round_medians_ms"`` (list), ``"rounds"``, ``"repeats"``, ``"batch_size"``,
+        ``"num_threads"`` and ``"device"``.
+    """
+    _check_int("rounds", rounds, 1)
+    _check_int("repeats", repeats, 1)
+    _check_int("warmup", warmup, 0)
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 1)
+    if not models:
+        raise allowed("models", list(models), "at least one model")
+    target = _resolve_device(device, models[0])
+    inputs = example_inputs if batch_size is None else rebatch(example_inputs, batch_size)
+    inputs = inputs_to(inputs, target)
+    batch = batch_size_of(inputs) if batch_size is None else batch_size
+    args, kwargs = split_inputs(inputs)
+    times: list[list[float]] = [[] for _ in models]
+    medians: list[list[float]] = [[] for _ in models]
+    flush = _flush_denormal(flush_denormal and target.type == "cpu")
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(_on_device(model, target))
+        stack.enter_context(_threads(num_threads))
+        stack.enter_context(flush)
+        threads = torch.get_num_threads()
+        for r in range(rounds):
+            for i in (r + k for k in range(len(models))):
+                index = i % len(models)
+                calls = _timed_calls(models[index], inputs, args, kwargs, target, warmup, repeats)
+                times[index] += calls
+                medians[index].append(percentile(calls, 50.0))
+    return [
+        {
+            "median_ms": percentile(t, 50.0),
+            "p10_ms": percentile(t, 10.0),
+            "p90_ms": percentile(t, 90.0),
+            "round_medians_ms": m,
+            "rounds": int(rounds),
+            "repeats": int(repeats),
+            "batch_size": int(batch),
+            "device": str(target),
+            "num_threads": int(threads),
+        }
+        for t, m in zip(times, medians)
+    ]
+
+
+def _timed_calls(
+    model: nn.Module,
+    inputs: ExampleInputs,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    target: torch.device,
+    warmup: int,
+    repeats: int,
+) -> list[float]:
+    """Milliseconds of ``repeats`` forward calls after ``warmup`` untimed ones (eval mode, no grad, mode restored)."""
 
     def sync() -> None:
         if target.type == "cuda":
             torch.cuda.synchronize(target)
 
     times: list[float] = []
-    flush = _flush_denormal(flush_denormal and target.type == "cpu")
-    with _on_device(model, target), _threads(num_threads), flush, preserve_mode(model), torch.no_grad():
+    with preserve_mode(model), torch.no_grad():
         model.eval()
-        threads = torch.get_num_threads()
         try:
             for _ in range(warmup):
                 model(*args, **kwargs)
@@ -116,15 +216,7 @@ def measure_latency(
                 describe_inputs(inputs),
                 f"inputs that {type(model).__name__}.forward accepts; it raised {type(err).__name__}: {err}",
             ) from err
-    return {
-        "median_ms": percentile(times, 50.0),
-        "p10_ms": percentile(times, 10.0),
-        "p90_ms": percentile(times, 90.0),
-        "batch_size": int(batch),
-        "device": str(target),
-        "repeats": int(repeats),
-        "num_threads": int(threads),
-    }
+    return times
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -212,4 +304,4 @@ def _flush_denormal(enable: bool) -> Iterator[None]:
         torch.set_flush_denormal(before)
 
 
-__all__ = ["denormals_flushed", "measure_latency", "percentile"]
+__all__ = ["denormals_flushed", "measure_interleaved", "measure_latency", "percentile"]
