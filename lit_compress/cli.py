@@ -16,23 +16,78 @@ usual, misbehave here in subclass mode: a link to an argument the model lacks st
 module's value into the model's saved hyperparameters, which breaks a resume from its checkpoint;
 a link whose source the data module lacks drops the model's configured value from the saved config.)
 As the links come after parsing, a linked argument without a default must still be given.
+
+Errors lead: a value the parser rejects is summarised in one line (the key, the value, the rule, a
+"did you mean" for a misspelt key or class name) before a one-line usage and jsonargparse's full
+message; an error that lit_compress raises while building or setting up the run (a
+:class:`~lit_compress.errors.ConfigError` or :class:`~lit_compress.errors.SurgeryError`) is printed
+as one line without a traceback, unless ``LIT_COMPRESS_DEBUG=1`` is set or ``--debug`` is given.
+``--CLASS_KEY.help NAME`` accepts a short class name (``--trainer.callbacks.help LayerFusion``).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
+import re
 import sys
+import textwrap
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lit_compress.errors import allowed
+from lit_compress._cli_text import (
+    TOOL_DESCRIPTION,
+    expand_help_class_names,
+    parse_error_headline,
+    subcommand_epilog,
+    tool_epilog,
+)
+from lit_compress.errors import ConfigError, SurgeryError, allowed
+
+#: Environment variable that shows full tracebacks of configuration errors (also: ``--debug``).
+DEBUG_ENV = "LIT_COMPRESS_DEBUG"
 
 #: Model arguments that the CLI takes from the data module attribute of the same name.
 DATA_LINKED_ARGUMENTS = ("num_classes", "in_channels", "vocab_size")
+
+
+class _RawTextFormatter(DefaultHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs (the lists of callbacks and recipes)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+class LitCompressParser(LightningArgumentParser):
+    """A ``LightningArgumentParser`` whose errors start with one line saying what is wrong."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        from jsonargparse._common import debug_mode_active
+
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        headline = parse_error_headline(message, _option_names(parser), _config_keys(parser))
+        prog = parser.prog.replace(" [options]", "")
+        details = "" if headline == message.strip() else f"details:\n{textwrap.indent(message.strip(), '  ')}\n"
+        sys.stderr.write(
+            f"error: {headline}\nusage: {prog} [-c CONFIG] [--KEY VALUE ...]   (`{prog} --help` lists every option)\n"
+            + details
+        )
+        sys.exit(2)
+
+
+def _option_names(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+
+
+def _config_keys(parser: argparse.ArgumentParser) -> list[str]:
+    return [action.dest for action in parser._actions if action.dest and action.dest != "help"]
 
 
 class LitCompressCLI(LightningCLI):
@@ -106,20 +161,69 @@ def _init_defaults(cls: type) -> dict[str, Any]:
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LitCompressCLI:
     """Build (and with ``run=True`` run) the CLI; ``args`` default to ``sys.argv[1:]``."""
+    if args is None:  # rewritten in place: LightningCLI warns when given both `args` and a command line
+        sys.argv[1:] = expand_help_class_names(sys.argv[1:])
+    else:
+        args = expand_help_class_names(list(args))
+    sub = {"epilog": subcommand_epilog(), "formatter_class": _RawTextFormatter}
     return LitCompressCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_class=LitCompressParser,
+        parser_kwargs={
+            "prog": "lit_compress",
+            "description": TOOL_DESCRIPTION,
+            "epilog": tool_epilog(),
+            "formatter_class": _RawTextFormatter,
+            **{name: dict(sub) for name in LightningCLI.subcommands()},
+        },
         args=args,
         run=run,
     )
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point: ``lit_compress <subcommand> --config X.yaml``."""
-    build_cli(args)
+    """Console entry point: ``lit_compress <subcommand> --config X.yaml``.
+
+    A configuration error raised by lit_compress (while the classes are built or at ``setup``) is
+    printed as one line and exits with status 2; ``--debug`` or ``LIT_COMPRESS_DEBUG=1`` re-raises it
+    with its traceback.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if args is None:
+        sys.argv[1:] = argv
+    try:
+        build_cli(None if args is None else argv)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None or debug:
+            raise
+        sys.stderr.write(
+            f"error: {message}\n(a configuration error; set {DEBUG_ENV}=1 or add --debug for the traceback)\n"
+        )
+        raise SystemExit(2) from None
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The message of the lit_compress error behind ``err`` (its cause chain or, when jsonargparse has
+    folded it into its own message, the quoted text), or ``None`` for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConfigError, SurgeryError)):
+            return str(current).strip()
+        current = current.__cause__ or current.__context__
+    if isinstance(err, ValueError):
+        m = re.search(r"`[^`\n]+`=[^\n]*? is not allowed: [^\n]*", str(err))
+        if m:
+            return m.group(0).strip()
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

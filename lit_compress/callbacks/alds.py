@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
+from lit_compress.callbacks._types import UnitFraction
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import allowed
 from lit_compress.surgery.alds.allocate import allocate, dense_param_count, target_layers
@@ -88,9 +89,9 @@ class ALDS(CompressionCallback[ALDSPlan]):
 
     def __init__(
         self,
-        keep_ratio: float | None = None,
+        keep_ratio: UnitFraction | None = None,
         at_epoch: NonNegativeInt = 0,
-        cascade: list[tuple[int, float]] | None = None,
+        cascade: list[tuple[NonNegativeInt, UnitFraction]] | None = None,
         method: Literal["alds", "uniform", "energy"] = "alds",
         targets: list[str] | None = None,
         seed: int = 0,

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._types import UnitFraction
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import ConfigError, SurgeryError, allowed
 from lit_compress.surgery.chains import ChainLink, find_linear_chains
@@ -93,7 +94,7 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
         self,
         targets: list[str] | None = None,
         last_n: PositiveInt | None = None,
-        fraction: float | None = None,
+        fraction: UnitFraction | None = None,
         stage_size: PositiveInt | None = None,
         lambda_start: NonNegativeFloat = 0.0,
         lambda_final: NonNegativeFloat = 1.0,

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypedDict
 import lightning as L
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
 from typing_extensions import override
 
 from lit_compress.callbacks._optim import OptimizerSnapshot
@@ -82,7 +82,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
 
     def __init__(
         self,
-        fraction: float = 0.5,
+        fraction: OpenUnitInterval = 0.5,
         increments: PositiveInt = 10,
         every_n_epochs: PositiveInt | None = None,
         every_n_steps: PositiveInt | None = None,

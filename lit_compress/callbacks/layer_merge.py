@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 import lightning as L
 import lightning.pytorch as pl
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -117,7 +117,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
 
     def __init__(
         self,
-        budget: float = 0.5,
+        budget: OpenUnitInterval = 0.5,
         importance: ImportanceMethod = "loss_proxy",
         importance_steps: PositiveInt = 50,
         importance_lr: PositiveFloat = 0.01,
