@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
@@ -35,7 +36,7 @@ from typing_extensions import override
 
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
-from lit_compress.errors import ConfigError, allowed
+from lit_compress.errors import ConfigError, SurgeryError, allowed
 from lit_compress.surgery.replay import applied_events
 from lit_compress.surgery.select import name_matches
 
@@ -268,16 +269,11 @@ class LayerMerge(CompressionCallback[MergePlan]):
             self._write_plan(space, blocks, summary)
         return {"kind": "plan", "blocks": blocks, "summary": summary, "sites": sorted(self.targeted_sites(space))}
 
-    def _search(
-        self, trainer: pl.Trainer, pl_module: L.LightningModule, space: MergeSpace
-    ) -> tuple[list[list[Any]], dict[str, Any]]:
-        from lit_compress.callbacks._inputs import isolated_rng, train_batches
+    def _latency_table(self, trainer: pl.Trainer, pl_module: L.LightningModule, space: MergeSpace) -> _Table:
+        """The candidates of the targeted sites and their latency table (measured, or read from the cache)."""
         from lit_compress.measure.latency_table import latency_table
         from lit_compress.surgery.layermerge.blocks import enumerate_candidates, original_latency, site_input_shapes
-        from lit_compress.surgery.layermerge.dp import DPEntry, solve_merge_dp
-        from lit_compress.surgery.layermerge.importance import importance_table
 
-        start = time.perf_counter()
         inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
         if inputs is None or not isinstance(inputs, torch.Tensor):
             raise ConfigError("LayerMerge needs a tensor example input (example_input_array or a training batch).")
@@ -289,7 +285,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
         candidates = self._allowed(space, enumerate_candidates(pl_module, space))
         device = torch.device(self.latency_device) if self.latency_device else pl_module.device
         cache = self.latency_cache or str(Path(trainer.default_root_dir) / "layermerge_latency.json")
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         latency = latency_table(
             space,
             candidates,
@@ -301,7 +297,84 @@ class LayerMerge(CompressionCallback[MergePlan]):
             progress=self.progress,
             log=rank_zero_info,
         )
-        latency_s = time.perf_counter() - t0
+        total = original_latency(space, candidates, latency)
+        return _Table(candidates, latency, total, self.time_unit_ms or total / 1000.0, shape, device, start)
+
+    def check_budget(self, space: MergeSpace, table: _Table) -> float:
+        """Refuse a budget below the fastest plan's latency; return the fastest plan's share of the original.
+
+        Raises:
+            ConfigError: Naming the budget, the fastest plan's share and the smallest budget that works.
+        """
+        from lit_compress.surgery.layermerge.dp import DPEntry, fastest_plan_time
+
+        entries = [DPEntry(c.start, c.end, table.latency[c.key], 0.0, c) for c in table.candidates]
+        fastest = fastest_plan_time(entries, space.depth, table.unit)
+        if fastest <= math.floor(self.budget * table.total / table.unit + 1e-9) * table.unit + 1e-12:
+            return fastest / table.total
+        where = f"at batch {self.latency_batch_size} on {table.device}"
+        if not math.isfinite(fastest) or table.total <= 0:
+            raise allowed("budget", self.budget, f"no merge plan covers every conv of this network ({where})")
+        share = fastest / table.total
+        raise allowed(
+            "budget",
+            self.budget,
+            f"no merge plan meets the latency budget of {self.budget * 100:.0f} % of the original latency: the "
+            f"fastest plan of this network takes {share * 100:.1f} % ({fastest:.4g} of {table.total:.4g} ms in the "
+            f"latency table, {where}). Use budget >= {math.ceil(share * 100 - 1e-9) / 100:.2f}",
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_budget_before_training(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)
+
+    def _check_budget_before_training(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
+        """For a plan at a later epoch: build the latency table now (it is cached for the plan) and check the budget.
+
+        The table depends on the architecture only, not on the weights, so an impossible budget is
+        found before any training instead of after ``at_epoch`` epochs and the importance table.
+        """
+        from lit_compress.callbacks._distributed import broadcast_from_rank_zero
+        from lit_compress.callbacks._schedule import FitLength
+        from lit_compress.surgery.layermerge.blocks import analyze_merge_space
+
+        events = self.scheduled_events(trainer)
+        if self.load_plan is not None or not events or FitLength.of(trainer).misses(events[0]) is not None:
+            return
+        outcome: tuple[str, str] = ("ok", "")
+        if trainer.is_global_zero:
+            try:
+                space = analyze_merge_space(pl_module)
+                share = self.check_budget(space, self._latency_table(trainer, pl_module, space))
+                rank_zero_info(
+                    f"[lit_compress] LayerMerge: budget {self.budget * 100:.0f} % checked before training (the "
+                    f"fastest plan takes {share * 100:.0f} % of the original latency); the latency table is cached "
+                    f"for the plan at epoch {self.at_epoch}."
+                )
+            except ConfigError as err:
+                outcome = ("config", str(err))
+            except Exception as err:  # re-raised on every rank, so that no rank waits for rank 0 forever
+                if trainer.world_size <= 1:
+                    raise
+                outcome = ("error", f"LayerMerge could not check its budget on rank 0: {type(err).__name__}: {err}")
+        outcome = broadcast_from_rank_zero(trainer, outcome)
+        if outcome[0] != "ok":
+            raise (ConfigError if outcome[0] == "config" else SurgeryError)(outcome[1])
+
+    def _search(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, space: MergeSpace
+    ) -> tuple[list[list[Any]], dict[str, Any]]:
+        from lit_compress.callbacks._inputs import isolated_rng, train_batches
+        from lit_compress.surgery.layermerge.dp import DPEntry, solve_merge_dp
+        from lit_compress.surgery.layermerge.importance import importance_table
+
+        start = time.perf_counter()
+        table = self._latency_table(trainer, pl_module, space)
+        candidates, latency, total, unit = table.candidates, table.latency, table.total, table.unit
+        shape, device = table.shape, table.device
+        latency_s = time.perf_counter() - table.started
+        self.check_budget(space, table)  # before the importance table, the expensive part
         t0 = time.perf_counter()
         with isolated_rng():
             batches = list(train_batches(trainer, self.importance_batches + self.holdout_batches))
@@ -325,8 +398,6 @@ class LayerMerge(CompressionCallback[MergePlan]):
             )
         del work
         importance_s = time.perf_counter() - t0
-        total = original_latency(space, candidates, latency)
-        unit = self.time_unit_ms or total / 1000.0
         entries = [DPEntry(c.start, c.end, latency[c.key], importance[c.key], c) for c in candidates]
         t0 = time.perf_counter()
         result = solve_merge_dp(entries, space.depth, self.budget * total, unit)
@@ -441,6 +512,19 @@ class LayerMerge(CompressionCallback[MergePlan]):
         self.planned = bool(state.get("planned", False))
         self.merged = bool(state.get("merged", False))
         self.summary = dict(state.get("summary") or {})
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A LayerMerge latency table with what it was measured for."""
+
+    candidates: list[Candidate]
+    latency: dict[str, float]
+    total: float  # the original network's summed table latency, ms
+    unit: float  # the DP's time quantum, ms
+    shape: list[int]
+    device: torch.device
+    started: float  # perf_counter when the table was started
 
 
 def _plan_record(model: nn.Module) -> dict[str, Any]:
