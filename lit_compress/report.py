@@ -325,7 +325,7 @@ def format_report_markdown(
     if summary:
         lines += [*summary, ""]
     if notes:
-        lines += ["**Did not happen:**", "", *(f"- {_cell(note)}" for note in notes), ""]
+        lines += ["**Did not happen:**", "", *(f"- {' '.join(str(note).split())}" for note in notes), ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
     for row in report_rows(events, initial, final):

@@ -62,7 +62,7 @@ class CompressionReport(Callback):
         measure_latency: bool = False,
         latency_batch_size: PositiveInt = 1,
         latency_input_shape: list[PositiveInt] | None = None,
-        latency_repeats: PositiveInt = 10,
+        latency_repeats: PositiveInt = 6,
         latency_rounds: PositiveInt = 5,
         latency_compare: bool = True,
         output_dir: str | None = None,
@@ -152,7 +152,7 @@ class CompressionReport(Callback):
         if self.measure_latency and latency and inputs is not None:
             lat_inputs = self._latency_inputs(inputs, pl_module)
             result = measure_latency(
-                pl_module, lat_inputs, warmup=10, repeats=self.latency_rounds * self.latency_repeats
+                pl_module, lat_inputs, warmup=5, repeats=self.latency_rounds * self.latency_repeats
             )
             stats.update(_latency_stats(result))
         if trainer is not None:
