@@ -434,7 +434,7 @@ def _announce_structural_change(trainer: pl.Trainer, pl_module: L.LightningModul
     """Tell every callback with a ``before_structural_change(trainer, pl_module)`` method (e.g.
     :class:`~lit_compress.callbacks.Distillation`, which takes its teacher then) that the model is about
     to change; called on every rank, after the plan is known and before anything is modified."""
-    for callback in trainer.callbacks:
+    for callback in _callbacks_of(trainer):
         announce = getattr(callback, "before_structural_change", None)
         if callable(announce):
             announce(trainer, pl_module)
