@@ -65,8 +65,9 @@ class Distillation(Callback):
     Args:
         alpha: Weight of the distillation term in (0, 1]; the task loss gets ``1 − alpha``.
         temperature: Softmax temperature ``T`` > 0 of both teacher and student.
-        teacher_checkpoint: A Lightning checkpoint of the same module class to use as the teacher
-            (its surgery log is replayed first). Default: the module itself, just before the
+        teacher_checkpoint: A Lightning checkpoint of the student's module class to use as the
+            teacher, built from the checkpoint's own hyperparameters (it may be wider than the
+            student) with its surgery log replayed. Default: the module itself, just before the
             first structural event of the fit.
     """
 
@@ -238,13 +239,14 @@ def _detached_copy(module: nn.Module) -> nn.Module:
 
 
 def _teacher_from_checkpoint(pl_module: L.LightningModule, path: str) -> nn.Module:
-    from lit_compress.checkpointing import replay_checkpoint_
+    """The checkpoint's model, built by the student's class from the checkpoint's own hyperparameters
+    (so a teacher of another width works), with its surgery log replayed before its weights load."""
+    from lit_compress.checkpointing import load_from_checkpoint
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise allowed("teacher_checkpoint", path, f"a readable Lightning checkpoint ({err})") from None
-    teacher = _detached_copy(pl_module)
-    replay_checkpoint_(teacher, checkpoint)
-    teacher.load_state_dict(checkpoint["state_dict"], strict=True)
+        teacher: nn.Module = load_from_checkpoint(type(pl_module), path, map_location="cpu")
+    except (OSError, RuntimeError, KeyError) as err:
+        raise allowed(
+            "teacher_checkpoint", path, f"a readable Lightning checkpoint of {type(pl_module).__name__} ({err})"
+        ) from None
     return teacher
