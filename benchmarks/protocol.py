@@ -63,6 +63,7 @@ class Settings:
     text: TextRecipe = field(default_factory=TextRecipe)
     latency_rounds: int = 5
     latency_repeats: int = 10
+    limit_batches: int | None = None  # quick: a few batches per epoch
 
     @classmethod
     def from_args(cls, out: str, seeds: int, quick: bool) -> Settings:
@@ -71,7 +72,7 @@ class Settings:
             s.seeds = s.seeds[:1]
             s.image = ImageRecipe(pretrain_max_epochs=2, patience=1, recovery_epochs=1, warmup_epochs=0.5)
             s.text = TextRecipe(pretrain_max_steps=40, val_every=20, patience=1, recovery_steps=20, warmup_steps=5)
-            s.latency_rounds, s.latency_repeats = 1, 2
+            s.latency_rounds, s.latency_repeats, s.limit_batches = 1, 2, 3
         return s
 
     def budget(self, task: Task) -> dict[str, Any]:
@@ -158,6 +159,8 @@ def trainer(
         ],
         default_root_dir=str(settings.out / "lightning"),
     )
+    if settings.limit_batches is not None:
+        options.update(limit_train_batches=settings.limit_batches, limit_val_batches=settings.limit_batches)
     if task.name == "mnist":
         options.update(max_epochs=epochs)
     else:
