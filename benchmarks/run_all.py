@@ -1,45 +1,52 @@
-"""Run every method's benchmark and write ``benchmarks/RESULTS.md`` (+ ``results_headline.png``).
+"""Run every benchmark under the protocol and write ``benchmarks/RESULTS.md`` and the Pareto pictures.
 
-Each benchmark runs in its own process (``python -m benchmarks.<name> --out DIR [--quick]``), its
-output goes to ``DIR/<name>.log``, and a failure is recorded in RESULTS.md instead of stopping the
-rest. Then every ``DIR/<name>*.json`` that :func:`benchmarks._common.write_results` wrote is
-rendered: the headline rows first (each method against its own baseline, from the same run), then
-each benchmark's full table, the paper's numbers (files ending in ``_paper``), config and machine.
+Each benchmark runs in its own process (``python -m benchmarks.<name> --out DIR [--quick] [--seeds N]``);
+its output goes to ``DIR/<name>.log`` and a failure is recorded instead of stopping the rest. Then the
+JSON rows of every benchmark are aggregated over seeds (mean ± std) and rendered:
 
-    python -m benchmarks.run_all                  # everything, default settings (about an hour on 2 cores)
-    python -m benchmarks.run_all --quick          # smoke settings, a few minutes
+- a headline table: each method's operating points against the dense model fine-tuned with the same
+  budget, magnitude pruning / uniform SVD at the same parameter count, and the thin network at
+  matched latency trained with the recovery budget and with the full budget — with a verdict;
+- one picture per task (``results_pareto_<task>.png``): the metric against measured batch-64 latency
+  (relative to the run's dense model) and against unique parameters, every method and baseline;
+- every benchmark's full table, with the machine, versions, seeds and wall time.
+
+    python -m benchmarks.run_all                  # everything, 3 seeds
+    python -m benchmarks.run_all --quick          # smoke settings, 1 seed (numbers mean nothing)
     python -m benchmarks.run_all --only alds layer_merge
-    python -m benchmarks.run_all --render-only    # re-render RESULTS.md from the JSON already in --out
+    python -m benchmarks.run_all --render-only    # re-render from the JSON already in --out
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import _fmt, environment
-
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (module, short description); the order is the order of RESULTS.md.
+# name -> (module, title); the order is the order of RESULTS.md. Baselines run first: methods are compared with them.
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "baselines": ("benchmarks.baselines", "Baselines: dense, dense fine-tuned, thin networks"),
     "layer_fusion": ("benchmarks.layer_fusion", "Layer Fusion (O'Neill et al. 2020)"),
     "layer_collapse": ("benchmarks.layer_collapse", "LayerCollapse (Zibakhsh Shabgahi et al. 2023)"),
     "alds": ("benchmarks.alds", "ALDS (Liebenwein, Maalouf et al. 2021)"),
     "layer_merge": ("benchmarks.layer_merge", "LayerMerge (Kim et al. 2024)"),
-    "event_overhead": ("benchmarks.event_overhead", "Cost of one structural event inside fit"),
 }
+METHOD_NAMES = {"Layer Fusion", "LayerCollapse", "ALDS", "LayerMerge"}
 
 
-def run_one(name: str, out: Path, quick: bool) -> dict[str, Any]:
+def run_one(name: str, out: Path, quick: bool, seeds: int) -> dict[str, Any]:
     """Run benchmark ``name`` in a subprocess; return its status, wall time and log path."""
     module = BENCHMARKS[name][0]
-    cmd = [sys.executable, "-m", module, "--out", str(out)] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", module, "--out", str(out), "--seeds", str(seeds)] + (["--quick"] if quick else [])
     log = out / f"{name}.log"
     print(f"[run_all] {name}: {' '.join(cmd[1:])} (log: {log})", flush=True)
     start = time.perf_counter()
@@ -50,179 +57,318 @@ def run_one(name: str, out: Path, quick: bool) -> dict[str, Any]:
     return {"name": name, "exit_code": code, "wall_s": round(wall, 1), "log": str(log), "quick": quick}
 
 
-def load_results(out: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
-    """The JSON files benchmark ``name`` wrote (``<name>.json`` and ``<name>_*.json``), sorted."""
-    files = sorted(set(out.glob(f"{name}.json")) | set(out.glob(f"{name}_*.json")))
-    found = []
-    for path in files:
+def load(out: Path) -> dict[str, dict[str, Any]]:
+    """Every ``<out>/*.json`` a benchmark wrote, by file stem."""
+    found = {}
+    for path in sorted(out.glob("*.json")):
         if path.stem == "run_all":
             continue
-        try:
-            found.append((path.stem, json.loads(path.read_text())))
-        except json.JSONDecodeError as err:
-            found.append((path.stem, {"error": f"unreadable JSON: {err}"}))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "rows" in data:
+            found[path.stem] = data
     return found
 
 
-def table(rows: list[dict[str, Any]]) -> list[str]:
+# --------------------------------------------------------------------------------------------
+# aggregation over seeds
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (task, method, variant): mean and std over seeds of every numeric column."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if "seed" in r:
+            groups[(r["task"], r["method"], r["variant"])].append(r)
+    out = []
+    for (task, method, variant), rs in groups.items():
+        agg: dict[str, Any] = {"task": task, "method": method, "variant": variant, "n": len(rs)}
+        for key in rs[0]:
+            if key in ("task", "method", "variant", "seed") or not isinstance(rs[0][key], (int, float)):
+                continue
+            if isinstance(rs[0][key], bool):
+                agg[key] = rs[0][key]
+                continue
+            agg[key], agg[key + "_std"] = _mean_std([r.get(key) for r in rs])
+        out.append(agg)
+    return out
+
+
+def metric_of(agg: dict[str, Any]) -> str:
+    return "acc" if "acc" in agg else "ppl"
+
+
+def fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+# --------------------------------------------------------------------------------------------
+# comparisons and verdicts
+# --------------------------------------------------------------------------------------------
+
+
+def verdict(a: dict[str, Any], b: dict[str, Any] | None, higher_is_better: bool) -> str:
+    """``win`` / ``loss`` when the means differ by more than their combined seed std (and 0.1), else ``tie``."""
+    if b is None:
+        return "–"
+    m = metric_of(a)
+    diff = a[m] - b[m]
+    noise = max(0.1 if m == "acc" else 0.01, math.hypot(a.get(m + "_std", 0.0) or 0.0, b.get(m + "_std", 0.0) or 0.0))
+    better = diff if higher_is_better else -diff
+    word = "win" if better > noise else "loss" if better < -noise else "tie"
+    return f"{word} ({diff:+.2f})"
+
+
+def thin_curve(aggs: list[dict[str, Any]], task: str, full: bool, distilled: bool) -> list[dict[str, Any]]:
+    pts = [
+        a
+        for a in aggs
+        if a["task"] == task and a["method"] == "thin" and bool(a.get("full_budget")) == full
+        and bool(a.get("distilled")) == distilled
+    ]  # fmt: skip
+    return sorted(pts, key=lambda a: 1.0 / a["speedup_b64"])
+
+
+def thin_at(curve: list[dict[str, Any]], ratio: float) -> tuple[dict[str, Any] | None, str]:
+    """The thin network's metric at latency ratio ``ratio`` (of dense): interpolated inside the curve.
+
+    Outside it, the closest point is returned with a note: a thin network faster than the method (the
+    method slower than every thin point) or slower (the method faster than every thin point).
+    """
+    if not curve:
+        return None, "no thin run"
+    ratios = [1.0 / a["speedup_b64"] for a in curve]
+    m = metric_of(curve[0])
+    if ratio <= ratios[0]:
+        return curve[0], f"thin w{curve[0]['width']:g} is slower ({ratios[0]:.2f} vs {ratio:.2f} of dense)"
+    if ratio >= ratios[-1]:
+        return curve[-1], f"thin w{curve[-1]['width']:g} is faster ({ratios[-1]:.2f} vs {ratio:.2f} of dense)"
+    for (ra, a), (rb, b) in zip(zip(ratios, curve), zip(ratios[1:], curve[1:])):
+        if ra <= ratio <= rb:
+            t = (ratio - ra) / (rb - ra) if rb > ra else 0.0
+            point = {
+                m: a[m] + t * (b[m] - a[m]),
+                m + "_std": max(a.get(m + "_std", 0) or 0, b.get(m + "_std", 0) or 0),
+                "speedup_b64": 1.0 / ratio,
+            }
+            return point, f"interpolated between w{a['width']:g} and w{b['width']:g}"
+    return None, "no match"
+
+
+def headline_rows(aggs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for a in aggs:
+        if a["method"] not in METHOD_NAMES or a.get("from_scratch") or "from scratch" in a["variant"]:
+            continue
+        if "after training without" in a["variant"]:
+            continue
+        task = a["task"]
+        m = metric_of(a)
+        hib = m == "acc"
+        same_task = [b for b in aggs if b["task"] == task]
+        dense_ft = next((b for b in same_task if b["variant"].startswith("dense fine-tuned")), None)
+        dense = next((b for b in same_task if b["variant"] == "converged start"), None)
+        prefix = a["variant"].replace(", distilled", "")
+        magnitude = next((b for b in same_task if b["method"] == "magnitude pruning" and prefix in b["variant"]), None)
+        svd = next((b for b in same_task if b["method"] == "uniform SVD" and prefix in b["variant"]), None)
+        ratio = 1.0 / a["speedup_b64"] if a.get("speedup_b64") else 1.0
+        kd = bool(a.get("distilled"))
+        thin_r, note_r = thin_at(thin_curve(aggs, task, False, kd), ratio)
+        thin_f, note_f = thin_at(thin_curve(aggs, task, True, kd), ratio)
+        params_pct = 100.0 * a["params"] / dense["params"] if dense else math.nan
+        out.append(
+            {
+                "task": task,
+                "method": a["method"],
+                "operating point": a["variant"],
+                m: fmt(a[m], a.get(m + "_std")),
+                "params": f"{a['params'] / 1000:.0f}k ({params_pct:.0f} %)",
+                "speed-up b64": f"{a.get('speedup_b64', math.nan):.2f}×",
+                "vs dense fine-tuned": verdict(a, dense_ft, hib),
+                "vs magnitude / SVD, same params": " / ".join(
+                    v
+                    for v in (verdict(a, magnitude, hib) if magnitude else "", verdict(a, svd, hib) if svd else "")
+                    if v
+                )
+                or "–",
+                f"vs thin, recovery budget{' (distilled)' if kd else ''}": f"{verdict(a, thin_r, hib)}; {note_r}",
+                f"vs thin, full budget{' (distilled)' if kd else ''}": f"{verdict(a, thin_f, hib)}; {note_f}",
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return ["(no rows)"]
     cols: list[str] = []
-    for row in rows:
-        cols += [c for c in row if c not in cols]
-
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(_fmt(row.get(c))) for c in cols) + " |" for row in rows]
-    return lines
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    esc = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return lines + ["| " + " | ".join(esc(r.get(c, "")) for c in cols) + " |" for r in rows]
 
 
-def headline_table(headlines: list[dict[str, Any]]) -> list[str]:
+def full_table(aggs: list[dict[str, Any]], task: str) -> list[str]:
     rows = []
-    for h in headlines:
-        delta = h["value"] - h["baseline"]
-        kept = 100.0 * h["params"] / h["baseline_params"] if h["baseline_params"] else None
-        speed = None
-        if h.get("latency_b64_ms") and h.get("baseline_latency_b64_ms"):
-            speed = f"{h['baseline_latency_b64_ms'] / h['latency_b64_ms']:.2f}×"
+    for a in aggs:
+        if a["task"] != task:
+            continue
+        m = metric_of(a)
         rows.append(
             {
-                "method": h["method"],
-                "task": h["task"],
-                "variant": h["variant"],
-                h["metric"]
-                if len({x["metric"] for x in headlines}) == 1
-                else "metric": f"{h['metric']}: {h['value']:.2f} (baseline {h['baseline']:.2f}, {delta:+.2f})",
-                "params kept": f"{kept:.1f} % ({h['params']:,})" if kept is not None else None,
-                "CPU speed-up b64": speed,
-                "note": h.get("note") or None,
+                "method": a["method"],
+                "variant": a["variant"],
+                m: fmt(a[m], a.get(m + "_std")),
+                "params": f"{a['params']:,.0f}",
+                "non-zero": f"{a['nonzero']:,.0f}",
+                "MFLOPs": f"{a['flops'] / 1e6:.1f}",
+                "b1 ms": fmt(a.get("lat_b1_ms", math.nan), None, 2),
+                "b64 ms": fmt(a.get("lat_b64_ms", math.nan), a.get("lat_b64_ms_std"), 1),
+                "speed-up b64": fmt(a.get("speedup_b64", math.nan), None, 2),
+                "seeds": a["n"],
+                "train s": fmt(a.get("wall_s", math.nan), None, 0),
             }
         )
-    return table(rows)
+    return markdown_table(rows)
 
 
-def plot_headlines(headlines: list[dict[str, Any]], path: Path) -> bool:
-    """Two panels (higher-is-better metrics, lower-is-better metrics): change vs. parameters kept."""
-    if not headlines:
+def plot_task(aggs: list[dict[str, Any]], task: str, path: Path) -> bool:
+    """Metric against latency (relative to dense) and against unique parameters, every row of ``task``."""
+    points = [a for a in aggs if a["task"] == task and a.get("speedup_b64")]
+    if not points:
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 6.2))
-    panels = [
-        ("higher", [h for h in headlines if h["higher_is_better"]]),
-        ("lower", [h for h in headlines if not h["higher_is_better"]]),
-    ]
-    panels = [p for p in panels if p[1]]
-    markers = "osD^v<>P*X"
-    methods = sorted({h["method"] for h in headlines})
-    for i, (kind, hs) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for h in hs:
-            kept = 100.0 * h["params"] / h["baseline_params"]
-            y = h["value"] - h["baseline"] if kind == "higher" else 100.0 * (h["value"] / h["baseline"] - 1.0)
-            ax.scatter(
-                kept,
-                y,
-                marker=markers[methods.index(h["method"]) % len(markers)],
-                s=60,
-                label=f"{h['method']} · {h['task']}: {h['variant']}",
-            )
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xlabel("parameters kept (% of the baseline, unique storage)")
-        ax.set_ylabel("Δ metric (points)" if kind == "higher" else "Δ metric (% of baseline; lower is better)")
-        ax.set_title("accuracy-type metrics" if kind == "higher" else "perplexity-type metrics")
+    m = metric_of(points[0])
+    fig = Figure(figsize=(13, 6.5))
+    styles = {"dense": ("k", "*"), "thin": ("grey", "o"), "magnitude pruning": ("tab:brown", "x"),
+              "uniform SVD": ("tab:olive", "+"), "Layer Fusion": ("tab:blue", "s"), "LayerCollapse": ("tab:green", "D"),
+              "ALDS": ("tab:red", "^"), "LayerMerge": ("tab:purple", "v")}  # fmt: skip
+    for panel, (xkey, xlabel) in enumerate(
+        [
+            ("ratio", "batch-64 CPU latency, relative to the dense model (measured, interleaved)"),
+            ("params", "unique parameters"),
+        ]
+    ):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        for a in points:
+            color, marker = styles.get(a["method"], ("tab:cyan", "o"))
+            x = 1.0 / a["speedup_b64"] if xkey == "ratio" else a["params"]
+            filled = not a.get("distilled")
+            ax.errorbar(
+                x, a[m], yerr=a.get(m + "_std") or 0, fmt=marker, color=color, mfc=color if filled else "white",
+                ms=7, capsize=2, label=f"{a['method']}: {a['variant']}" if panel == 0 else None,
+            )  # fmt: skip
+        for full in (False, True):
+            curve = thin_curve(points, task, full, False)
+            if curve:
+                xs = [1.0 / c["speedup_b64"] if xkey == "ratio" else c["params"] for c in curve]
+                ax.plot(xs, [c[m] for c in curve], ls="--" if full else ":", color="grey", lw=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test {'accuracy (%)' if m == 'acc' else 'perplexity (lower is better)'}")
+        if xkey == "params":
+            ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        # The legend goes under its panel, so it never hides a point.
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
-    fig.tight_layout()
+    fig.suptitle(f"{task}: every method and baseline (mean ± std over seeds; open markers: distilled)")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.018 * math.ceil(len(labels) / 2), 1, 0.95))
     FigureCanvasAgg(fig).print_png(str(path))
     return True
 
 
-def render(out: Path, names: list[str], runs: dict[str, dict[str, Any]], results_path: Path) -> str:
-    env = environment()
-    all_headlines: list[dict[str, Any]] = []
-    sections: list[str] = []
-    for name in names:
-        title = BENCHMARKS[name][1]
-        files = load_results(out, name)
-        run = runs.get(name)
-        lines = [f"## {title} — `python -m {BENCHMARKS[name][0]}`", ""]
-        if run is not None:
-            status = "ok" if run["exit_code"] == 0 else f"FAILED (exit {run['exit_code']}, see `{run['log']}`)"
-            lines += [
-                f"Run by run_all: {status}, {run['wall_s'] / 60:.1f} min{' (--quick)' if run['quick'] else ''}.",
-                "",
-            ]
-        if not files:
-            lines += ["No results found in `" + str(out) + "`.", ""]
-        for stem, data in files:
-            if "error" in data:
-                lines += [f"### {stem}", "", data["error"], ""]
-                continue
-            all_headlines += data.get("headlines", [])
-            config = {k: v for k, v in data.get("config", {}).items() if k not in ("per_seed", "train", "env", "raw")}
-            lines += [f"### {stem}" + (" (the paper's numbers, not ours)" if stem.endswith("_paper") else ""), ""]
-            lines += table(data.get("rows", []))
-            lines += [
-                "",
-                "<details><summary>config and machine</summary>",
-                "",
-                "```json",
-                json.dumps({"config": config, "env": data.get("env")}, indent=1, default=str)[:4000],
-                "```",
-                "</details>",
-                "",
-            ]
-        sections.append("\n".join(lines))
-    plot_path = results_path.with_name("results_headline.png")
-    plotted = plot_headlines(all_headlines, plot_path)
-    head = [
+def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None = None) -> str:
+    """Write RESULTS.md and the pictures from the JSON in ``out``; refuse when there is none."""
+    data = load(out)
+    if not data:
+        raise SystemExit(
+            f"run_all: no benchmark results in {out} (run the benchmarks first, or give --out); "
+            f"{results_path} is left unchanged."
+        )
+    rows = [r for d in data.values() for r in d["rows"]]
+    aggs = aggregate(rows)
+    tasks = sorted({a["task"] for a in aggs})
+    env = next(iter(data.values()))["env"]
+    seeds = sorted({s for d in data.values() for s in d.get("seeds", [])})
+    quick = any(d.get("quick") for d in data.values())
+    lines = [
         "# lit_compress benchmark results",
         "",
-        "Generated by `python -m benchmarks.run_all` on "
-        + f"{env['date']}: {env['machine']}, {env['cpu_count']} CPUs, "
-        f"torch {env['torch']}, lightning {env['lightning']}, python {env['python']}, CUDA: {env['cuda']}.",
-        "Protocol: `shared/BENCHMARKS.md` (MNIST-5k 1,000 train / 4,000 test; Shakespeare character level). Every "
-        "number below was measured in the run that wrote it; the paper's numbers are in tables marked as such.",
-        "",
-        "## Headline: each method against its own baseline, same run",
-        "",
-        *headline_table(all_headlines),
+        f"Generated by `python -m benchmarks.run_all` from the runs in `{out}`: {env['date']}, {env['machine']}, "
+        f"{env['cpu_count']} CPUs, torch {env['torch']}, lightning {env['lightning']}, python {env['python']}; "
+        f"seeds {seeds}{' — QUICK SMOKE SETTINGS: the numbers mean nothing' if quick else ''}. The protocol is "
+        "[`benchmarks/PROTOCOL.md`](PROTOCOL.md). Every number was measured in these runs; mean ± std over seeds.",
         "",
     ]
-    if plotted:
-        head += [f"![headline]({plot_path.name})", ""]
-    text = "\n".join(head) + "\n" + "\n".join(sections)
+    if runs:
+        lines += ["Wall time per benchmark: " + ", ".join(f"{n} {r['wall_s'] / 60:.1f} min" for n, r in runs.items())]
+        lines += [""]
+    lines += ["## Headline: every method against every baseline", "", *markdown_table(headline_rows(aggs)), ""]
+    lines += [
+        "Verdicts: `win` / `loss` when the means differ by more than their combined seed standard deviation "
+        "(and at least 0.1 points of accuracy or 0.01 of perplexity), else `tie`. The thin network is "
+        "interpolated in measured latency between the two thin widths that bracket the method; outside that "
+        "range the nearest width is used and the note says whether it is faster or slower.",
+        "",
+    ]
+    for task in tasks:
+        picture = results_path.with_name(f"results_pareto_{task.replace('/', '_')}.png")
+        lines += [f"## {task}", ""]
+        if plot_task(aggs, task, picture):
+            lines += [f"![{task}]({picture.name})", ""]
+        lines += [*full_table(aggs, task), ""]
+    lines += ["## Runs", ""]
+    for name, d in data.items():
+        config = {k: v for k, v in d.get("config", {}).items()}
+        lines += [f"- `{name}`: seeds {d.get('seeds')}, config `{json.dumps(config, default=str)[:600]}`"]
+    lines += ["", "Machine: `" + json.dumps(env) + "`", ""]
+    text = "\n".join(lines)
     results_path.write_text(text)
     return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=None, help="run only these")
-    parser.add_argument("--render-only", action="store_true", help="do not run; render from the JSON in --out")
-    parser.add_argument("--out", default="benchmarks/out", help="where the benchmarks write JSON/Markdown/logs")
-    parser.add_argument("--results", default="benchmarks/RESULTS.md", help="the Markdown file to write")
-    args = parser.parse_args()
+    parser.add_argument("--render-only", action="store_true", help="re-render from the JSON already in --out")
+    parser.add_argument("--out", default="benchmarks/out", help="where the JSON, logs and cache go")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(BENCHMARKS)
-    runs_path = out / "run_all.json"
-    runs: dict[str, dict[str, Any]] = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+    runs: dict[str, dict[str, Any]] = {}
     if not args.render_only:
-        for name in names:
-            runs[name] = run_one(name, out, args.quick)
-            runs_path.write_text(json.dumps(runs, indent=2))  # nothing lost if a later benchmark crashes
-    render(out, list(BENCHMARKS), runs, Path(args.results))
-    print(f"[run_all] wrote {args.results}")
-    failed = [n for n in names if runs.get(n, {}).get("exit_code", 0) != 0]
+        start = time.perf_counter()
+        for name in args.only or list(BENCHMARKS):
+            runs[name] = run_one(name, out, args.quick, args.seeds)
+        total = time.perf_counter() - start
+        (out / "run_all.json").write_text(json.dumps({"runs": runs, "wall_s": round(total, 1)}, indent=1))
+        print(f"[run_all] all benchmarks: {total / 60:.1f} min", flush=True)
+    elif (out / "run_all.json").exists():
+        runs = json.loads((out / "run_all.json").read_text()).get("runs", {})
+    render(out, Path(args.results), runs)
+    print(f"[run_all] wrote {args.results}", flush=True)
+    failed = [n for n, r in runs.items() if r["exit_code"] != 0]
     if failed:
-        sys.exit(f"[run_all] failed: {', '.join(failed)}")
+        raise SystemExit(f"run_all: failed: {', '.join(failed)} (see the logs in {out})")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ _LAZY = {
     "ALDS": "lit_compress.callbacks",
     "CompressionCallback": "lit_compress.callbacks",
     "CompressionReport": "lit_compress.callbacks",
+    "Distillation": "lit_compress.callbacks",
     "FoldBatchNorm": "lit_compress.callbacks",
     "LayerCollapse": "lit_compress.callbacks",
     "LayerFusion": "lit_compress.callbacks",

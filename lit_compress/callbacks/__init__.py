@@ -2,6 +2,7 @@
 
 from lit_compress.callbacks.alds import ALDS
 from lit_compress.callbacks.base import CompressionCallback
+from lit_compress.callbacks.distillation import Distillation
 from lit_compress.callbacks.fold_batchnorm import FoldBatchNorm
 from lit_compress.callbacks.layer_collapse import LayerCollapse
 from lit_compress.callbacks.layer_fusion import LayerFusion
@@ -12,6 +13,7 @@ __all__ = [
     "ALDS",
     "CompressionCallback",
     "CompressionReport",
+    "Distillation",
     "FoldBatchNorm",
     "LayerCollapse",
     "LayerFusion",

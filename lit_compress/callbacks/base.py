@@ -206,6 +206,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
         if plan is None:
             self.after_event(trainer, pl_module, [], None)
             return []
+        _announce_structural_change(trainer, pl_module)
         snapshot = OptimizerSnapshot.capture(trainer, pl_module)
         old_modules = {id(m) for m in pl_module.modules()}
         with SurgeryTransaction(), preserve_mode(pl_module):
@@ -453,3 +454,13 @@ def _send_events_to_launcher(module: nn.Module) -> None:
             state_dict[SPAWN_EVENTS_KEY] = [dict(e) for e in applied_events(mod)]
 
     module.__dict__["_lit_compress_spawn_hook"] = module.register_state_dict_post_hook(hook)
+
+
+def _announce_structural_change(trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
+    """Tell every callback with a ``before_structural_change(trainer, pl_module)`` method (e.g.
+    :class:`~lit_compress.callbacks.Distillation`, which takes its teacher then) that the model is about
+    to change; called on every rank, after the plan is known and before anything is modified."""
+    for callback in _callbacks_of(trainer):
+        announce = getattr(callback, "before_structural_change", None)
+        if callable(announce):
+            announce(trainer, pl_module)

@@ -134,6 +134,9 @@ class ImageClassifier(CompressMixin, L.LightningModule):
         scheduler: ``cosine`` (to 0 over ``max_epochs``), ``step`` (x0.1 at 50 % and 75 % of
             ``max_epochs``) or ``none``.
         label_smoothing: Label smoothing of the training loss.
+        warmup_epochs: Linear learning-rate warm-up over this many epochs (counted in steps) before the
+            schedule; with a warm-up the schedule is applied per step. A recovery fit after a
+            structural change re-warms this way instead of jumping to the full learning rate.
 
     Shapes: ``forward``: ``(B, in_channels, H, W) -> (B, num_classes)`` logits.
     """
@@ -151,6 +154,7 @@ class ImageClassifier(CompressMixin, L.LightningModule):
         weight_decay: NonNegativeFloat = 5e-4,
         scheduler: Literal["cosine", "step", "none"] = "cosine",
         label_smoothing: NonNegativeFloat = 0.0,
+        warmup_epochs: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__()
         _check_classifier_args(
@@ -165,6 +169,8 @@ class ImageClassifier(CompressMixin, L.LightningModule):
             scheduler,
             label_smoothing,
         )
+        if isinstance(warmup_epochs, bool) or not math.isfinite(warmup_epochs) or warmup_epochs < 0:
+            raise allowed("warmup_epochs", warmup_epochs, "a finite number >= 0")
         self.save_hyperparameters()
         self.net = build_backbone(backbone, num_classes, in_channels, width_mult, image_size)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -233,13 +239,22 @@ class ImageClassifier(CompressMixin, L.LightningModule):
             return opt
         trainer = self._trainer
         max_epochs = getattr(trainer, "max_epochs", None) if trainer is not None else None
+        factor = _cosine_factor if scheduler == "cosine" else _step_factor
+        warmup_epochs: float = float(hp.get("warmup_epochs", 0.0))
+        total_steps = _finite_steps(trainer)
+        if warmup_epochs > 0 and total_steps is not None:
+            per_epoch = total_steps / max_epochs if max_epochs is not None and max_epochs > 0 else None
+            warm = max(1, round(warmup_epochs * per_epoch)) if per_epoch else 1
+            rest = max(1, total_steps - warm)
+            start = int(getattr(trainer, "global_step", 0) or 0)
+            sched = lambda_lr_at(opt, lambda i: (i + 1) / warm if i < warm else factor(i - warm, rest), start)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if max_epochs is None or max_epochs <= 0:
             # No epoch horizon (max_epochs=-1 with max_steps): schedule per step instead.
             horizon = _finite_steps(trainer)
             interval, start = "step", int(getattr(trainer, "global_step", 0) or 0)
         else:
             horizon, interval, start = max_epochs, "epoch", int(getattr(trainer, "current_epoch", 0) or 0)
-        factor = _cosine_factor if scheduler == "cosine" else _step_factor
         sched = lambda_lr_at(opt, lambda i: factor(i, horizon), start)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 

@@ -124,6 +124,31 @@ def test_schedules_continue_from_the_current_epoch_when_rebuilt():
         model._trainer = None
 
 
+def test_warmup_epochs_rewarm_then_follow_the_schedule_per_step():
+    model = ImageClassifier(width_mult=0.25, lr=0.1, warmup_epochs=1.0)
+    # 10 epochs of 4 steps: 4 warm-up steps, then cosine over the other 36
+    model._trainer = SimpleNamespace(max_epochs=10, current_epoch=0, global_step=0, estimated_stepping_batches=40)
+    try:
+        config = model.configure_optimizers()
+        sched, opt = config["lr_scheduler"]["scheduler"], config["optimizer"]
+        assert config["lr_scheduler"]["interval"] == "step"
+        lrs = []
+        for _ in range(40):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+        assert lrs[4] == pytest.approx(0.1) and lrs[22] == pytest.approx(0.05)
+        assert lrs[39] < 0.001 and all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+        # rebuilt in the middle of the fit (after a structural event): continues at the current step
+        model._trainer = SimpleNamespace(max_epochs=10, current_epoch=5, global_step=22, estimated_stepping_batches=40)
+        assert model.configure_optimizers()["optimizer"].param_groups[0]["lr"] == pytest.approx(0.05)
+    finally:
+        model._trainer = None
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        ImageClassifier(warmup_epochs=float("nan"))
+
+
 def random_loader(n=16, size=28, channels=1, batch_size=8):
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(n, channels, size, size, generator=g), torch.randint(0, 10, (n,), generator=g))
