@@ -162,11 +162,11 @@ class ReturnsADictWithHook(ReturnsADict):
     ("cls", "message"),
     [(CallsASubmodule, r"Call `self\(inputs\)` in training_step"), (ReturnsADict, "def distillation_logits")],
 )
-def test_a_module_without_the_hook_gets_an_error_naming_it(
-    tmp_path: Path, seed: int, cls: type, message: str
-) -> None:
+def test_a_module_without_the_hook_gets_an_error_naming_it(tmp_path: Path, seed: int, cls: type, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        trainer_for(tmp_path, [SplitLinear(at_epoch=1, rank=4), Distillation()], max_epochs=2).fit(cls(scheduler="none"))
+        trainer_for(tmp_path, [SplitLinear(at_epoch=1, rank=4), Distillation()], max_epochs=2).fit(
+            cls(scheduler="none")
+        )
 
 
 def test_the_logits_hook_is_used(tmp_path: Path, seed: int) -> None:
