@@ -140,7 +140,7 @@ def test_warmup_epochs_rewarm_then_follow_the_schedule_per_step():
             sched.step()
         assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
         assert lrs[4] == pytest.approx(0.1) and lrs[22] == pytest.approx(0.05)
-        assert lrs[39] < 0.001 and all(a >= b for a, b in itertools.pairwise(lrs))
+        assert lrs[39] < 0.001 and all(a >= b for a, b in itertools.pairwise(lrs[3:]))
         # rebuilt in the middle of the fit (after a structural event): continues at the current step
         model._trainer = SimpleNamespace(max_epochs=10, current_epoch=5, global_step=22, estimated_stepping_batches=40)
         assert model.configure_optimizers()["optimizer"].param_groups[0]["lr"] == pytest.approx(0.05)
