@@ -96,9 +96,9 @@ def is_passthrough(module: nn.Module) -> bool:
 @dataclass(frozen=True)
 class ChainLink:
     """One step ``first → … → second`` of a :class:`LinearChain`: one ``activation``, at most one
-    ``dropout`` (the first one) and at most one ``BatchNorm1d`` (``norm``, before or after the
-    activation) in any order; ``nn.Identity`` and further ``p = 0`` dropouts may sit anywhere in
-    between and are not named."""
+    ``dropout`` with ``p > 0`` and at most one ``BatchNorm1d`` (``norm``, before or after the
+    activation) in any order; ``nn.Identity`` and ``p = 0`` dropouts may sit anywhere in between
+    (``dropout`` names one of them when there is no ``p > 0`` dropout)."""
 
     first: str
     activation: str
@@ -494,8 +494,8 @@ def _link_from(
             if act is None:
                 return None, None
             return ChainLink(node.name, act, dropout, norm, step.name), None
-        if isinstance(module, _DropoutNd) and dropout is None:
-            dropout = step.name  # the first dropout is named (removed at collapse); more only with p = 0
+        if isinstance(module, _DropoutNd) and (dropout is None or is_passthrough(modules[dropout])):
+            dropout = step.name  # one dropout is named (removed at collapse): p > 0 preferred; others p = 0
         elif is_passthrough(module):
             pass
         elif type(module) is nn.BatchNorm1d and norm is None and len(graph.shapes[value]) == 2:

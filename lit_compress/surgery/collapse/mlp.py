@@ -567,6 +567,8 @@ def _collapse(
     slopes: list[float] = []
     skipped: list[SkippedLink] = []
     for link in links:
+        if isinstance(get_submodule(model, link.second), CollapsedLayer):
+            continue  # collapsed by an earlier call
         act = get_submodule(model, link.activation)
         if isinstance(act, CollapsibleActivation):
             a = float(act.slope.detach())
@@ -644,7 +646,8 @@ def collapse_(model: nn.Module, links: Sequence[LinkLike] | LinkLike, tau: float
     away by an earlier collapse merges into the layer that holds it now, so the whole chain ends as
     one Linear at ``linears[0]``. Each link is first checked against the traced structure of its
     parent module (a gated MLP ``down(act(gate(x)) * up(x))`` is refused, naming the gate).
-    Links that do not qualify are left as they are (listed under ``metrics.skipped``). BatchNorms
+    Links that do not qualify are left as they are (listed under ``metrics.skipped``); links that
+    collapsed in an earlier call are passed over, so a chain may be given again each time. BatchNorms
     are folded with their running statistics (eval-mode semantics). Rebuild the optimizer afterwards.
 
     Args:
