@@ -1,6 +1,7 @@
 """``LayerCollapse`` (Zibakhsh Shabgahi, Shariff, Koushanfar 2023): linearise MLP activations, then collapse.
 
-Each selected MLP (``Linear → activation [→ Dropout] [→ BatchNorm1d] → Linear``) gets a collapsible
+Each selected MLP (``Linear → activation → Linear`` with an optional dropout and ``BatchNorm1d`` on either
+side of the activation; see :func:`~lit_compress.surgery.chains.find_linear_chains`) gets a collapsible
 activation ``φ_a(h) = max(0, h) + a·min(0, h)`` with one scalar slope ``a``. A regulariser
 ``λ·Σ(a − 1)²`` pushes the slopes towards 1 (the identity); once ``|a − 1| < τ`` the slope is set to
 1 and the two linears are merged into one (``W = W2·W1``, ``b = W2·b1 + b2``, BatchNorm folded,
@@ -41,7 +42,7 @@ PenaltyMode = Literal["auto", "loss", "decoupled"]
 
 
 class Link(TypedDict):
-    """One MLP, by module names: ``first → activation [→ dropout] [→ norm] → second`` (a ``ChainLink``)."""
+    """One MLP, by module names: ``first → activation → second`` with its dropout and norm (a ``ChainLink``)."""
 
     first: str
     activation: str

@@ -233,3 +233,53 @@ def test_gated_mlp_next_to_a_plain_one_is_named_in_a_warning(tmp_path: Path, see
         trainer_for(tmp_path, [LayerCollapse()], max_epochs=1, limit_train_batches=1).fit(LlamaLM(head_mlp=True))
     (message,) = [str(w.message) for w in caught if "will not be collapsed" in str(w.message)]
     assert "gate `llama.layers.0.mlp.gate_proj`" in message
+
+
+class HFGPT2(L.LightningModule):
+    """A Hugging Face ``GPT2LMHeadModel`` built from a config (no weights downloaded), trained on random tokens."""
+
+    def __init__(self, config: Any, seq_len: int = 16, batches: int = 2) -> None:
+        super().__init__()
+        import transformers
+
+        self.lm = transformers.GPT2LMHeadModel(config)
+        self.seq_len, self.batches, self.vocab = seq_len, batches, config.vocab_size
+        self.example_input_array = torch.zeros(2, seq_len, dtype=torch.long)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ids, target = batch
+        return nn.functional.cross_entropy(self(ids).flatten(0, 1), target.flatten())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, self.vocab, (2 * self.batches, self.seq_len + 1), generator=g)
+        return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2)
+
+
+@pytest.mark.slow
+def test_gpt2_small_from_config_reaches_a_collapse_in_fit(tmp_path: Path, seed: int) -> None:
+    """GPT2Config defaults (12 layers, d=768, 124 M parameters), 2 batches of 2×16 tokens per epoch, 2 epochs;
+    the last block's slope is forced to 1 at epoch 1, so the epoch-1 event collapses c_fc/c_proj into one Linear."""
+    import time
+
+    transformers = pytest.importorskip("transformers")
+    model = HFGPT2(transformers.GPT2Config())
+    x = torch.randint(0, model.vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+    force, after = ForceSlopes({1: ["h.11.mlp.act"]}, x), AfterEvent([1], x)
+    start = time.perf_counter()
+    trainer_for(tmp_path, [force, LayerCollapse(last_n=1, lambda_final=0.0), after], max_epochs=2).fit(model)
+    seconds = time.perf_counter() - start
+    print(f"\nGPT-2-small LayerCollapse fit: {seconds:.1f} s")
+    (event,) = collapse_events(model)
+    assert event["epoch"] == 1 and event["links"][0]["into"] == "lm.transformer.h.11.mlp.c_fc"
+    mlp = model.lm.transformer.h[11].mlp
+    assert isinstance(mlp.c_fc, nn.Linear) and (mlp.c_fc.in_features, mlp.c_fc.out_features) == (768, 768)
+    assert event["before"]["params"] - event["after"]["params"] == 2 * 768 * 3072 + 3072 - 768 * 768 + 1  # + the slope
+    # float32 model: the merge is computed in float64 and rounded once; logits are O(1).
+    torch.testing.assert_close(after.after[1], force.before[1], rtol=1e-4, atol=1e-4)
