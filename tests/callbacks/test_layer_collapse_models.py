@@ -283,3 +283,23 @@ def test_gpt2_small_from_config_reaches_a_collapse_in_fit(tmp_path: Path, seed: 
     assert event["before"]["params"] - event["after"]["params"] == 2 * 768 * 3072 + 3072 - 768 * 768 + 1  # + the slope
     # float32 model: the merge is computed in float64 and rounded once; logits are O(1).
     torch.testing.assert_close(after.after[1], force.before[1], rtol=1e-4, atol=1e-4)
+
+
+def test_distillation_teacher_is_the_model_before_conversion(tmp_path: Path, seed: int) -> None:
+    """The paper's optional loss, 0.5·CE + 0.5·KL to the model before conversion: ``Distillation`` next to
+    ``LayerCollapse`` takes its frozen teacher just before the conversion event."""
+    from lit_compress.callbacks import Distillation
+
+    model = MLPNet64()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    reference = eval_output(model, x)  # the model before conversion
+    distill = Distillation(alpha=0.5, temperature=2.0)
+    force = ForceSlopes({1: ["classifier.1", "classifier.4"]}, x)
+    trainer_for(tmp_path, [distill, force, LayerCollapse(lambda_final=0.0)], max_epochs=2, limit_train_batches=2).fit(
+        model
+    )
+    assert distill.teacher is not None
+    assert not collapsible_activations(distill.teacher)
+    assert [type(m) for m in distill.teacher.classifier] == [type(m) for m in MLPNet64().classifier]
+    torch.testing.assert_close(eval_output(distill.teacher, x), reference, rtol=0, atol=0)
+    assert [e["op"] for e in applied_events(model)] == ["make_collapsible", "collapse"]
