@@ -167,6 +167,24 @@ def test_candidates_it_cannot_collapse_get_one_named_warning_before_training(tmp
     assert steps == [0]
 
 
+class SharedLinearNet(MLPNet):
+    """MLPNet whose last Linear is also called on a side branch: its MLP cannot collapse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.side = nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x) + self.classifier[5](self.side(x))
+
+
+def test_mlp_with_a_shared_linear_is_named_in_the_warning(tmp_path: Path, seed: int) -> None:
+    shared = r"will not be collapsed: .*`classifier.4`.*called more than once: classifier.5"
+    with pytest.warns(UserWarning, match=shared):
+        trainer_for(tmp_path, [LayerCollapse()], max_epochs=1, limit_train_batches=1).fit(model := SharedLinearNet())
+    assert [name for name, _ in collapsible_activations(model)] == ["classifier.1"]
+
+
 def test_targets_matching_only_unsupported_mlps_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"matches no collapsible MLP.*`bottleneck.1`.*not fewer than the pair"):
         trainer_for(tmp_path, [LayerCollapse(targets=["bottleneck.*"])], max_epochs=1).fit(TanhBottleneckNet())
