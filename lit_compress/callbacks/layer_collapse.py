@@ -1,6 +1,7 @@
 """``LayerCollapse`` (Zibakhsh Shabgahi, Shariff, Koushanfar 2023): linearise MLP activations, then collapse.
 
-Each selected MLP (``Linear → activation [→ Dropout] [→ BatchNorm1d] → Linear``) gets a collapsible
+Each selected MLP (``Linear → activation → Linear`` with an optional dropout and ``BatchNorm1d`` on either
+side of the activation; see :func:`~lit_compress.surgery.chains.find_linear_chains`) gets a collapsible
 activation ``φ_a(h) = max(0, h) + a·min(0, h)`` with one scalar slope ``a``. A regulariser
 ``λ·Σ(a − 1)²`` pushes the slopes towards 1 (the identity); once ``|a − 1| < τ`` the slope is set to
 1 and the two linears are merged into one (``W = W2·W1``, ``b = W2·b1 + b2``, BatchNorm folded,
@@ -10,6 +11,7 @@ dropout removed). The math lives in :mod:`lit_compress.surgery.collapse.mlp`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, Literal, TypedDict
@@ -24,13 +26,15 @@ from typing_extensions import override
 
 from lit_compress.callbacks._types import UnitFraction
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
-from lit_compress.errors import ConfigError, SurgeryError, allowed
-from lit_compress.surgery.chains import ChainLink, find_linear_chains
+from lit_compress.errors import ConfigError, allowed
+from lit_compress.surgery.chains import ChainLink, discover_mlps, linear_features
 from lit_compress.surgery.collapse.mlp import (
     CollapsibleActivation,
     collapse_,
     collapsible_activations,
+    kind_and_init_slope,
     make_collapsible_,
+    resolve_into,
 )
 from lit_compress.surgery.select import name_matches
 
@@ -38,7 +42,7 @@ PenaltyMode = Literal["auto", "loss", "decoupled"]
 
 
 class Link(TypedDict):
-    """One MLP, by module names: ``first → activation [→ dropout] [→ norm] → second`` (a ``ChainLink``)."""
+    """One MLP, by module names: ``first → activation → second`` with its dropout and norm (a ``ChainLink``)."""
 
     first: str
     activation: str
@@ -214,13 +218,37 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
             raise ConfigError(
                 "LayerCollapse needs an example input to find MLPs: set `example_input_array` on the module."
             )
-        links = _links(pl_module, inputs)
-        found = self._chosen(links)
+        discovery = discover_mlps(pl_module, inputs)
+        links = [_as_link(asdict(link)) for chain in discovery.chains for link in chain.links()]
+        matched = self._chosen(links)
+        found: list[Link] = []
+        refused: list[str] = []
+        for link in matched:
+            reason = _unsupported_reason(pl_module, link)
+            if reason:
+                refused.append(f"`{link['first']}` → `{link['activation']}` → `{link['second']}`: {reason}")
+            else:
+                found.append(link)
+        refused += [
+            g.describe()
+            for g in discovery.gated
+            if any(name_matches(n, self.targets) for n in (g.gate, g.activation, g.up, g.down))
+        ]
+        refused += [
+            note
+            for note in discovery.skipped
+            if any(name_matches(n, self.targets) for n in re.findall(r"`([^`]+)`", note))
+        ]
         if not found:
             names = ", ".join(link["activation"] for link in links) or "none"
+            why = f" Candidates it cannot collapse: {'; '.join(refused)}." if refused else ""
             raise ConfigError(
-                f"`targets`={self.targets!r} matches no collapsible MLP (Linear → activation [→ Dropout] "
-                f"[→ BatchNorm1d] → Linear). MLPs found, by activation name: {names}."
+                f"`targets`={self.targets!r} matches no collapsible MLP (Linear → activation → Linear, with "
+                f"optional Dropout and BatchNorm1d). MLPs found, by activation name: {names}.{why}"
+            )
+        if refused:
+            rank_zero_warn(
+                f"LayerCollapse: {len(refused)} MLP candidate(s) will not be collapsed: {'; '.join(refused)}."
             )
         return found
 
@@ -335,7 +363,8 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
 
 def _links(pl_module: nn.Module, inputs: Any) -> list[Link]:
     """Every MLP found by tracing ``pl_module`` on ``inputs``, in model order."""
-    return [_as_link(asdict(link)) for chain in find_linear_chains(pl_module, inputs) for link in chain.links()]
+    found = discover_mlps(pl_module, inputs)
+    return [_as_link(asdict(link)) for chain in found.chains for link in chain.links()]
 
 
 def _as_link(fields: Mapping[str, Any]) -> Link:
@@ -354,24 +383,25 @@ def _names(link: Link) -> list[str]:
     return [n for n in (link["first"], link["activation"], link["dropout"], link["norm"], link["second"]) if n]
 
 
-def _in_out(layer: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` features of an ``nn.Linear``, or of a GPT-2 style ``Conv1D`` (weight ``(in, out)``)."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    weight = getattr(layer, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise SurgeryError(f"LayerCollapse: a {type(layer).__name__} is neither nn.Linear nor a GPT-2 style Conv1D.")
-    return int(weight.shape[0]), int(weight.shape[1])
-
-
 def _no_saving_reason(model: nn.Module, link: Link) -> str | None:
-    first, second = model.get_submodule(link["first"]), model.get_submodule(link["second"])
+    """Why merging the link's linears (``first`` resolved through earlier collapses) saves nothing, or ``None``."""
+    first = model.get_submodule(resolve_into(model, link["first"]))
+    second = model.get_submodule(link["second"])
     pair = sum(p.numel() for p in first.parameters()) + sum(p.numel() for p in second.parameters())
-    (d_in, _), (_, d_out) = _in_out(first), _in_out(second)
+    (d_in, _), (_, d_out) = linear_features(first), linear_features(second)
     merged = d_in * d_out + d_out
     if merged >= pair:
         return f"one Linear({d_in}, {d_out}) has {merged} parameters, not fewer than the pair's {pair}"
     return None
+
+
+def _unsupported_reason(model: nn.Module, link: Link) -> str | None:
+    """Why the callback cannot collapse a discovered link (activation type, no saving), or ``None``."""
+    try:
+        kind_and_init_slope(link["activation"], model.get_submodule(link["activation"]))
+    except ConfigError as err:
+        return str(err)
+    return _no_saving_reason(model, link)
 
 
 def _warn_about_weight_decay(trainer: pl.Trainer, pl_module: L.LightningModule) -> None:

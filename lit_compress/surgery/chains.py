@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from lit_compress.errors import SurgeryError
 from lit_compress.surgery.trace import CallNode, DataflowGraph, trace_dataflow
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -67,9 +69,36 @@ def linear_layout(module: nn.Module) -> str | None:
     return None
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like layer: ``nn.Linear`` (weight ``(out, in)``) or a
+    GPT-2 style ``Conv1D`` (weight ``(in, out)``, attributes ``nx``/``nf``).
+
+    Raises:
+        SurgeryError: For any other module (its type named).
+    """
+    layout = linear_layout(module)
+    if layout == "linear":
+        assert isinstance(module, nn.Linear)
+        return module.in_features, module.out_features
+    if layout == "transposed":
+        weight = module.get_parameter("weight")
+        return int(weight.shape[0]), int(weight.shape[1])
+    raise SurgeryError(
+        f"A {type(module).__name__} is not a linear-like layer (allowed: nn.Linear, a GPT-2 style Conv1D)."
+    )
+
+
+def is_passthrough(module: nn.Module) -> bool:
+    """Whether ``module`` is the identity in every mode: ``nn.Identity`` or a dropout with ``p = 0``."""
+    return isinstance(module, nn.Identity) or (isinstance(module, _DropoutNd) and float(module.p) == 0.0)
+
+
 @dataclass(frozen=True)
 class ChainLink:
-    """One ``first → activation [→ dropout] [→ norm] → second`` step of a :class:`LinearChain`."""
+    """One step ``first → … → second`` of a :class:`LinearChain`: one ``activation``, at most one
+    ``dropout`` with ``p > 0`` and at most one ``BatchNorm1d`` (``norm``, before or after the
+    activation) in any order; ``nn.Identity`` and ``p = 0`` dropouts may sit anywhere in between
+    (``dropout`` names one of them when there is no ``p > 0`` dropout)."""
 
     first: str
     activation: str
@@ -87,8 +116,8 @@ class LinearChain:
     Attributes:
         linears: Qualified names of the ``k + 1`` linear layers, in dataflow order.
         activations: The ``k`` activations between them.
-        dropouts: The ``k`` dropouts after each activation (``None`` where there is none).
-        norms: The ``k`` ``BatchNorm1d`` before each next linear (``None`` where there is none).
+        dropouts: The ``k`` dropouts of each link (``None`` where there is none).
+        norms: The ``k`` ``BatchNorm1d`` of each link, before or after its activation (or ``None``).
         transposed: Per linear, whether its weight is stored ``(in, out)`` (GPT-2 ``Conv1D``).
     """
 
@@ -104,6 +133,37 @@ class LinearChain:
             ChainLink(self.linears[i], self.activations[i], self.dropouts[i], self.norms[i], self.linears[i + 1])
             for i in range(len(self.activations))
         ]
+
+
+@dataclass(frozen=True)
+class GatedMLP:
+    """A gated MLP ``down(act(gate(x)) * up(x))`` (Llama, Mistral, SmolLM).
+
+    It cannot collapse into one Linear: at slope 1 it is ``down(gate(x) * up(x))``, quadratic in ``x``.
+    """
+
+    gate: str
+    activation: str
+    up: str
+    down: str
+
+    def describe(self) -> str:
+        """A one-line description naming the gate."""
+        return (
+            f"`{self.down}`(`{self.activation}`(`{self.gate}`(x)) * `{self.up}`(x)) is a gated MLP: the gate "
+            f"`{self.gate}` multiplies with `{self.up}`, so even with a linear activation the MLP is quadratic "
+            "in x and cannot collapse into one Linear"
+        )
+
+
+@dataclass
+class MLPDiscovery:
+    """What :func:`discover_mlps` found: collapsible chains, gated MLPs, and notes on near misses."""
+
+    chains: list[LinearChain]
+    gated: list[GatedMLP]
+    skipped: list[str]
+    called: frozenset[str] = frozenset()  # the leaf modules the trace saw called
 
 
 @dataclass(frozen=True)
@@ -138,7 +198,10 @@ def find_linear_chains(
     """Find ``Linear → act [→ Dropout] [→ BatchNorm1d] → Linear`` chains, stacked ones as one chain.
 
     Each intermediate value must have exactly one reader (the next element), and every module of a
-    link must be called exactly once. Linear layers are ``nn.Linear`` or GPT-2 style ``Conv1D``.
+    link must be called exactly once. Linear layers are ``nn.Linear`` or GPT-2 style ``Conv1D``. The
+    BatchNorm1d may sit before or after the activation, dropout and BatchNorm in either order, and
+    ``nn.Identity`` / ``p = 0`` dropouts anywhere in between (timm's ``Mlp`` with ``norm=Identity``).
+    Gated MLPs and other near misses are named in one warning.
 
     Args:
         model: The model (run once on ``example_inputs`` in eval mode; nothing is changed).
@@ -148,14 +211,30 @@ def find_linear_chains(
     Returns:
         The chains, ordered by the first call of their first linear.
     """
-    graph = trace_dataflow(model, example_inputs, leaf_types)
+    found = discover_mlps(model, example_inputs, leaf_types)
+    notes = found.skipped + [g.describe() for g in found.gated]
+    if notes:
+        warnings.warn(f"find_linear_chains skipped: {'; '.join(notes)}.", stacklevel=2)
+    return found.chains
+
+
+def discover_mlps(model: nn.Module, example_inputs: Any, leaf_types: Sequence[type[nn.Module]] = ()) -> MLPDiscovery:
+    """:func:`find_linear_chains` without the warning: the chains, the gated MLPs and the near misses."""
+    return _discover(model, trace_dataflow(model, example_inputs, leaf_types))
+
+
+def _discover(model: nn.Module, graph: DataflowGraph) -> MLPDiscovery:
     modules = dict(model.named_modules())
     links: dict[str, ChainLink] = {}
+    gated: list[GatedMLP] = []
     skipped: list[str] = []
     for node in graph.module_calls():
         if linear_layout(modules[node.name]) is None:
             continue
         link, path = _link_from(graph, modules, node)
+        if isinstance(link, GatedMLP):
+            gated.append(link)
+            continue
         if link is None:
             if path:
                 skipped.append(path)
@@ -166,8 +245,6 @@ def find_linear_chains(
             skipped.append(f"{_arrow(link)} (called more than once: {', '.join(dict.fromkeys(shared))})")
             continue
         links[link.first] = link
-    if skipped:
-        warnings.warn(f"find_linear_chains skipped: {'; '.join(skipped)}.", stacklevel=2)
     targets = {link.second for link in links.values()}
     chains: list[LinearChain] = []
     for first in links:
@@ -184,7 +261,57 @@ def find_linear_chains(
             chain.transposed.append(linear_layout(modules[link.second]) == "transposed")
             current = link.second
         chains.append(chain)
-    return chains
+    return MLPDiscovery(chains, gated, skipped, frozenset(n.name for n in graph.module_calls()))
+
+
+def probe_mlps(model: nn.Module, name: str) -> tuple[str, MLPDiscovery] | None:
+    """Discover the MLPs around module ``name`` without example inputs: trace its parent module on a
+    probe input of shape ``(2, d)``, ``d`` each distinct ``in_features`` of the parent's linear-like
+    layers in turn, until one runs.
+
+    Returns:
+        ``(parent name, discovery)`` with every name qualified in ``model``, or ``None`` when no
+        probe runs (the structure cannot be checked this way).
+    """
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name)
+    tensors = [t for t in itertools.chain(parent.parameters(), parent.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return None
+    dims = list(dict.fromkeys(linear_features(m)[0] for m in parent.modules() if linear_layout(m) is not None))
+    for d in dims[:3]:
+        probe = torch.zeros(2, d, device=tensors[0].device, dtype=tensors[0].dtype)
+        try:
+            graph = trace_dataflow(parent, probe)
+        except SurgeryError:
+            continue
+        found = _discover(parent, graph)
+        return parent_name, _qualified(found, parent_name)
+    return None
+
+
+def _qualified(found: MLPDiscovery, prefix: str) -> MLPDiscovery:
+    if not prefix:
+        return found
+
+    def q(n: str | None) -> str | None:
+        return None if n is None else f"{prefix}.{n}"
+
+    def qs(n: str) -> str:
+        return f"{prefix}.{n}"
+
+    chains = [
+        LinearChain(
+            [qs(n) for n in c.linears],
+            [qs(n) for n in c.activations],
+            [q(n) for n in c.dropouts],
+            [q(n) for n in c.norms],
+            list(c.transposed),
+        )
+        for c in found.chains
+    ]
+    gated = [GatedMLP(qs(g.gate), qs(g.activation), qs(g.up), qs(g.down)) for g in found.gated]
+    return MLPDiscovery(chains, gated, found.skipped, frozenset(qs(n) if n else prefix for n in found.called))
 
 
 def find_conv_bn_act(
@@ -341,33 +468,77 @@ def _bn_after(
     return bn_node, None
 
 
+_MUL_FUNCTIONS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
+
+
 def _link_from(
     graph: DataflowGraph, modules: dict[str, nn.Module], node: CallNode
-) -> tuple[ChainLink | None, str | None]:
-    """The link that starts at linear call ``node``; else ``(None, note)`` with a note for near misses."""
+) -> tuple[ChainLink | GatedMLP | None, str | None]:
+    """The link (or gated MLP) that starts at linear call ``node``; else ``(None, note)`` with a note
+    for near misses.
+
+    From ``node`` the walk follows single-reader module calls: one activation, at most one dropout
+    and one ``BatchNorm1d`` (over a 2-D value), any number of pass-throughs (:func:`is_passthrough`),
+    up to the next linear-like layer.
+    """
     if len(node.outputs) != 1:
         return None, None
-    act = _single_input_reader(graph, node.outputs[0])
-    if act is None:
-        fn = graph.sole_consumer(node.outputs[0])
-        if fn is not None and not fn.is_module and fn.name.rsplit(".", 1)[-1] in _FUNCTIONAL_ACTIVATIONS:
-            nxt = _single_input_reader(graph, fn.outputs[0]) if len(fn.outputs) == 1 else None
-            if nxt is not None and linear_layout(modules[nxt.name]) is not None:
-                return None, f"`{node.name}` -> {fn.name} -> `{nxt.name}` (activation is a function call, not a module)"
+    act = dropout = norm = None
+    value = node.outputs[0]
+    while True:
+        step = _single_input_reader(graph, value)
+        if step is None:
+            break
+        module = modules[step.name]
+        if linear_layout(module) is not None:
+            if act is None:
+                return None, None
+            return ChainLink(node.name, act, dropout, norm, step.name), None
+        if isinstance(module, _DropoutNd) and (dropout is None or is_passthrough(modules[dropout])):
+            dropout = step.name  # one dropout is named (removed at collapse): p > 0 preferred; others p = 0
+        elif is_passthrough(module):
+            pass
+        elif type(module) is nn.BatchNorm1d and norm is None and len(graph.shapes[value]) == 2:
+            norm = step.name
+        elif is_activation(module) and act is None:
+            act = step.name
+        else:
+            return None, None
+        value = step.outputs[0]
+    fn = graph.sole_consumer(value)
+    if fn is None or fn.is_module:
         return None, None
-    if not is_activation(modules[act.name]):
-        return None, None
-    step = _single_input_reader(graph, act.outputs[0])
-    dropout = norm = None
-    if step is not None and isinstance(modules[step.name], _DropoutNd):
-        dropout = step.name
-        step = _single_input_reader(graph, step.outputs[0])
-    if step is not None and type(modules[step.name]) is nn.BatchNorm1d:
-        norm = step.name
-        step = _single_input_reader(graph, step.outputs[0])
-    if step is None or linear_layout(modules[step.name]) is None:
-        return None, None
-    return ChainLink(node.name, act.name, dropout, norm, step.name), None
+    short = fn.name.rsplit(".", 1)[-1]
+    if act is None and short in _FUNCTIONAL_ACTIVATIONS and len(fn.outputs) == 1:
+        nxt = _single_input_reader(graph, fn.outputs[0])
+        if nxt is not None and linear_layout(modules[nxt.name]) is not None:
+            return None, f"`{node.name}` -> {fn.name} -> `{nxt.name}` (activation is a function call, not a module)"
+    if act is not None and short in _MUL_FUNCTIONS and len(fn.inputs) == 2 and len(fn.outputs) == 1:
+        return _gated(graph, modules, node.name, act, value, fn), None
+    return None, None
+
+
+def _gated(
+    graph: DataflowGraph, modules: dict[str, nn.Module], gate: str, act: str, value: int, mul: CallNode
+) -> GatedMLP | None:
+    """``down(act(gate(x)) * up(x))`` around the product ``mul`` of ``value`` and an ``up`` projection."""
+    other = next(v for v in mul.inputs if v != value)
+    producer = graph.producer(other)
+    while producer is not None and producer.is_module and is_passthrough(modules[producer.name]):
+        producer = graph.producer(producer.inputs[0]) if producer.inputs else None
+    if producer is None or not producer.is_module or linear_layout(modules[producer.name]) is None:
+        return None
+    out = mul.outputs[0]
+    while True:
+        step = _single_input_reader(graph, out)
+        if step is None:
+            return None
+        module = modules[step.name]
+        if linear_layout(module) is not None:
+            return GatedMLP(gate, act, producer.name, step.name)
+        if not isinstance(module, (nn.Identity, _DropoutNd)):
+            return None
+        out = step.outputs[0]
 
 
 def _arrow(link: ChainLink) -> str:

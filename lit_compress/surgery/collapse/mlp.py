@@ -43,15 +43,30 @@ from typing_extensions import NotRequired
 from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.surgery.bn_fold import fold_linear_bn
 from lit_compress.surgery.bn_stats import default_forward
-from lit_compress.surgery.chains import ChainLink, LinearChain, linear_layout
+from lit_compress.surgery.chains import (
+    ChainLink,
+    GatedMLP,
+    LinearChain,
+    MLPDiscovery,
+    linear_features,
+    linear_layout,
+    probe_mlps,
+)
 from lit_compress.surgery.log import plain_record
-from lit_compress.surgery.modules import SurgeryTransaction, get_submodule, preserve_mode, replace_submodule
+from lit_compress.surgery.modules import (
+    SurgeryTransaction,
+    get_submodule,
+    module_device_dtype,
+    preserve_mode,
+    replace_submodule,
+)
 from lit_compress.surgery.replay import register_replay
 
 __all__ = [
     "SUPPORTED_ACTIVATIONS",
     "CollapseMetrics",
     "CollapseRecord",
+    "CollapsedLayer",
     "CollapsedLink",
     "CollapsibleActivation",
     "MakeCollapsibleRecord",
@@ -62,6 +77,7 @@ __all__ = [
     "collapse_post_training_",
     "collapsible_activations",
     "make_collapsible_",
+    "resolve_into",
     "slope_parameters",
 ]
 
@@ -181,6 +197,22 @@ class CollapsibleActivation(nn.Module):
         return f"kind={self.kind!r}, slope={float(self.slope.detach()):.4g}"
 
 
+class CollapsedLayer(nn.Identity):
+    """The identity left where a collapse merged a linear (``own_name``) into another layer (``into``).
+
+    Stacked links resolve through it (:func:`resolve_into`), across calls of :func:`collapse_`
+    and across callback events: the moved-layer map lives in the model. No parameters, no state.
+    """
+
+    def __init__(self, own_name: str, into: str) -> None:
+        super().__init__()
+        self.own_name = own_name
+        self.into = into
+
+    def extra_repr(self) -> str:
+        return f"merged into {self.into!r}"
+
+
 # --------------------------------------------------------------------------------------------- helpers
 
 
@@ -188,7 +220,7 @@ class CollapsibleActivation(nn.Module):
 HF_GELU_CLASSES = ("GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh")
 
 
-def _kind_and_slope(name: str, module: nn.Module) -> tuple[str, float]:
+def kind_and_init_slope(name: str, module: nn.Module) -> tuple[str, float]:
     """The kind of activation ``module`` and the slope a :class:`CollapsibleActivation` replacing it starts at."""
     if isinstance(module, nn.LeakyReLU):
         return "leaky_relu", float(module.negative_slope)
@@ -225,6 +257,18 @@ def _as_links(items: Any, what: str) -> list[ChainLink]:
             links.append(item)
         else:
             raise ConfigError(f"`{what}` entry {item!r} is not allowed: expected a LinearChain or ChainLink.")
+    return links
+
+
+def _given_links(targets: Any) -> list[ChainLink]:
+    if isinstance(targets, (ChainLink, LinearChain, str)):
+        targets = [targets]
+    links: list[ChainLink] = []
+    for item in targets:
+        if isinstance(item, LinearChain):
+            links.extend(item.links())
+        elif isinstance(item, ChainLink):
+            links.append(item)
     return links
 
 
@@ -265,6 +309,84 @@ def as_linear(layer: nn.Module) -> nn.Linear:
     raise SurgeryError(f"Cannot collapse a {type(layer).__name__}: expected nn.Linear or a GPT-2 style Conv1D.")
 
 
+def resolve_into(model: nn.Module, name: str) -> str:
+    """The layer that holds ``name``'s weights now: ``name`` itself, or, where a collapse merged it away
+    (a :class:`CollapsedLayer`), the layer it went into, followed through later collapses.
+
+    The names recorded at the collapse are re-aligned when ``model`` is a parent or a child of the
+    module the collapse ran on (``"model.mlp.fc2"`` vs ``"mlp.fc2"``).
+
+    Raises:
+        SurgeryError: When the recorded target cannot be named in ``model``.
+    """
+    seen: set[str] = set()
+    while True:
+        module = get_submodule(model, name)
+        if not isinstance(module, CollapsedLayer):
+            return name
+        if name in seen:
+            raise SurgeryError(f"Collapsed layers form a cycle at `{name}`.")
+        seen.add(name)
+        recorded, into = module.own_name, module.into
+        if name == recorded or name.endswith("." + recorded):
+            name = name[: len(name) - len(recorded)] + into
+        elif recorded.endswith("." + name) and into.startswith(recorded[: len(recorded) - len(name)]):
+            name = into[len(recorded) - len(name) :]
+        else:
+            raise SurgeryError(
+                f"`{name}` was merged into `{into}` (recorded as `{recorded}`), which cannot be named in this model."
+            )
+
+
+class _Structure:
+    """Checks activations and links against the traced structure of their parent module
+    (:func:`~lit_compress.surgery.chains.probe_mlps`); a probe that cannot run checks nothing."""
+
+    def __init__(self, model: nn.Module, cache: bool = True) -> None:
+        self.model, self.use_cache = model, cache
+        self.cache: dict[str, tuple[str, MLPDiscovery] | None] = {}
+
+    def found(self, name: str) -> tuple[str, MLPDiscovery] | None:
+        parent = name.rpartition(".")[0]
+        if not self.use_cache or parent not in self.cache:
+            self.cache[parent] = probe_mlps(self.model, name)
+        return self.cache[parent]
+
+    def gated(self, activation: str, linears: Sequence[str] = ()) -> GatedMLP | None:
+        """The gated MLP that ``activation`` (or one of ``linears``) belongs to, if any."""
+        found = self.found(activation)
+        if found is None:
+            return None
+        return next(
+            (g for g in found[1].gated if g.activation == activation or {g.gate, g.up, g.down} & set(linears)),
+            None,
+        )
+
+    def link_problem(self, link: ChainLink, into: str) -> str | None:
+        """Why ``into → … → link.second`` is not the link the model computes, or ``None``."""
+        gated = self.gated(link.activation, (into, link.first, link.second))
+        if gated is not None:
+            return gated.describe()
+        found = self.found(link.activation)
+        if found is None:
+            return None
+        parent, discovery = found
+        if not {into, link.activation, link.second} <= discovery.called:
+            return None  # the probe did not see the whole link: nothing to compare
+        traced = {t.activation: t for c in discovery.chains for t in c.links()}.get(link.activation)
+        expected = ChainLink(into, link.activation, link.dropout, link.norm, link.second)
+        if traced == expected:
+            return None
+        where = f"`{parent}`" if parent else "the model"
+        seen = f"; the trace shows {_arrow(traced)}" if traced is not None else ""
+        return f"tracing {where} on a probe input finds no MLP {_arrow(expected)}{seen}"
+
+
+def _arrow(link: ChainLink) -> str:
+    parts = [link.first, link.activation, link.dropout, link.norm, link.second]
+    return " -> ".join(f"`{p}`" for p in parts if p)
+
+
 def _linear_params(layer: nn.Linear) -> int:
     return layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
 
@@ -303,15 +425,28 @@ def make_collapsible_(
         One :class:`MakeCollapsibleRecord`, or ``[]`` when nothing was converted.
 
     Raises:
-        ConfigError: For an unsupported activation type (module name, type and supported types named).
+        ConfigError: For an unsupported activation type (module name, type and supported types named),
+            or an activation that sits in a gated MLP ``down(act(gate(x)) * up(x))`` (the gate named)
+            or, for a given link, in a structure other than the link (checked by tracing the
+            activation's parent module on a probe input). Nothing is changed then.
     """
     names = _activation_names(targets)
+    given = {link.activation: link for link in _given_links(targets)}
+    structure = _Structure(model)
     plan: list[tuple[str, str, float, nn.Module]] = []
     for name in names:
         module = get_submodule(model, name)
         if isinstance(module, CollapsibleActivation):
             continue
-        kind, slope = _kind_and_slope(name, module)
+        kind, slope = kind_and_init_slope(name, module)
+        link = given.get(name)
+        problem = (
+            structure.link_problem(link, resolve_into(model, link.first))
+            if link is not None
+            else (g.describe() if (g := structure.gated(name)) is not None else None)
+        )
+        if problem:
+            raise ConfigError(f"Cannot make `{name}` collapsible: {problem}. Nothing was changed.")
         plan.append((name, kind, slope if init_slope is None else float(init_slope), module))
     if not plan:
         return []
@@ -418,7 +553,9 @@ def _identity_like(old: nn.Module) -> nn.Identity:
     return nn.Identity().train(old.training)
 
 
-def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool) -> CollapseRecord | None:
+def _collapse(
+    model: nn.Module, links: list[ChainLink], tau: float, force: bool
+) -> tuple[CollapseRecord, list[nn.Module]] | None:
     if not force and not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0):
         raise ConfigError(f"`tau`={tau!r} is not allowed: a positive float (the authors' default: 0.05).")
     seen: set[str] = set()
@@ -430,6 +567,8 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
     slopes: list[float] = []
     skipped: list[SkippedLink] = []
     for link in links:
+        if isinstance(get_submodule(model, link.second), CollapsedLayer):
+            continue  # collapsed by an earlier call
         act = get_submodule(model, link.activation)
         if isinstance(act, CollapsibleActivation):
             a = float(act.slope.detach())
@@ -449,14 +588,17 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
     if not chosen:
         return None
     params_before = _num_params(model)
-    moved: dict[str, str] = {}  # a linear turned Identity -> the linear that holds its weights now
     entries: list[CollapsedLink] = []
     removed_acts: list[nn.Module] = []
+    structure = _Structure(model, cache=False)  # each merge changes what the next probe sees
     with SurgeryTransaction():
         for link in chosen:
-            into = link.first
-            while into in moved:
-                into = moved[into]
+            into = resolve_into(model, link.first)  # through collapses of earlier calls and this one
+            problem = structure.link_problem(link, into)
+            if problem:
+                raise SurgeryError(
+                    f"Cannot collapse the MLP at `{link.activation}`: {problem}. The model was left unchanged."
+                )
             first, second = as_linear(get_submodule(model, into)), as_linear(get_submodule(model, link.second))
             norm = get_submodule(model, link.norm) if link.norm else None
             if norm is not None and type(norm) is not nn.BatchNorm1d:
@@ -470,15 +612,12 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
             replace_submodule(model, into, merged)
             act = get_submodule(model, link.activation)
             removed_acts.append(act)
-            for name in (link.activation, link.dropout, link.norm, link.second):
+            for name in (link.activation, link.dropout, link.norm):
                 if name:
                     replace_submodule(model, name, _identity_like(get_submodule(model, name)))
-            moved[link.second] = into
+            old = get_submodule(model, link.second)
+            replace_submodule(model, link.second, CollapsedLayer(link.second, into).train(old.training))
             entries.append(_link_record(link, into))
-    with torch.no_grad():  # the authors set a := 1 before merging; the merge used the identity
-        for act in removed_acts:
-            if isinstance(act, CollapsibleActivation):
-                act.slope.fill_(1.0)
     metrics: CollapseMetrics = {
         "slopes": slopes,
         "tau": float(tau),
@@ -486,16 +625,29 @@ def _collapse(model: nn.Module, links: list[ChainLink], tau: float, force: bool)
         "params_after": _num_params(model),
         "skipped": skipped,
     }
-    return {"op": "collapse", "links": entries, "metrics": metrics}
+    return {"op": "collapse", "links": entries, "metrics": metrics}, removed_acts
+
+
+@torch.no_grad()
+def _set_removed_slopes(removed: list[nn.Module]) -> None:
+    """The authors set ``a := 1`` before merging (the merge used the identity); for references kept elsewhere."""
+    for act in removed:
+        if isinstance(act, CollapsibleActivation):
+            act.slope.fill_(1.0)
 
 
 def collapse_(model: nn.Module, links: Sequence[LinkLike] | LinkLike, tau: float = 0.05) -> list[dict[str, Any]]:
     """Collapse every link whose slope satisfies ``|a − 1| < tau``, in place; all or nothing.
 
     The merged ``nn.Linear`` replaces the link's ``first`` (same name and registration position);
-    its activation, dropout, BatchNorm and ``second`` become ``nn.Identity``. In a stacked chain
-    (3 linears) whose slopes all qualify, the whole chain becomes one Linear at ``linears[0]``.
-    Links that do not qualify are left as they are (listed under ``metrics.skipped``). BatchNorms
+    its activation, dropout and BatchNorm become ``nn.Identity``, and ``second`` a
+    :class:`CollapsedLayer` that remembers where its weights went. In a stacked chain (3 linears)
+    the links may collapse in one call or in several, in any order: a link whose ``first`` was merged
+    away by an earlier collapse merges into the layer that holds it now, so the whole chain ends as
+    one Linear at ``linears[0]``. Each link is first checked against the traced structure of its
+    parent module (a gated MLP ``down(act(gate(x)) * up(x))`` is refused, naming the gate).
+    Links that do not qualify are left as they are (listed under ``metrics.skipped``); links that
+    collapsed in an earlier call are passed over, so a chain may be given again each time. BatchNorms
     are folded with their running statistics (eval-mode semantics). Rebuild the optimizer afterwards.
 
     Args:
@@ -508,11 +660,15 @@ def collapse_(model: nn.Module, links: Sequence[LinkLike] | LinkLike, tau: float
         One :class:`CollapseRecord` (see the module docstring), or ``[]`` if nothing qualified.
 
     Raises:
-        SurgeryError: If an activation is not collapsible, or a merge is impossible or would not save
-            parameters; the model is then unchanged.
+        SurgeryError: If an activation is not collapsible, a link is not what the model computes (a
+            gated MLP), or a merge is impossible or would not save parameters; the model is then unchanged.
     """
-    record = _collapse(model, _as_links(links, "links"), tau, force=False)
-    return [] if record is None else [plain_record(record)]
+    done = _collapse(model, _as_links(links, "links"), tau, force=False)
+    if done is None:
+        return []
+    record, removed = done
+    _set_removed_slopes(removed)
+    return [plain_record(record)]
 
 
 @torch.no_grad()
@@ -533,13 +689,25 @@ def collapse_post_training_(
     with preserve_mode(model):
         model.eval()
         before = _flat_outputs(default_forward(model, example_inputs))
-        record = _collapse(model, link_list, math.inf, force=True)
-        after = _flat_outputs(default_forward(model, example_inputs))
-    if len(before) != len(after) or any(a.shape != b.shape for a, b in zip(before, after)):
-        raise SurgeryError("The collapsed model's outputs differ in structure or shape from the original's.")
+        with SurgeryTransaction():  # a failure after the merge (the forward below) restores the model
+            done = _collapse(model, link_list, math.inf, force=True)
+            try:
+                after = _flat_outputs(default_forward(model, example_inputs))
+            except Exception as err:
+                raise SurgeryError(
+                    f"The collapsed model failed on `example_inputs` ({type(err).__name__}: {err}); "
+                    "the model was restored."
+                ) from err
+            if len(before) != len(after) or any(a.shape != b.shape for a, b in zip(before, after)):
+                raise SurgeryError(
+                    "The collapsed model's outputs differ in structure or shape from the original's; "
+                    "the model was restored."
+                )
     error = max((float((a.double() - b.double()).abs().max()) for a, b in zip(before, after) if a.numel()), default=0.0)
-    if record is None:
+    if done is None:
         return [], error
+    record, removed = done
+    _set_removed_slopes(removed)
     record["metrics"]["max_abs_output_error"] = error
     record["metrics"]["post_training"] = True
     return [plain_record(record)], error
@@ -561,10 +729,13 @@ def _replay_collapse(model: nn.Module, record: CollapseRecord) -> None:
     with a bias; activation, dropout, norm and ``second`` become ``nn.Identity``."""
     for entry in record["links"]:
         into, second_name = entry["into"], entry["second"]
-        first, second = as_linear(get_submodule(model, into)), as_linear(get_submodule(model, second_name))
-        device, dtype = first.weight.device, first.weight.dtype
-        merged = nn.Linear(first.in_features, second.out_features, device=device, dtype=dtype).train(first.training)
+        first = get_submodule(model, into)
+        (d_in, _), (_, d_out) = linear_features(first), linear_features(get_submodule(model, second_name))
+        device, dtype = module_device_dtype(first)
+        merged = nn.Linear(d_in, d_out, device=device, dtype=dtype).train(first.training)
         replace_submodule(model, into, merged)
-        for name in (entry["activation"], entry["dropout"], entry["norm"], second_name):
+        for name in (entry["activation"], entry["dropout"], entry["norm"]):
             if name:
                 replace_submodule(model, name, _identity_like(get_submodule(model, name)))
+        old = get_submodule(model, second_name)
+        replace_submodule(model, second_name, CollapsedLayer(second_name, into).train(old.training))
