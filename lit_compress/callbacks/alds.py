@@ -35,7 +35,7 @@ from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks._types import UnitFraction
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
 from lit_compress.errors import allowed
-from lit_compress.surgery.alds.allocate import allocate, dense_param_count, target_layers
+from lit_compress.surgery.alds.allocate import allocate, check_guards, dense_param_count, target_layers
 from lit_compress.surgery.alds.low_rank import LowRankLayer, LowRankPlan, low_rank_decompose_, low_rank_recompose_
 from lit_compress.surgery.select import select_modules
 
@@ -76,8 +76,14 @@ class ALDS(CompressionCallback[ALDSPlan]):
         seed: Seed of the random starting ``k`` (seeds 4 and later); the allocation is deterministic.
         num_seeds: Starting points of the search (the paper's code: 15).
         alternations: Global/local rounds per starting point (the paper's code: 4).
-        error_bound: ``"code"``: ε = max_i σ_{j+1}(W_i)/σ₁(W), as the authors' code; ``"theorem"``:
-            times √k, as Theorem 1's bound.
+        error: The per-layer error the allocation minimises the worst of: ``"exact"`` (default), the
+            exact relative Frobenius error ‖Ŵ − W‖_F/‖W‖_F of the decomposition; ``"lower_bound"``:
+            max_i σ_{j+1}(W_i)/σ₁(W), the authors' code, a lower bound of the paper's Eq. (1) that
+            pushes k to the channel count (slow depthwise + 1×1 layers); ``"theorem"``: Theorem 1's
+            upper bound, √k times the lower bound.
+        min_rank: Smallest rank kept per group (default 2; rank-1 layers cost accuracy).
+        min_saving: A layer is decomposed only if that saves at least this fraction of its weights
+            (default 0.1); otherwise it stays dense (a barely smaller pair of layers is slower on CPU).
         rewind_lr: LR rewinding: after each compression the LR schedulers go back ``retrain_epochs``
             epochs (never before their start), so retraining reuses the learning rates of the
             epochs [e − r, e) that preceded it, as in the paper. With ``False`` the schedule continues.
@@ -97,7 +103,9 @@ class ALDS(CompressionCallback[ALDSPlan]):
         seed: int = 0,
         num_seeds: PositiveInt = 15,
         alternations: PositiveInt = 4,
-        error_bound: Literal["code", "theorem"] = "code",
+        error: Literal["exact", "lower_bound", "theorem"] = "exact",
+        min_rank: PositiveInt = 2,
+        min_saving: float = 0.1,
         rewind_lr: bool = True,
         retrain_epochs: NonNegativeInt | None = None,
         progress: bool = True,
@@ -125,8 +133,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
                 raise allowed("cascade", steps, "epochs must be strictly increasing")
         if method not in ("alds", "uniform", "energy"):
             raise allowed("method", method, "must be one of 'alds', 'uniform', 'energy'")
-        if error_bound not in ("code", "theorem"):
-            raise allowed("error_bound", error_bound, "must be 'code' or 'theorem'")
+        check_guards(error, min_rank, min_saving)
         for name, value in (("num_seeds", num_seeds), ("alternations", alternations)):
             if not isinstance(value, int) or value < 1:
                 raise allowed(name, value, "must be an integer >= 1")
@@ -137,7 +144,8 @@ class ALDS(CompressionCallback[ALDSPlan]):
             self.schedule = [(int(at_epoch), float(keep_ratio))]
         self.method, self.targets = method, list(targets) if targets else ["*"]
         self.seed, self.num_seeds, self.alternations = int(seed), num_seeds, alternations
-        self.error_bound, self.rewind_lr, self.retrain_epochs = error_bound, rewind_lr, retrain_epochs
+        self.error, self.min_rank, self.min_saving = error, min_rank, float(min_saving)
+        self.rewind_lr, self.retrain_epochs = rewind_lr, retrain_epochs
         self.progress = progress
         self.layer_names: list[str] | None = None  # resolved once, before the first event
         self.allocations: list[dict[str, Any]] = []  # a summary per event (rank 0's plan, broadcast)
@@ -208,7 +216,9 @@ class ALDS(CompressionCallback[ALDSPlan]):
             seed=self.seed,
             num_seeds=self.num_seeds,
             alternations=self.alternations,
-            error_bound=self.error_bound,
+            error=self.error,
+            min_rank=self.min_rank,
+            min_saving=self.min_saving,
             progress=self.progress and trainer.is_global_zero,
             current_ratio=min(1.0, current),
         )

@@ -171,7 +171,7 @@ def test_bad_input_names_the_argument(tmp_path: Path) -> None:
         trainer_for(tmp_path, [ALDS(keep_ratio=0.5, targets=["net.3"], progress=False)], max_epochs=1).fit(ConvToy())
     with pytest.raises(ConfigError, match=r"`targets`=\['encoder.\*'\] matches no module"):
         trainer_for(tmp_path, [ALDS(keep_ratio=0.5, targets=["encoder.*"], progress=False)], max_epochs=1).fit(ToyNet())
-    with pytest.raises(ConfigError, match=r"`keep_ratio`=0.01 is not allowed: even rank 1 .* at least 0\.1"):
+    with pytest.raises(ConfigError, match=r"`keep_ratio`=0.01 is not allowed: even rank 2 .* at least 0\.2"):
         trainer_for(tmp_path, [ALDS(keep_ratio=0.01, progress=False)], max_epochs=1).fit(ToyNet())
 
 

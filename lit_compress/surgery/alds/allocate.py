@@ -1,11 +1,22 @@
 """ALDS rank allocation: choose ``(k, j)`` per layer to minimise the worst relative error under a budget.
 
-Error table: for a layer with dense weight ``W`` and each divisor ``k`` of its input
-channels, ``ε(k, j) = max_i σ_{j+1}(W_i) / σ₁(W)`` for ``j = 1 … min(f, c/k·κ1κ2)``, where ``W_i``
-are the ``k`` folded groups (:func:`lit_compress.surgery.low_rank.folded_groups`) and ``σ₁(W)`` is
-the spectral norm of the whole folded layer (``f × c·κ1κ2``). By default the √k factor of the
-paper's Theorem 1 is **dropped**, as in the authors' code (``error_bound="code"``): it is an upper
-bound's slack, and keeping it penalises many groups; ``error_bound="theorem"`` multiplies by √k.
+Error table: for a layer with dense weight ``W`` (folded to ``f × c·κ1κ2``) and each divisor ``k`` of
+its input channels, ``ε(k, j)`` for ``j = 1 … min(f, c/k·κ1κ2)``, where ``W_i`` are the ``k`` folded
+groups (:func:`lit_compress.surgery.alds.low_rank.folded_groups`). Three definitions (``error``):
+
+- ``"exact"`` (default): the exact relative Frobenius error of the decomposition,
+  ``‖Ŵ − W‖_F / ‖W‖_F = sqrt(Σ_i Σ_{l>j} σ_l(W_i)²) / ‖W‖_F`` (the groups are disjoint column
+  blocks, so their discarded energies add up); what the layer really loses;
+- ``"lower_bound"``: ``max_i σ_{j+1}(W_i) / σ₁(W)``, the authors' code. It is a *lower* bound of the
+  paper's Eq. (1) spectral error ``‖Ŵ − W‖₂/‖W‖₂`` (the error of one block never exceeds that of
+  the whole), not an upper bound: it under-reports many-group decompositions and drives ``k`` to
+  the number of input channels (depthwise + 1×1 layers, slow on CPU);
+- ``"theorem"``: Theorem 1's upper bound of the spectral error, ``√k · max_i σ_{j+1}(W_i) / σ₁(W)``.
+
+Guards: ``min_rank`` (default 2) is the smallest rank kept in a group, and a layer is decomposed
+only if that saves at least ``min_saving`` (default 0.1) of its weights; otherwise it stays dense
+(error 0). Rank-1 layers and decompositions that barely save anything cost accuracy and, on CPU,
+time (two small layers are slower than one).
 
 Budget: ``B = keep_ratio · P − P_fixed`` where ``P`` counts every parameter of the model as if each
 target were dense (biases, BatchNorm and untouched layers included) and ``P_fixed`` is everything
@@ -66,7 +77,8 @@ from lit_compress.surgery.alds.low_rank import (
 from lit_compress.surgery.modules import get_submodule
 
 Method = Literal["alds", "uniform", "energy"]
-ErrorBound = Literal["code", "theorem"]
+ErrorKind = Literal["exact", "lower_bound", "theorem"]
+ERROR_KINDS = ("exact", "lower_bound", "theorem")
 TOLERANCE = 0.005  # relative: the budget counts as met within 0.5 %
 
 
@@ -80,22 +92,39 @@ class LayerTable:
     kk: int
     errors: dict[int, np.ndarray]
     svals: np.ndarray  # singular values of the whole folded layer (k = 1), descending
+    min_rank: int = 1
+    min_saving: float = 0.0
 
     @property
     def dense(self) -> int:
         return self.f * self.c * self.kk
 
     @property
+    def cap(self) -> float:
+        """The largest decomposition size allowed: it must save ``min_saving`` of the dense weights."""
+        return (1.0 - self.min_saving) * self.dense
+
+    @property
     def ks(self) -> list[int]:
         return sorted(self.errors)
 
+    def lowest(self, k: int) -> int:
+        """The smallest rank allowed for ``k`` groups (``min_rank``, or full rank if that is less)."""
+        return min(self.min_rank, len(self.errors[k]))
+
+    def clamp(self, k: int, j: int) -> int:
+        return max(self.lowest(k), min(len(self.errors[k]), j))
+
+    def decomposes(self, k: int, j: int) -> bool:
+        """Whether ``(k, j)`` is smaller than dense by at least ``min_saving`` (else the layer stays dense)."""
+        size = low_rank_size(self.f, self.c, self.kk, k, j)
+        return size < self.dense and size <= self.cap
+
     def size(self, k: int, j: int) -> int:
-        return min(self.dense, low_rank_size(self.f, self.c, self.kk, k, j))
+        return low_rank_size(self.f, self.c, self.kk, k, j) if self.decomposes(k, j) else self.dense
 
     def error(self, k: int, j: int) -> float:
-        if low_rank_size(self.f, self.c, self.kk, k, j) >= self.dense:
-            return 0.0
-        return float(self.errors[k][j - 1])
+        return float(self.errors[k][j - 1]) if self.decomposes(k, j) else 0.0
 
 
 @dataclass
@@ -143,23 +172,41 @@ class Allocation:
 
 
 @torch.no_grad()
-def error_table(name: str, weight: torch.Tensor, all_k: bool = True, error_bound: ErrorBound = "code") -> LayerTable:
-    """The error table of one dense weight (``f × c × κ1 × κ2`` or ``f × c``); only ``k = 1`` unless ``all_k``."""
+def error_table(
+    name: str,
+    weight: torch.Tensor,
+    all_k: bool = True,
+    error: ErrorKind = "exact",
+    ks: Sequence[int] | None = None,
+    min_rank: int = 1,
+    min_saving: float = 0.0,
+) -> LayerTable:
+    """The error table of one dense weight (``f × c × κ1 × κ2`` or ``f × c``).
+
+    ``k`` runs over ``ks`` (divisors of ``c``) if given, else every divisor of ``c`` (only ``k = 1``
+    unless ``all_k``). ``error`` is one of the module docstring's definitions.
+    """
     w = weight.detach().to("cpu", torch.float64)
     f, c = w.shape[0], w.shape[1]
     kk = w[0, 0].numel()
     full = _singular_values(w.reshape(1, f, c * kk))[0]
     top = float(full[0]) if float(full[0]) > 0 else 1.0
+    frob2 = float(w.pow(2).sum()) or 1.0
     errors: dict[int, np.ndarray] = {}
-    for k in divisors(c) if all_k else [1]:
+    groups = list(ks) if ks is not None else divisors(c) if all_k else [1]
+    for k in groups:
         s = full[None] if k == 1 else _singular_values(folded_groups(w, k))  # k × m
-        worst = s.max(dim=0).values / top  # max_i σ_j(W_i) / σ₁(W), j = 1..m
-        e = torch.cat([worst[1:], worst.new_zeros(1)])  # ε(k, j) = max_i σ_{j+1}: index j−1
-        e = torch.cummin(e, dim=0).values  # guard the monotonicity against rounding
-        if error_bound == "theorem":
-            e = e * math.sqrt(k)
-        errors[k] = e.numpy()
-    return LayerTable(name, f, c, kk, errors, full.numpy())
+        if error == "exact":
+            energy = (s * s).sum(dim=0)  # Σ_i σ_l(W_i)², l = 1..m
+            tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # Σ_{l >= j}
+            e = (torch.cat([tail[1:], tail.new_zeros(1)]) / frob2).sqrt()  # ε(k, j): Σ_{l > j}, index j−1
+        else:
+            worst = s.max(dim=0).values / top  # max_i σ_j(W_i) / σ₁(W), j = 1..m
+            e = torch.cat([worst[1:], worst.new_zeros(1)])  # ε(k, j) = max_i σ_{j+1}: index j−1
+            if error == "theorem":
+                e = e * math.sqrt(k)
+        errors[k] = torch.cummin(e, dim=0).values.numpy()  # guard the monotonicity against rounding
+    return LayerTable(name, f, c, kk, errors, full.numpy(), min_rank=min_rank, min_saving=min_saving)
 
 
 def _singular_values(mats: torch.Tensor) -> torch.Tensor:
@@ -224,18 +271,21 @@ class _Search:
             {k: np.pad(e, (0, width - len(e)), constant_values=-1.0) for k, e in t.errors.items()} for t in tables
         ]
         self.dense = np.array([t.dense for t in tables], dtype=np.int64)
+        self.cap = np.array([t.cap for t in tables], dtype=np.float64)
 
     def global_step(self, ks: list[int], budget: float) -> tuple[list[int], float] | None:
         """Ranks for the smallest ε that fits ``budget``, and the resulting worst error; ``None`` if none fits."""
         table = np.stack([p[k] for p, k in zip(self.padded, ks)])  # L × width
         full = np.array([len(t.errors[k]) for t, k in zip(self.tables, ks)])
+        lowest = np.array([t.lowest(k) for t, k in zip(self.tables, ks)])
         coef = np.array([k * t.f + t.c * t.kk for t, k in zip(self.tables, ks)], dtype=np.int64)
 
         def ranks(eps: float) -> np.ndarray:
-            return np.minimum(full, (table > eps).sum(axis=1) + 1)
+            return np.clip((table > eps).sum(axis=1) + 1, lowest, full)
 
         def total(js: np.ndarray) -> int:
-            return int(np.minimum(self.dense, js * coef).sum())
+            size = js * coef
+            return int(np.where((size < self.dense) & (size <= self.cap), size, self.dense).sum())
 
         cand = np.unique(table[table >= 0])
         if total(ranks(float(cand[-1]))) > budget:
@@ -260,7 +310,7 @@ class _Search:
                 j2 = math.floor(b / (k2 * t.f + t.c * t.kk) + rho)
                 if j2 < 1:
                     continue
-                j2 = min(j2, len(t.errors[k2]))
+                j2 = t.clamp(k2, j2)
                 err = t.error(k2, j2)
                 if err < best_err:
                     best_k, best_err = k2, err
@@ -319,7 +369,7 @@ def _knob_search(tables: list[LayerTable], budget: float, rank_of: Any) -> list[
     """Largest knob in [0, 1] whose k = 1 ranks ``rank_of(table, knob)`` fit the budget (bisection)."""
 
     def fits(x: float) -> bool:
-        return sum(t.size(1, rank_of(t, x)) for t in tables) <= budget
+        return sum(t.size(1, t.clamp(1, rank_of(t, x))) for t in tables) <= budget
 
     lo, hi = 0.0, 1.0
     if fits(hi):
@@ -329,7 +379,7 @@ def _knob_search(tables: list[LayerTable], budget: float, rank_of: Any) -> list[
             break
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return [rank_of(t, lo) for t in tables]
+    return [t.clamp(1, rank_of(t, lo)) for t in tables]
 
 
 def _uniform_rank(t: LayerTable, alpha: float) -> int:
@@ -374,18 +424,22 @@ def allocate(
     seed: int = 0,
     num_seeds: int = 15,
     alternations: int = 4,
-    error_bound: ErrorBound = "code",
+    error: ErrorKind = "exact",
     progress: bool = True,
     current_ratio: float = 1.0,
+    min_rank: int = 2,
+    min_saving: float = 0.1,
 ) -> Allocation:
     """Allocate ``(k, j)`` for the layers ``names`` of ``model`` so the whole model keeps ``keep_ratio``.
 
     ``names`` may hold dense layers and :class:`LowRankLayer` (taken at their recomposed weight);
     layers that cannot be decomposed are skipped with a reason in ``Allocation.skipped``.
-    Deterministic for a given ``seed``.
+    Deterministic for a given ``seed``. ``error``, ``min_rank`` and ``min_saving``: see the module
+    docstring.
 
     Raises:
-        ConfigError: ``keep_ratio`` outside (0, 1], ``num_seeds`` < 1, ``alternations`` < 0, no
+        ConfigError: ``keep_ratio`` outside (0, 1], ``num_seeds`` < 1, ``alternations`` < 0, an unknown
+            ``error``, ``min_rank`` < 1, ``min_saving`` outside [0, 1), no
             decomposable layer among ``names``, or a budget below what rank 1 everywhere needs (the
             message gives the smallest reachable ratio).
     """
@@ -394,8 +448,7 @@ def allocate(
         raise allowed("keep_ratio", keep_ratio, "must be in (0, 1]")
     if method not in ("alds", "uniform", "energy"):
         raise allowed("method", method, "must be one of 'alds', 'uniform', 'energy'")
-    if error_bound not in ("code", "theorem"):
-        raise allowed("error_bound", error_bound, "must be 'code' or 'theorem'")
+    check_guards(error, min_rank, min_saving)
     for name, value, least in (("num_seeds", num_seeds, 1), ("alternations", alternations, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise allowed(name, value, f"must be an int >= {least}")
@@ -407,15 +460,18 @@ def allocate(
             f"shared); {detail}."
         )
     params_dense = dense_param_count(model, ok)
-    tables = _tables(model, ok, all_k=method == "alds", error_bound=error_bound, progress=progress)
+    tables = _tables(
+        model, ok, all_k=method == "alds", error=error, progress=progress, min_rank=min_rank, min_saving=min_saving
+    )
     fixed = params_dense - sum(t.dense for t in tables)
     target = keep_ratio * params_dense
-    floor_size = sum(t.size(1, 1) for t in tables)
+    floor_size = sum(t.size(1, t.lowest(1)) for t in tables)
     if fixed + floor_size > target:
         raise allowed(
             "keep_ratio",
             keep_ratio,
-            f"even rank 1 in every decomposable target leaves {fixed + floor_size:,} of {params_dense:,} parameters, "
+            f"even rank {min_rank} (`min_rank`) in every decomposable target leaves {fixed + floor_size:,} "
+            f"of {params_dense:,} parameters, "
             f"so it must be at least {(fixed + floor_size) / params_dense:.4f} with these `targets`",
         )
 
@@ -461,7 +517,7 @@ def allocate(
     errors: dict[str, float] = {}
     for t, k, j in zip(tables, ks, js):
         errors[t.name] = t.error(k, j)
-        if low_rank_size(t.f, t.c, t.kk, k, j) < t.dense:
+        if t.decomposes(k, j):
             plan[t.name] = {"groups": int(k), "rank": int(j)}
         else:
             dense.append(t.name)
@@ -483,7 +539,14 @@ def allocate(
 
 
 def _tables(
-    model: nn.Module, names: list[str], all_k: bool, error_bound: ErrorBound, progress: bool
+    model: nn.Module,
+    names: list[str],
+    all_k: bool,
+    error: ErrorKind,
+    progress: bool,
+    min_rank: int = 1,
+    min_saving: float = 0.0,
+    ks: dict[str, list[int]] | None = None,
 ) -> list[LayerTable]:
     from tqdm.auto import tqdm
 
@@ -492,8 +555,37 @@ def _tables(
     with single_thread():  # see its docstring: multi-threaded LAPACK stalled on a busy machine
         for name in bar:
             weight, _ = dense_weight(get_submodule(model, name))
-            tables.append(error_table(name, weight, all_k=all_k, error_bound=error_bound))
+            table = error_table(
+                name,
+                weight,
+                all_k=all_k,
+                error=error,
+                ks=None if ks is None else ks[name],
+                min_rank=min_rank,
+                min_saving=min_saving,
+            )
+            tables.append(table)
     return tables
 
 
-__all__ = ["Allocation", "LayerTable", "allocate", "dense_param_count", "error_table", "target_layers"]
+def check_guards(error: Any, min_rank: Any, min_saving: Any) -> None:
+    """Validate ``error``, ``min_rank`` and ``min_saving`` (shared with the latency-budget allocator)."""
+    if error not in ERROR_KINDS:
+        raise allowed("error", error, "must be one of 'exact', 'lower_bound', 'theorem'")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise allowed("min_rank", min_rank, "must be an int >= 1")
+    if isinstance(min_saving, bool) or not isinstance(min_saving, (int, float)) or not 0 <= min_saving < 1:
+        raise allowed("min_saving", min_saving, "must be a fraction in [0, 1)")
+
+
+__all__ = [
+    "ERROR_KINDS",
+    "Allocation",
+    "ErrorKind",
+    "LayerTable",
+    "allocate",
+    "check_guards",
+    "dense_param_count",
+    "error_table",
+    "target_layers",
+]

@@ -13,7 +13,13 @@ from torch import nn
 from lit_compress.errors import ConfigError
 from lit_compress.models.cifar_resnet import cifar_resnet
 from lit_compress.surgery.alds.allocate import _Search, allocate, error_table
-from lit_compress.surgery.alds.low_rank import folded_groups, low_rank_decompose_
+from lit_compress.surgery.alds.low_rank import (
+    decompose_layer,
+    dense_weight,
+    folded_groups,
+    low_rank_decompose_,
+    low_rank_size,
+)
 
 
 def _resnet() -> nn.Module:
@@ -35,10 +41,10 @@ _MODEL = _resnet()
 _NAMES = _targets(_MODEL)
 
 
-def test_error_table_is_the_code_definition_and_theorem_adds_sqrt_k() -> None:
+def test_lower_bound_error_is_the_code_definition_and_theorem_adds_sqrt_k() -> None:
     torch.manual_seed(0)
     w = torch.randn(6, 8, 3, 3, dtype=torch.float64)
-    table = error_table("x", w)
+    table = error_table("x", w, error="lower_bound")
     sigma1 = float(torch.linalg.matrix_norm(w.reshape(6, 72), ord=2))
     assert table.ks == [1, 2, 4, 8]
     for k in table.ks:
@@ -46,8 +52,55 @@ def test_error_table_is_the_code_definition_and_theorem_adds_sqrt_k() -> None:
         m = s.shape[1]
         expected = [float(s[:, j].max()) / sigma1 if j < m else 0.0 for j in range(1, m + 1)]
         np.testing.assert_allclose(table.errors[k], expected, rtol=1e-6, atol=1e-7)
-    theorem = error_table("x", w, error_bound="theorem")
+    theorem = error_table("x", w, error="theorem")
     np.testing.assert_allclose(theorem.errors[4], 2.0 * table.errors[4], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.Conv2d(8, 6, 3, bias=False), nn.Conv2d(12, 10, (3, 1)), nn.Linear(12, 9)], ids=str
+)
+def test_exact_error_is_the_relative_frobenius_error_of_the_reconstruction(layer: nn.Module) -> None:
+    torch.manual_seed(1)
+    layer = layer.double()
+    with torch.no_grad():  # a decaying spectrum, as trained weights have
+        layer.weight.mul_(torch.logspace(0, -1.5, layer.weight.shape[0]).reshape(-1, *[1] * (layer.weight.dim() - 1)))
+    w = layer.weight.detach()
+    table = error_table("x", w, error="exact")
+    for k in table.ks:
+        for j in range(1, len(table.errors[k]) + 1):
+            rebuilt, _ = dense_weight(decompose_layer(layer, k, j))
+            real = float(torch.linalg.vector_norm(rebuilt - w) / torch.linalg.vector_norm(w))
+            assert abs(table.errors[k][j - 1] - real) < 1e-6, (k, j, table.errors[k][j - 1], real)
+
+
+def test_min_saving_keeps_layers_dense_unless_they_save_a_tenth() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 40))
+    names = ["0", "2", "4"]
+    table = error_table("0", model[0].weight, min_saving=0.1)
+    assert table.decomposes(1, 28) and not table.decomposes(1, 29)  # 28·128 = 87.5 %, 29·128 = 90.6 % of 4096
+    assert table.size(1, 29) == 4096 and table.error(1, 29) == 0.0
+    for keep in (0.9, 0.95, 0.97):
+        guarded = allocate(model, names, keep, num_seeds=4, progress=False)
+        for name, spec in guarded.plan.items():
+            w = model.get_submodule(name).weight
+            size = low_rank_size(w.shape[0], w.shape[1], 1, spec["groups"], spec["rank"])
+            assert size <= 0.9 * w.numel(), (keep, name, spec)
+    # Without the guard some layer is decomposed for less than a tenth of its weights.
+    savings = []
+    for keep in (0.9, 0.95, 0.97):
+        plain = allocate(model, names, keep, num_seeds=4, progress=False, min_saving=0.0)
+        for name, spec in plain.plan.items():
+            w = model.get_submodule(name).weight
+            savings.append(1 - low_rank_size(w.shape[0], w.shape[1], 1, spec["groups"], spec["rank"]) / w.numel())
+    assert min(savings) < 0.1
+
+
+def test_min_rank_is_never_undercut() -> None:
+    guarded = allocate(_MODEL, _NAMES, 0.12, num_seeds=4, progress=False)
+    assert guarded.plan and min(spec["rank"] for spec in guarded.plan.values()) >= 2
+    plain = allocate(_MODEL, _NAMES, 0.12, num_seeds=4, progress=False, min_rank=1)
+    assert min(spec["rank"] for spec in plain.plan.values()) == 1
 
 
 def test_global_step_takes_the_smallest_error_that_fits() -> None:
@@ -112,13 +165,19 @@ def test_bad_input_names_the_argument() -> None:
         allocate(_MODEL, _NAMES, 0, progress=False)
     with pytest.raises(ConfigError, match=r"`keep_ratio`=1.5"):
         allocate(_MODEL, _NAMES, 1.5, progress=False)
-    with pytest.raises(ConfigError, match=r"`keep_ratio`=0.001 is not allowed: even rank 1 .* at least 0\.0"):
+    with pytest.raises(ConfigError, match=r"`keep_ratio`=0.001 is not allowed: even rank 2 .* at least 0\.0"):
         allocate(_MODEL, _NAMES, 0.001, progress=False)
     dw = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8))
     with pytest.raises(ConfigError, match=r"`targets` select no decomposable layer.*depthwise"):
         allocate(dw, ["0"], 0.5, progress=False)
     with pytest.raises(ConfigError, match=r"`method`"):
         allocate(_MODEL, _NAMES, 0.5, method="pca", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"`error`='code' is not allowed: must be one of 'exact'"):
+        allocate(_MODEL, _NAMES, 0.5, error="code", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"`min_rank`=0 is not allowed: must be an int >= 1"):
+        allocate(_MODEL, _NAMES, 0.5, min_rank=0, progress=False)
+    with pytest.raises(ConfigError, match=r"`min_saving`=1.0 is not allowed: must be a fraction in \[0, 1\)"):
+        allocate(_MODEL, _NAMES, 0.5, min_saving=1.0, progress=False)
     with pytest.raises(ConfigError, match=r"`num_seeds`=0 is not allowed: must be an int >= 1"):
         allocate(_MODEL, _NAMES, 0.5, num_seeds=0, progress=False)
     with pytest.raises(ConfigError, match=r"`alternations`=-1 is not allowed: must be an int >= 0"):
