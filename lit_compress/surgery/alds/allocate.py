@@ -144,6 +144,9 @@ class Allocation:
     filled_steps: int = 0
     seconds: float = 0.0
     skipped: dict[str, str] = field(default_factory=dict)
+    budget: str = "params"
+    latency_ms_dense: float | None = None  # budget="latency": the targets' summed table latency, dense
+    latency_ms_after: float | None = None  # ... and with this allocation
 
     @property
     def achieved_ratio(self) -> float:
@@ -165,6 +168,9 @@ class Allocation:
             "filled_steps": self.filled_steps,
             "seconds": self.seconds,
             "skipped": self.skipped,
+            "budget": self.budget,
+            "latency_ms_dense": self.latency_ms_dense,
+            "latency_ms_after": self.latency_ms_after,
         }
 
 

@@ -276,6 +276,13 @@ def _empty_low_rank(layer: Dense, k: int, j: int) -> LowRankLayer:
     return LowRankLayer(encoder, decoder, k, j, kind).to(device=device, dtype=dtype)
 
 
+def low_rank_like(layer: Dense, groups: int, rank: int) -> LowRankLayer:
+    """A :class:`LowRankLayer` with ``layer``'s geometry, ``groups`` (k) and ``rank`` (j), freshly
+    initialised (no SVD): for timing a candidate decomposition."""
+    _check_geometry(layer, groups, rank)
+    return _empty_low_rank(layer, groups, rank)
+
+
 def _check_geometry(layer: nn.Module, k: int, j: int) -> None:
     reason = undecomposable_reason(layer)
     if reason:
@@ -429,6 +436,7 @@ __all__ = [
     "layer_shape",
     "low_rank_decompose_",
     "low_rank_layers",
+    "low_rank_like",
     "low_rank_recompose_",
     "low_rank_size",
     "max_rank",
