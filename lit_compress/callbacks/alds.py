@@ -6,6 +6,11 @@ error is as small as possible while the whole model keeps ``keep_ratio`` of its 
 (:mod:`lit_compress.surgery.alds.allocate`; the surgery is :mod:`lit_compress.surgery.alds.low_rank`).
 Training then goes on as retraining, with the learning-rate schedule rewound (see ``rewind_lr``).
 
+With ``budget="latency"`` the budget is time instead: each target layer and a few of its
+decompositions are timed on the training device (:mod:`lit_compress.measure.alds_latency`, cached)
+and the worst error is minimised so the targets' summed time is at most ``latency_ratio`` × dense
+(:mod:`lit_compress.surgery.alds.latency_budget`).
+
 A **cascade** of ``(epoch, keep_ratio)`` pairs repeats this: before each new compression every
 decomposed layer is recomposed into a dense weight and ALDS runs again on the current weights.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import lightning as L
@@ -30,12 +36,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._inputs import isolated_rng
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks._types import UnitFraction
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record
-from lit_compress.errors import allowed
-from lit_compress.surgery.alds.allocate import allocate, check_guards, dense_param_count, target_layers
+from lit_compress.errors import ConfigError, allowed
+from lit_compress.surgery.alds.allocate import Allocation, allocate, check_guards, dense_param_count, target_layers
+from lit_compress.surgery.alds.latency_budget import allocate_latency
 from lit_compress.surgery.alds.low_rank import LowRankLayer, LowRankPlan, low_rank_decompose_, low_rank_recompose_
 from lit_compress.surgery.select import select_modules
 
@@ -89,6 +97,17 @@ class ALDS(CompressionCallback[ALDSPlan]):
             epochs [e − r, e) that preceded it, as in the paper. With ``False`` the schedule continues.
         retrain_epochs: ``r``; default: the epochs until the next cascade step or the end of ``fit``.
         progress: Show a progress bar while the error tables are computed (rank 0, after 1 s).
+        budget: ``"params"`` (the paper's: ``keep_ratio`` or ``cascade``) or ``"latency"``: one event at
+            ``at_epoch`` that makes the targets' summed measured latency at most ``latency_ratio`` × their
+            dense latency (each layer takes the fastest measured decomposition within the error threshold;
+            a layer whose decompositions are all slower stays dense).
+        latency_ratio: ``budget="latency"``: the target fraction (0, 1] of the targets' dense latency.
+        latency_groups: ``budget="latency"``: the ``k`` timed (those dividing a layer's input channels).
+        latency_ranks: ``budget="latency"``: ranks timed per ``k`` (others are interpolated).
+        latency_batch_size: ``budget="latency"``: batch size the layers are timed at.
+        latency_device: ``budget="latency"``: device to time on; default: the one the model trains on.
+        latency_cache: ``budget="latency"``: JSON cache of the tables; default
+            ``<default_root_dir>/alds_latency.json`` (keyed by device, torch, dtype, batch and threads).
         bn_recalibration_batches: See :class:`CompressionCallback` (re-estimating BatchNorm statistics
             after the decomposition is on by default).
     """
@@ -110,8 +129,24 @@ class ALDS(CompressionCallback[ALDSPlan]):
         retrain_epochs: NonNegativeInt | None = None,
         progress: bool = True,
         bn_recalibration_batches: NonNegativeInt = 20,
+        budget: Literal["params", "latency"] = "params",
+        latency_ratio: UnitFraction | None = None,
+        latency_groups: list[PositiveInt] | None = None,
+        latency_ranks: PositiveInt = 4,
+        latency_batch_size: PositiveInt = 1,
+        latency_device: str | None = None,
+        latency_cache: str | None = None,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        if budget not in ("params", "latency"):
+            raise allowed("budget", budget, "must be 'params' or 'latency'")
+        if budget == "latency":
+            _check_ratio("latency_ratio", latency_ratio, "must be in (0, 1] with budget='latency'")
+            if keep_ratio is not None or cascade is not None:
+                raise allowed("keep_ratio", keep_ratio, "None with budget='latency' (give `latency_ratio`, no cascade)")
+            keep_ratio = latency_ratio
+        elif latency_ratio is not None:
+            raise allowed("latency_ratio", latency_ratio, "None unless budget='latency'")
         if cascade is not None and keep_ratio is not None:
             raise allowed("cascade", cascade, "give `keep_ratio` (one-shot) or `cascade`, not both")
         if cascade is None and keep_ratio is None:
@@ -147,6 +182,9 @@ class ALDS(CompressionCallback[ALDSPlan]):
         self.error, self.min_rank, self.min_saving = error, min_rank, float(min_saving)
         self.rewind_lr, self.retrain_epochs = rewind_lr, retrain_epochs
         self.progress = progress
+        self.budget, self.latency_groups = budget, list(latency_groups) if latency_groups else [1, 2, 4, 8]
+        self.latency_ranks, self.latency_batch_size = latency_ranks, latency_batch_size
+        self.latency_device, self.latency_cache = latency_device, latency_cache
         self.layer_names: list[str] | None = None  # resolved once, before the first event
         self.allocations: list[dict[str, Any]] = []  # a summary per event (rank 0's plan, broadcast)
 
@@ -196,7 +234,8 @@ class ALDS(CompressionCallback[ALDSPlan]):
         n = len(self.schedule)
         return [
             ScheduledEvent(
-                f"the compression to keep_ratio {ratio:g}" + (f" (cascade step {i + 1} of {n})" if n > 1 else ""),
+                f"the compression to {'latency' if self.budget == 'latency' else 'keep'}_ratio {ratio:g}"
+                + (f" (cascade step {i + 1} of {n})" if n > 1 else ""),
                 epoch=epoch,
             )
             for i, (epoch, ratio) in enumerate(self.schedule)
@@ -208,6 +247,8 @@ class ALDS(CompressionCallback[ALDSPlan]):
         names = self.layer_names if self.layer_names is not None else self._find_targets(pl_module)
         keep = self.schedule[self.events_done][1]
         current = sum(p.numel() for p in pl_module.parameters()) / dense_param_count(pl_module, names)
+        if self.budget == "latency":
+            return self._plan_latency(trainer, pl_module, names, keep)
         alloc = allocate(
             pl_module,
             names,
@@ -227,9 +268,57 @@ class ALDS(CompressionCallback[ALDSPlan]):
             f"{len(alloc.kept_dense)} kept dense, params {alloc.params_dense:,} -> {alloc.params_after:,} "
             f"({alloc.achieved_ratio:.4f}), max error {alloc.max_error:.4g}, allocation {alloc.seconds:.1f}s"
         )
+        return self._plan(pl_module, names, alloc)
+
+    def _plan(self, pl_module: nn.Module, names: list[str], alloc: Allocation) -> ALDSPlan:
         recompose = [n for n in names if isinstance(pl_module.get_submodule(n), LowRankLayer)]
         summary = {k: v for k, v in alloc.to_plain().items() if k not in ("plan", "errors", "skipped")}
         return ALDSPlan(layers=names, recompose=recompose, decompose=alloc.plan, summary=summary)
+
+    def _plan_latency(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, names: list[str], ratio: float
+    ) -> ALDSPlan:
+        """``budget="latency"``: time the candidates (or read the cache), then allocate under the time budget."""
+        from lit_compress.measure.alds_latency import alds_latency_table
+
+        inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
+        if inputs is None:
+            raise ConfigError("ALDS budget='latency' needs an example input (example_input_array or a training batch).")
+        cache = self.latency_cache or str(Path(trainer.default_root_dir) / "alds_latency.json")
+        show = self.progress and trainer.is_global_zero
+        with isolated_rng():  # the timing draws random inputs: keep training's RNG stream untouched
+            table, info = alds_latency_table(
+                pl_module,
+                names,
+                inputs,
+                groups=self.latency_groups,
+                ranks_per_group=self.latency_ranks,
+                min_rank=self.min_rank,
+                device=self.latency_device,
+                batch_size=self.latency_batch_size,
+                cache=cache,
+                progress=show,
+            )
+        alloc = allocate_latency(
+            pl_module,
+            names,
+            ratio,
+            table,
+            error=self.error,
+            min_rank=self.min_rank,
+            min_saving=self.min_saving,
+            progress=show,
+        )
+        rank_zero_info(
+            f"[lit_compress] ALDS latency {ratio:.4g}: table {info['measured']} configuration(s) timed, "
+            f"{info['cached']} cached ({info['seconds']:.1f}s); {len(alloc.plan)} layer(s) decomposed, "
+            f"{len(alloc.kept_dense)} kept dense, table latency {alloc.latency_ms_dense:.4g} -> "
+            f"{alloc.latency_ms_after:.4g} ms, params {alloc.params_dense:,} -> {alloc.params_after:,}, "
+            f"max error {alloc.max_error:.4g}"
+        )
+        plan = self._plan(pl_module, names, alloc)
+        plan["summary"]["latency_table_s"] = round(float(info["seconds"]), 3)
+        return plan
 
     @override
     def apply_event(self, pl_module: L.LightningModule, plan: ALDSPlan) -> list[Record]:
@@ -245,6 +334,8 @@ class ALDS(CompressionCallback[ALDSPlan]):
             max_error=s["max_error"],
             kept_dense=list(s["kept_dense"]),
         )
+        if s.get("budget") == "latency":
+            decompose[0].update(budget="latency", table_ms=[s["latency_ms_dense"], s["latency_ms_after"]])
         self.allocations.append(dict(s))
         return records + decompose
 

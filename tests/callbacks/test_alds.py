@@ -97,6 +97,38 @@ def test_one_shot_decomposes_convs_and_linear_at_the_epoch(tmp_path: Path, seed:
     assert layer.encoder.bias is None and layer.decoder.bias is not None
 
 
+def _weights_timer(*_args: Any) -> Any:
+    """A deterministic stand-in for the device timing: ms = weights / 1000 (+20 % per extra group)."""
+
+    def timer(modules: Any, shape: Any) -> list[float]:
+        out = []
+        for m in modules:
+            ms = sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight")) / 1000
+            out.append(ms * (1 + 0.2 * (m.groups - 1)) if isinstance(m, LowRankLayer) else ms)
+        return out
+
+    return timer
+
+
+def test_latency_budget_decomposes_within_the_measured_table(tmp_path: Path, seed: int, monkeypatch: Any) -> None:
+    import lit_compress.measure.alds_latency as alds_latency
+
+    monkeypatch.setattr(alds_latency, "_default_timer", _weights_timer)
+    model = ConvToy()
+    cb = ALDS(budget="latency", latency_ratio=0.6, at_epoch=1, progress=False, latency_groups=[1, 2, 4])
+    with pytest.warns(UserWarning, match=r"skipping `net.3`"):
+        trainer_for(tmp_path, [cb], max_epochs=2).fit(model)
+    record = applied_events(model)[0]
+    assert record["budget"] == "latency" and record["epoch"] == 1
+    dense_ms, after_ms = record["table_ms"]
+    assert 0 < after_ms <= 0.6 * dense_ms
+    decomposed = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLayer)}
+    assert decomposed and set(decomposed) == {spec["name"] for spec in record["layers"]}
+    assert all(m.groups in (1, 2, 4) and m.rank >= 2 for m in decomposed.values())
+    assert (tmp_path / "alds_latency.json").exists()
+    assert cb.allocations[-1]["latency_ms_after"] == after_ms
+
+
 class LRProbe(Callback):
     """Records the first param group's lr at every epoch start (after the ALDS event of that epoch)."""
 
@@ -164,6 +196,19 @@ def test_bad_input_names_the_argument(tmp_path: Path) -> None:
         ALDS(cascade=[[1, 0.5], [2, 0.0]])
     with pytest.raises(ConfigError, match=r"`num_seeds`=0"):
         ALDS(keep_ratio=0.5, num_seeds=0)
+    with pytest.raises(ConfigError, match=r"`budget`='flops' is not allowed: must be 'params' or 'latency'"):
+        ALDS(keep_ratio=0.5, budget="flops")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"`latency_ratio`=None is not allowed: must be in \(0, 1\] with budget"):
+        ALDS(budget="latency")
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match=rf"`latency_ratio`={bad} is not allowed"):
+            ALDS(budget="latency", latency_ratio=bad)
+    with pytest.raises(ConfigError, match=r"`keep_ratio`=0.5 is not allowed: None with budget='latency'"):
+        ALDS(budget="latency", latency_ratio=0.5, keep_ratio=0.5)
+    with pytest.raises(ConfigError, match=r"`latency_ratio`=0.5 is not allowed: None unless budget='latency'"):
+        ALDS(keep_ratio=0.5, latency_ratio=0.5)
+    with pytest.raises(ConfigError, match=r"`min_saving`=1.2 is not allowed"):
+        ALDS(keep_ratio=0.5, min_saving=1.2)
     with (
         pytest.raises(ConfigError, match=r"`targets`=\['net.3'\] is not allowed: .*depthwise"),
         pytest.warns(UserWarning),
