@@ -106,6 +106,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         latency_ranks: ``budget="latency"``: ranks timed per ``k`` (others are interpolated).
         latency_batch_size: ``budget="latency"``: batch size the layers are timed at.
         latency_device: ``budget="latency"``: device to time on; default: the one the model trains on.
+        latency_threads: ``budget="latency"``: CPU threads to time with (default: as set).
         latency_cache: ``budget="latency"``: JSON cache of the tables; default
             ``<default_root_dir>/alds_latency.json`` (keyed by device, torch, dtype, batch and threads).
         bn_recalibration_batches: See :class:`CompressionCallback` (re-estimating BatchNorm statistics
@@ -135,6 +136,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         latency_ranks: PositiveInt = 4,
         latency_batch_size: PositiveInt = 1,
         latency_device: str | None = None,
+        latency_threads: PositiveInt | None = None,
         latency_cache: str | None = None,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches)
@@ -185,6 +187,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         self.budget, self.latency_groups = budget, list(latency_groups) if latency_groups else [1, 2, 4, 8]
         self.latency_ranks, self.latency_batch_size = latency_ranks, latency_batch_size
         self.latency_device, self.latency_cache = latency_device, latency_cache
+        self.latency_threads = latency_threads
         self.layer_names: list[str] | None = None  # resolved once, before the first event
         self.allocations: list[dict[str, Any]] = []  # a summary per event (rank 0's plan, broadcast)
 
@@ -298,6 +301,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
                 batch_size=self.latency_batch_size,
                 cache=cache,
                 progress=show,
+                num_threads=self.latency_threads,
             )
         alloc = allocate_latency(
             pl_module,

@@ -167,6 +167,7 @@ def alds_latency_table(
     cache: str | os.PathLike[str] | None = None,
     timer: Timer | None = None,
     progress: bool = True,
+    num_threads: int | None = None,
 ) -> tuple[dict[str, LayerLatency], dict[str, Any]]:
     """Per-layer latency tables for ``names`` (decomposable layers of ``model``) and a summary.
 
@@ -180,13 +181,61 @@ def alds_latency_table(
         noise: Relative tolerance of the monotonicity check.
         cache: JSON cache file (created if missing).
         timer: Replaces the timing (tests inject deterministic timings).
+        num_threads: CPU threads to time with (``None``: as set); part of the cache key.
 
     Returns:
-        ``({name: LayerLatency}, {"context", "entries", "measured", "cached", "remeasured", "flattened", "seconds"})``.
+        ``({name: LayerLatency}, info)``; ``info`` holds ``"context"``, ``"entries"``, ``"measured"``,
+        ``"cached"``, ``"remeasured"``, ``"flattened"`` and ``"seconds"``.
     """
     for name, value, least in (("ranks_per_group", ranks_per_group, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise allowed(name, value, f"must be an int >= {least}")
+    if num_threads is not None and (
+        isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+    ):
+        raise allowed("latency_threads", num_threads, "must be an int >= 1 or None")
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _table(
+            model,
+            names,
+            example_inputs,
+            groups,
+            ranks_per_group,
+            min_rank,
+            device,
+            batch_size,
+            rounds,
+            repeats,
+            warmup,
+            noise,
+            cache,
+            timer,
+            progress,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _table(
+    model: nn.Module,
+    names: Sequence[str],
+    example_inputs: ExampleInputs,
+    groups: Sequence[int],
+    ranks_per_group: int,
+    min_rank: int,
+    device: torch.device | str | None,
+    batch_size: int,
+    rounds: int,
+    repeats: int,
+    warmup: int,
+    noise: float,
+    cache: str | os.PathLike[str] | None,
+    timer: Timer | None,
+    progress: bool,
+) -> tuple[dict[str, LayerLatency], dict[str, Any]]:
     if not groups or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in groups):
         raise allowed("latency_groups", list(groups), "must be a non-empty list of ints >= 1")
     start = time.perf_counter()
