@@ -5,11 +5,14 @@ Tasks: MNIST-5k ResNet-20 (``mnist/resnet20``) and the Shakespeare character tra
 
 - ALDS at each operating point, the decomposition at the start of the recovery fit (LR rewinding
   off: the recovery fit is its own schedule, re-warmed to the training learning rate); the main
-  point also with distillation from the dense model;
+  point also with distillation from the dense model; on MNIST also the latency budget
+  (``budget="latency"``, 0.7 of the targets' dense latency, table timed at batch 64 with the
+  protocol's threads on the machine that trains);
 - uniform-rank SVD (``ALDS(method="uniform")``) and global magnitude pruning at the same parameter count;
 - the ALDS architecture (the same decomposition) trained from scratch with the pretraining + recovery budget.
 
-Plus the allocator's wall time on a torchvision ResNet-18 (random weights, keep 0.3, 2 threads).
+Plus the allocator's wall time on a torchvision ResNet-18 (random weights, keep 0.3, 2 threads), and
+for the latency budget the table build (timed, then cached) and the allocation separately.
 
     python -m benchmarks.alds [--quick] [--seeds 3] [--out benchmarks/out]
 """
@@ -30,7 +33,11 @@ from lit_compress.surgery.alds.allocate import allocate
 TASKS = (Task("mnist", "resnet20", "acc"), Task("shakespeare", "transformer", "ppl"))
 #: (label, ALDS keyword arguments); the first is the main point (also run with distillation).
 POINTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "mnist": [("ALDS keep 50 %", {"keep_ratio": 0.5}), ("ALDS keep 25 %", {"keep_ratio": 0.25})],
+    "mnist": [
+        ("ALDS keep 50 %", {"keep_ratio": 0.5}),
+        ("ALDS keep 25 %", {"keep_ratio": 0.25}),
+        ("ALDS latency 70 %", {"budget": "latency", "latency_ratio": 0.7, "latency_batch_size": 64}),
+    ],
     "shakespeare": [("ALDS keep 50 %", {"keep_ratio": 0.5})],
 }
 ALDS_DEFAULTS: dict[str, Any] = {"at_epoch": 0, "rewind_lr": False, "progress": False}
@@ -40,6 +47,8 @@ def alds(task: Task, **kwargs: Any) -> ALDS:
     options = dict(ALDS_DEFAULTS)
     if task.name == "shakespeare":  # the transformer's Linear layers (embeddings and the head stay dense)
         options["targets"] = ["re:.*blocks.*"]
+    if kwargs.get("budget") == "latency":
+        options["latency_threads"] = P.LATENCY_THREADS
     options.update(kwargs)
     return ALDS(**options)
 
@@ -55,6 +64,10 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                 cb = alds(task, **kwargs)
                 r, model = P.compressed(task, settings, start, seed, "ALDS", label, [cb], kd, **kwargs)
                 r["max_error"] = cb.allocations[-1]["max_error"] if cb.allocations else None
+                if cb.allocations and cb.allocations[-1].get("budget") == "latency":
+                    a = cb.allocations[-1]
+                    r["table_latency_ratio"] = round(a["latency_ms_after"] / a["latency_ms_dense"], 4)
+                    r["latency_table_s"] = a.get("latency_table_s")
                 timed.append((r, model))
                 if kd:
                     continue
@@ -97,6 +110,42 @@ def allocator_time(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def latency_allocator_time(cache: str) -> list[dict[str, Any]]:
+    """ResNet-18, ``budget="latency"`` at 0.7: the table build (batch 1, 2 threads; cached) and the allocation."""
+    import torchvision
+
+    from lit_compress.measure.alds_latency import alds_latency_table
+    from lit_compress.surgery.alds.latency_budget import allocate_latency
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    rows = []
+    for run in ("measured", "cached"):
+        t = time.perf_counter()
+        table, info = alds_latency_table(
+            model, names, torch.randn(1, 3, 224, 224), num_threads=2, cache=cache, progress=False
+        )
+        table_s = time.perf_counter() - t
+        t = time.perf_counter()
+        alloc = allocate_latency(model, names, 0.7, table, progress=False)
+        rows.append(
+            {
+                "task": "torchvision ResNet-18 (random init, 11.7M params), allocation only",
+                "method": "ALDS allocator, budget='latency'",
+                "variant": f"latency 0.7, table {run}",
+                "table_s": round(table_s, 2),
+                "table_configs_timed": info["measured"],
+                "wall_s": round(time.perf_counter() - t, 2),
+                "decomposed": len(alloc.plan),
+                "achieved_keep": alloc.achieved_ratio,
+                "table_latency_ratio": (alloc.latency_ms_after or 0.0) / (alloc.latency_ms_dense or 1.0),
+                "max_error": alloc.max_error,
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = P.parse_args(__doc__, argv)
     settings = P.Settings.from_args(args.out, args.seeds, args.quick)
@@ -104,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     tasks = P.select(TASKS, args.tasks)
     rows = [r for task in tasks for r in run(task, settings)]
     rows += allocator_time(1 if settings.quick else 3)
+    if not settings.quick:
+        rows += latency_allocator_time(str(settings.out / "alds_latency_resnet18.json"))
     config = {"tasks": [t.label for t in tasks], "budgets": {t.label: settings.budget(t) for t in tasks}}
     config["points"] = {k: [label for label, _ in v] for k, v in POINTS.items()}
     P.write("alds", settings, rows, {**config, "wall_s": round(clock(), 1)})
