@@ -64,7 +64,7 @@ class Fusion(TypedDict):
     seed: int
     kept: str  # "a" or "b" for ``freeze``, else ""
     removed: int  # unique stored parameters removed (one unit)
-    also: list[str]  # parameters outside the clusters that held a member's parameter and were re-pointed
+    also: dict[str, list[str]]  # per tied name: parameters outside the clusters that held it, re-pointed too
     score: NotRequired[float]
     distance: NotRequired[float]
 
@@ -169,15 +169,16 @@ def _repoint_(
     params: Sequence[str],
     old: Sequence[Sequence[nn.Parameter]],
     shared: Sequence[nn.Parameter],
-) -> list[str]:
+) -> dict[str, list[str]]:
     """Re-point every holder of each ``old[k]`` parameter (by identity) to ``shared[k]``.
 
-    Returns the qualified names re-pointed that are not ``members``' own ``params`` (a tied head).
+    Returns, per name in ``params``, the qualified names re-pointed that are not ``members``' own
+    (a tied head, a module outside the targets); names with none are left out.
     """
     holders = parameter_holders(model)
     inside = {(m, p) for m in members for p in params}
-    also: list[str] = []
-    for olds, new in zip(old, shared):
+    also: dict[str, list[str]] = {}
+    for pname_k, olds, new in zip(params, old, shared):
         seen: set[int] = set()
         for param in olds:
             if id(param) in seen:
@@ -186,8 +187,11 @@ def _repoint_(
             for mname, module, pname in holders.get(id(param), []):
                 if module._parameters.get(pname) is not new:
                     set_parameter(module, pname, new)
-                if (mname, pname) not in inside and f"{mname}.{pname}" not in also:
-                    also.append(f"{mname}.{pname}")
+                outside = also.setdefault(pname_k, [])
+                if (mname, pname) not in inside and f"{mname}.{pname}" not in outside:
+                    outside.append(f"{mname}.{pname}")
+        if not also.get(pname_k):
+            also.pop(pname_k, None)
     return also
 
 
@@ -230,7 +234,7 @@ def _replay_fuse_layers(model: nn.Module, record: FuseLayersRecord) -> None:
                 if not isinstance(own, nn.Parameter) or own.shape != param.shape:
                     raise ReplayError(f"`{name}.{pname}` cannot be tied to `{members[0]}.{pname}`: shapes differ.")
                 olds.append(own)
-            for qualified in fusion.get("also", []):  # type: ignore[attr-defined]
+            for qualified in fusion.get("also", {}).get(pname, []):  # type: ignore[attr-defined]
                 mname, _, attr = qualified.rpartition(".")
                 own = get_submodule(model, mname)._parameters.get(attr) if mname or attr else None
                 if not isinstance(own, nn.Parameter) or own.shape != param.shape:
