@@ -323,3 +323,25 @@ def test_schedule_arguments_follow_the_shared_vocabulary(tmp_path: Path, seed: i
     model = FusionNet()
     trainer_for(tmp_path, [LayerFusion(fraction=0.4, increments=2, at_step=2)], max_steps=11).fit(model)
     assert [e["global_step"] for e in fusion_events(model)] == [2, 5]
+
+
+def test_layers_per_group_budget_fuses_floor_p_n_layers_in_even_steps(tmp_path: Path, seed: int) -> None:
+    model = FusionNet()
+    callback = LayerFusion(fraction=0.7, budget="layers_per_group", increments=2, every_n_epochs=1)
+    trainer_for(tmp_path, [callback], max_epochs=3).fit(model)
+    events = fusion_events(model)
+    # the group of four Linear(32, 32): floor(0.7 * 4) = 2 layers fused, one per step
+    assert [len(e["fusions"]) for e in events] == [1, 1] and {e["budget"] for e in events} == {"layers_per_group"}
+    assert count_parameters(model) == BASE - 2 * UNIT
+    assert callback.achieved_reduction == pytest.approx(2 * UNIT / BASE)
+    assert len({id(layer.weight) for layer in model.layers}) == 2
+
+
+def test_layers_per_group_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"`budget`='layers' is not allowed: must be one of 'layers_per_group'"):
+        LayerFusion(budget="layers")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"`fraction`=0.2 is not allowed: .* use fraction >= 0.250"):
+        trainer_for(tmp_path, [LayerFusion(fraction=0.2, budget="layers_per_group")], max_epochs=1).fit(FusionNet())
+    callback = LayerFusion(fraction=0.5, budget="layers_per_group", targets=["stem", "layers.*"], increments=1)
+    with pytest.warns(UserWarning, match=r"no other layer of the same role and shape.*`stem`"):
+        trainer_for(tmp_path, [callback], max_epochs=1).fit(FusionNet())
