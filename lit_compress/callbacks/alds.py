@@ -79,8 +79,10 @@ class ALDS(CompressionCallback[ALDSPlan]):
             fraction of every layer's rank) or ``"energy"`` (plain SVD, each layer keeps the same
             fraction of its squared singular values); baselines use the same budget accounting.
         targets: fnmatch globs or ``re:`` regexes over module names; default every ``Conv2d`` and
-            ``Linear`` (the first conv and the classifier included). Depthwise/grouped convs and
-            layers whose weight is shared (tied embeddings) are skipped with a warning.
+            ``Linear`` (the first conv and the classifier included). Depthwise/grouped convs,
+            layers whose weight is shared (tied embeddings), the ``out_proj`` of an
+            ``nn.MultiheadAttention`` and ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer``
+            (their parents read ``.weight`` directly) are skipped with a warning.
         seed: Seed of the random starting ``k`` (seeds 4 and later); the allocation is deterministic.
         num_seeds: Starting points of the search (the paper's code: 15).
         alternations: Global/local rounds per starting point (the paper's code: 4).
@@ -204,8 +206,18 @@ class ALDS(CompressionCallback[ALDSPlan]):
         names = select_modules(pl_module, self.targets, types=_TYPES, require_each=False)
         names = [n for n in names if not any(n.startswith(p + ".") for p in inside)]
         ok, skipped = target_layers(pl_module, names)
+        attention = [n for n, r in skipped.items() if "directly" in r]
+        if attention:
+            rank_zero_warn(
+                f"ALDS: leaving {len(attention)} layer(s) of PyTorch's attention/transformer modules dense "
+                f"({', '.join(f'`{n}`' for n in attention[:3])}{', ...' if len(attention) > 3 else ''}): "
+                "nn.MultiheadAttention reads `out_proj.weight` directly, and nn.TransformerEncoderLayer reads "
+                "`linear1.weight`/`linear2.weight` in its inference fast path, so a decomposed layer there would "
+                "break the forward. Their other Linear layers are decomposed as usual."
+            )
         for name, reason in skipped.items():
-            rank_zero_warn(f"ALDS: skipping `{name}`: {reason}.")
+            if name not in attention:
+                rank_zero_warn(f"ALDS: skipping `{name}`: {reason}.")
         if not ok:
             raise allowed(
                 "targets",

@@ -70,9 +70,11 @@ from lit_compress.callbacks._distributed import (
     is_spawn_launcher,
     rewrap_ddp,
 )
+from lit_compress.callbacks._forward import inputs_from_batch
 from lit_compress.callbacks._inputs import isolated_rng, rng_states, set_rng_states, train_batches
 from lit_compress.callbacks._optim import OptimizerSnapshot, rebuild_optimizers
 from lit_compress.callbacks._schedule import FitLength, ScheduledEvent, missed_notes, unreachable_warnings
+from lit_compress.callbacks._verify import ModelSnapshot, check_forward
 from lit_compress.callbacks.report import CompressionReport
 from lit_compress.checkpointing import (
     SPAWN_EVENTS_KEY,
@@ -82,7 +84,7 @@ from lit_compress.checkpointing import (
     remove_one_shot_replay,
 )
 from lit_compress.errors import ConfigError, SurgeryError, allowed
-from lit_compress.inputs import batch_inputs, call_with
+from lit_compress.inputs import call_with
 from lit_compress.surgery.log import LOG_KEY
 from lit_compress.surgery.modules import SurgeryTransaction, preserve_mode
 from lit_compress.surgery.replay import applied_events, record_events
@@ -112,6 +114,9 @@ class CompressionCallback(Callback, Generic[PlanT]):
         self._last_global_step = -1
         self._reporter: CompressionReport | None = None
         self._train_loop_started = False
+        # The pre-event model (values on the CPU), kept until the first training batch after the event
+        # has run: restored if that batch raises.
+        self._pending_check: ModelSnapshot | None = None
 
     # ------------------------------------------------------------------ subclass API
     def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
@@ -208,14 +213,36 @@ class CompressionCallback(Callback, Generic[PlanT]):
             return []
         _announce_structural_change(trainer, pl_module)
         snapshot = OptimizerSnapshot.capture(trainer, pl_module)
-        old_modules = {id(m) for m in pl_module.modules()}
-        with SurgeryTransaction(), preserve_mode(pl_module):
-            records = self.apply_event(pl_module, plan)
-        _align_new_module_modes(pl_module, old_modules)
-        convert_for_precision(trainer, pl_module)
-        recalibrated = self._recalibrate_batchnorm(trainer, pl_module) if self.recalibrates_batchnorm(plan) else 0
-        rewrapped = rewrap_ddp(trainer, pl_module)
-        optimizer_counts = rebuild_optimizers(trainer, pl_module, snapshot)
+        model_snapshot = ModelSnapshot(pl_module)
+        inputs = reporter.example_inputs(trainer, pl_module)
+        if inputs is not None and not _runs(trainer, pl_module, inputs):
+            inputs = None  # the inputs fail on the unchanged model too: no evidence either way
+        strategy = trainer.strategy
+        optimizers = (strategy.model, list(strategy.optimizers), list(strategy.lr_scheduler_configs))
+        records: list[Record] = []
+        try:
+            old_modules = {id(m) for m in pl_module.modules()}
+            with SurgeryTransaction(), preserve_mode(pl_module):
+                records = self.apply_event(pl_module, plan)
+            _align_new_module_modes(pl_module, old_modules)
+            convert_for_precision(trainer, pl_module)
+            if inputs is not None:
+                _check_forward_for(trainer, pl_module, inputs, model_snapshot.changed_modules())
+            recalibrated = self._recalibrate_batchnorm(trainer, pl_module) if self.recalibrates_batchnorm(plan) else 0
+            rewrapped = rewrap_ddp(trainer, pl_module)
+            optimizer_counts = rebuild_optimizers(trainer, pl_module, snapshot)
+        except Exception as err:
+            model_snapshot.restore()
+            strategy.model, strategy.optimizers, strategy.lr_scheduler_configs = optimizers
+            ops = ", ".join(str(r.get("op")) for r in records) or "the surgery itself"
+            raise SurgeryError(
+                f"{type(self).__name__}: the event at epoch {trainer.current_epoch}, step {trainer.global_step} "
+                f"({ops}) failed: {err}. The model was restored exactly as it was before the event."
+            ) from err
+        earlier = any(
+            cb._pending_check is not None for cb in _callbacks_of(trainer) if isinstance(cb, CompressionCallback)
+        )
+        self._pending_check = None if earlier else model_snapshot  # the earliest pre-event model is the one to restore
         trainer.strategy.barrier("lit_compress.event")
         overhead_s = time.perf_counter() - start
 
@@ -274,10 +301,19 @@ class CompressionCallback(Callback, Generic[PlanT]):
         if not has_batchnorm(pl_module):
             return 0
         plugin = trainer.precision_plugin
+        with isolated_rng():
+            first = next(iter(train_batches(trainer, 1)), None)
+        why = "" if first is None else inputs_from_batch(pl_module, first)[1]
+        if why:
+            rank_zero_warn(
+                f"{type(self).__name__}: BatchNorm statistics are not re-estimated after the event: {why}, so the "
+                "training batches cannot be fed to the model; pass `bn_recalibration_batches=0` to silence this."
+            )
+            return 0
 
         def forward(model: nn.Module, batch: Any) -> Any:
             with plugin.forward_context():
-                return call_with(model, plugin.convert_input(batch_inputs(batch)))
+                return call_with(model, plugin.convert_input(inputs_from_batch(model, batch)[0]))
 
         with isolated_rng():
             used = reestimate_batchnorm_(
@@ -347,6 +383,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
     ) -> None:
         # An optimizer step happened in this batch iff global_step moved (correct also on the last,
         # incomplete accumulation window of an epoch, where `batch_idx`-based tests are wrong).
+        self._pending_check = None  # a training batch ran on the changed model
         if trainer.global_step == self._last_global_step:
             return
         self._last_global_step = trainer.global_step
@@ -355,7 +392,23 @@ class CompressionCallback(Callback, Generic[PlanT]):
             self.run_event(trainer, pl_module, "step")
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """The first training batch after an event failed: restore the pre-event model, say so on the error."""
+        pending, self._pending_check = self._pending_check, None
+        if pending is None:
+            return
+        changed = pending.changed_modules()
+        pending.restore()
+        exception.add_note(
+            f"lit_compress: this failed in the first training batch after a {type(self).__name__} event (changed: "
+            f"{', '.join(f'`{n}`' for n in changed[:5]) or 'weights only'}); the model was restored exactly as it "
+            "was before the event. Events are checked on example inputs before training goes on when the module "
+            "sets `example_input_array` or its forward takes the batch's first element."
+        )
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending_check = None
         if self.event_due(trainer, pl_module, "fit_end"):
             self.run_event(trainer, pl_module, "fit_end")
 
@@ -405,6 +458,22 @@ class CompressionCallback(Callback, Generic[PlanT]):
         if state_dict.get("rng") is not None:
             set_rng_states(state_dict["rng"])
         self.load_extra_state(state_dict)
+
+
+def _runs(trainer: pl.Trainer, pl_module: L.LightningModule, inputs: Any) -> bool:
+    """Whether the module runs on ``inputs`` (before an event: else the inputs, not the event, are at fault)."""
+    try:
+        _check_forward_for(trainer, pl_module, inputs, [])
+    except Exception:
+        return False
+    return True
+
+
+def _check_forward_for(trainer: pl.Trainer, pl_module: L.LightningModule, inputs: Any, changed: list[str]) -> None:
+    """:func:`check_forward` under the Trainer's precision (inputs converted, autocast context)."""
+    plugin = trainer.precision_plugin
+    with plugin.forward_context(), isolated_rng():
+        check_forward(pl_module, plugin.convert_input(inputs), changed)
 
 
 def _callbacks_of(trainer: pl.Trainer) -> list[Callback]:
