@@ -33,7 +33,7 @@ from typing_extensions import override
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks._types import UnitFraction
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import allowed
 from lit_compress.surgery.alds.allocate import allocate, dense_param_count, target_layers
 from lit_compress.surgery.alds.low_rank import LowRankLayer, LowRankPlan, low_rank_decompose_, low_rank_recompose_
@@ -93,7 +93,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         at_epoch: NonNegativeInt = 0,
         cascade: list[tuple[NonNegativeInt, UnitFraction]] | None = None,
         method: Literal["alds", "uniform", "energy"] = "alds",
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         seed: int = 0,
         num_seeds: PositiveInt = 15,
         alternations: PositiveInt = 4,
@@ -102,8 +102,9 @@ class ALDS(CompressionCallback[ALDSPlan]):
         retrain_epochs: NonNegativeInt | None = None,
         progress: bool = True,
         bn_recalibration_batches: NonNegativeInt = 20,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
         if cascade is not None and keep_ratio is not None:
             raise allowed("cascade", cascade, "give `keep_ratio` (one-shot) or `cascade`, not both")
         if cascade is None and keep_ratio is None:
@@ -135,7 +136,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         self.schedule: list[tuple[int, float]] = [(int(e), float(r)) for e, r in steps]
         if keep_ratio is not None:
             self.schedule = [(int(at_epoch), float(keep_ratio))]
-        self.method, self.targets = method, list(targets) if targets else ["*"]
+        self.method, self.targets = method, target_patterns(targets) or ["*"]
         self.seed, self.num_seeds, self.alternations = int(seed), num_seeds, alternations
         self.error_bound, self.rewind_lr, self.retrain_epochs = error_bound, rewind_lr, retrain_epochs
         self.progress = progress
