@@ -107,5 +107,7 @@ def test_boring_model_and_datamodule_untouched(tmp_path: Path) -> None:
     """The plain demo pair: a callback and the report work with nothing added."""
     model = BoringModel()
     report = CompressionReport()
-    _trainer(tmp_path, [ALDS(keep_ratio=0.8, num_seeds=1, alternations=1, progress=False), report]).fit(model, datamodule=BoringDataModule())
+    _trainer(tmp_path, [ALDS(keep_ratio=0.8, num_seeds=1, alternations=1, progress=False), report]).fit(
+        model, datamodule=BoringDataModule()
+    )
     assert report.initial is not None and report.initial["flops"] > 0

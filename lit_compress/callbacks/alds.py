@@ -40,7 +40,7 @@ from lit_compress.callbacks._inputs import isolated_rng
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks._types import UnitFraction
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.surgery.alds.allocate import Allocation, allocate, check_guards, dense_param_count, target_layers
 from lit_compress.surgery.alds.latency_budget import allocate_latency
@@ -121,7 +121,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         at_epoch: NonNegativeInt = 0,
         cascade: list[tuple[NonNegativeInt, UnitFraction]] | None = None,
         method: Literal["alds", "uniform", "energy"] = "alds",
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         seed: int = 0,
         num_seeds: PositiveInt = 15,
         alternations: PositiveInt = 4,
@@ -140,8 +140,9 @@ class ALDS(CompressionCallback[ALDSPlan]):
         latency_device: str | None = None,
         latency_threads: PositiveInt | None = None,
         latency_cache: str | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
         if budget not in ("params", "latency"):
             raise allowed("budget", budget, "must be 'params' or 'latency'")
         if budget == "latency":
@@ -181,7 +182,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         self.schedule: list[tuple[int, float]] = [(int(e), float(r)) for e, r in steps]
         if keep_ratio is not None:
             self.schedule = [(int(at_epoch), float(keep_ratio))]
-        self.method, self.targets = method, list(targets) if targets else ["*"]
+        self.method, self.targets = method, target_patterns(targets) or ["*"]
         self.seed, self.num_seeds, self.alternations = int(seed), num_seeds, alternations
         self.error, self.min_rank, self.min_saving = error, min_rank, float(min_saving)
         self.rewind_lr, self.retrain_epochs = rewind_lr, retrain_epochs

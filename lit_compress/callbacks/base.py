@@ -81,11 +81,13 @@ from lit_compress.checkpointing import (
     CompressMixin,
     install_one_shot_replay,
     log_payload,
+    mark_not_replayed,
     remove_one_shot_replay,
 )
 from lit_compress.errors import ConfigError, SurgeryError, allowed
 from lit_compress.inputs import call_with
-from lit_compress.surgery.log import LOG_KEY
+from lit_compress.surgery.integrity import STRUCTURE_KEY, structure_digest
+from lit_compress.surgery.log import LOG_KEY, to_plain
 from lit_compress.surgery.modules import SurgeryTransaction, preserve_mode
 from lit_compress.surgery.replay import applied_events, record_events
 
@@ -104,12 +106,20 @@ class CompressionCallback(Callback, Generic[PlanT]):
             this many training batches before training goes on (0 turns it off; ignored for models
             without BatchNorm). On by default: after a structural change the old statistics no
             longer describe the new layers' outputs.
+        name: Key of this callback's state in checkpoints. Default: the method's class name, or, with
+            several instances of one method in a Trainer, the class name and the set of layers the
+            instance resolves to, so that respelling ``targets`` on resume keeps the state. Give names
+            to tell instances apart explicitly; keep a name across resumes.
     """
 
-    def __init__(self, bn_recalibration_batches: NonNegativeInt = 20) -> None:
+    def __init__(self, bn_recalibration_batches: NonNegativeInt = 20, name: str | None = None) -> None:
         if bn_recalibration_batches < 0:
             raise allowed("bn_recalibration_batches", bn_recalibration_batches, "must be an integer >= 0")
-        self.bn_recalibration_batches = bn_recalibration_batches
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise allowed("name", name, "must be a non-empty string, or None for the default state key")
+        self.bn_recalibration_batches = int(bn_recalibration_batches)
+        self.name = name
+        self._resolved_key: str | None = None
         self.events_done = 0
         self._last_global_step = -1
         self._reporter: CompressionReport | None = None
@@ -266,6 +276,12 @@ class CompressionCallback(Callback, Generic[PlanT]):
                 ddp_rewrapped=bool(rewrapped),
                 **optimizer_counts,
             )
+        if records:
+            records[-1][STRUCTURE_KEY] = structure_digest(pl_module)
+        for record in records:  # plain Python in place (the log holds these very dicts)
+            plain = to_plain(record)
+            record.clear()
+            record.update(plain)
         self.events_done += 1
         reporter.log_stats(trainer, after)
         ops = ", ".join(r["op"] for r in records)
@@ -340,7 +356,16 @@ class CompressionCallback(Callback, Generic[PlanT]):
     @property
     @override
     def state_key(self) -> str:
-        """Unique per method and ``targets``, so several instances of one method can share a Trainer."""
+        """The key of this callback's state in a checkpoint (see ``name``); stable across respelt ``targets``.
+
+        From ``setup`` on: ``Class{'name': ...}`` with a name, else the class name alone when the Trainer
+        holds one instance of the class, else the class name and a digest of the resolved layer set.
+        Before ``setup`` (when Lightning checks that keys are unique) the ``targets`` tell instances apart.
+        """
+        if self.name is not None:
+            return self._generate_state_key(name=self.name)
+        if self._resolved_key is not None:
+            return self._resolved_key
         targets = getattr(self, "targets", None)
         if targets is None:
             return super().state_key
@@ -351,10 +376,19 @@ class CompressionCallback(Callback, Generic[PlanT]):
         check_strategy_supported(trainer, type(self).__name__)
         destroy_gloo_group_at_exit()
         self.reporter(trainer)
+        install_one_shot_replay(pl_module)
+        if self.name is None:
+            self._resolved_key = _stable_state_key(trainer, pl_module, self)
         if stage == "fit":
             self._train_loop_started = False
-            install_one_shot_replay(pl_module)
             _check_claims_once(trainer, pl_module, self)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint holding lit_compress callback state that no callback of the Trainer claims."""
+        methods = [cb for cb in _callbacks_of(trainer) if isinstance(cb, CompressionCallback)]
+        if methods and methods[0] is self:
+            _check_unclaimed_states(checkpoint, methods)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
@@ -422,10 +456,12 @@ class CompressionCallback(Callback, Generic[PlanT]):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[LOG_KEY] = log_payload(pl_module)
+        mark_not_replayed(checkpoint, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         remove_one_shot_replay(pl_module)
+        self._resolved_key = None
         if stage != "fit" or not is_spawn_launcher(trainer):
             return
         self._hand_over_to_launcher(pl_module)
@@ -449,8 +485,13 @@ class CompressionCallback(Callback, Generic[PlanT]):
     @override
     def state_dict(self) -> dict[str, Any]:
         """``events_done``, torch's RNG states (Lightning saves none; they make a resume bit-exact with
-        dropout or shuffling) and the subclass's :meth:`extra_state`."""
-        return {"events_done": self.events_done, "rng": rng_states(), **self.extra_state()}
+        dropout or shuffling) and the subclass's :meth:`extra_state`, as plain Python data (``int``/``float``
+        subclasses such as the CLI's ``PositiveInt`` become ``int``/``float``, tuples lists), which
+        ``torch.load(weights_only=True)`` accepts."""
+        state = {"events_done": self.events_done, "rng": rng_states(), **self.extra_state()}
+        plain: dict[str, Any] = to_plain(state)
+        plain[_STATE_MARK] = type(self).__name__
+        return plain
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -474,6 +515,95 @@ def _check_forward_for(trainer: pl.Trainer, pl_module: L.LightningModule, inputs
     plugin = trainer.precision_plugin
     with plugin.forward_context(), isolated_rng():
         check_forward(pl_module, plugin.convert_input(inputs), changed)
+
+
+#: Key marking a lit_compress callback's state in ``checkpoint["callbacks"]``.
+_STATE_MARK = "lit_compress_callback"
+
+
+def target_patterns(targets: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+    """``targets`` as a list of patterns: a single string is one pattern (never split into characters).
+
+    Raises:
+        ConfigError: For anything but a string, a list/tuple of strings, or ``None``.
+    """
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        return [targets]
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise allowed("targets", targets, "must be a pattern string, a list of pattern strings, or None")
+    return list(targets)
+
+
+def _stable_state_key(trainer: pl.Trainer, pl_module: L.LightningModule, callback: CompressionCallback[Any]) -> str:
+    """The class name if ``callback`` is the only instance of its class in the Trainer, else the class
+    name and a digest of the layers it resolves to (its ``targets`` as written if it cannot say)."""
+    import hashlib
+
+    cls = type(callback)
+    same = [cb for cb in _callbacks_of(trainer) if type(cb) is cls and getattr(cb, "name", None) is None]
+    if len(same) <= 1:
+        return cls.__qualname__
+    try:
+        layers = callback.claimed_modules(trainer, pl_module)
+    except Exception:
+        layers = None
+    if layers is None:
+        layers = list(getattr(callback, "targets", None) or [])
+    digest = hashlib.sha256("\n".join(sorted(layers)).encode()).hexdigest()[:12]
+    return callback._generate_state_key(layers=digest)
+
+
+def _check_unclaimed_states(checkpoint: dict[str, Any], methods: list[CompressionCallback[Any]]) -> None:
+    """Raise if ``checkpoint["callbacks"]`` holds lit_compress callback state no callback in ``methods`` claims.
+
+    A state of an older checkpoint (keyed by ``targets``) is handed to the one callback of its class
+    that has no state of its own in the checkpoint, when that is unambiguous.
+    """
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, dict):
+        return
+    keys = {cb.state_key for cb in methods}
+    unclaimed = [
+        k for k, v in states.items() if isinstance(k, str) and k not in keys and _lit_compress_class(k, v) is not None
+    ]
+    for key in list(unclaimed):
+        cls_name = _lit_compress_class(key, states[key])
+        candidates = [cb for cb in methods if type(cb).__name__ == cls_name and cb.state_key not in states]
+        same_class_left = [k for k in unclaimed if _lit_compress_class(k, states[k]) == cls_name]
+        if len(candidates) == 1 and len(same_class_left) == 1 and _STATE_MARK not in states[key]:
+            states[candidates[0].state_key] = states.pop(key)  # a pre-`name` checkpoint keyed by `targets`
+            unclaimed.remove(key)
+    if unclaimed:
+        present = ", ".join(f"{type(cb).__name__} (state key {cb.state_key!r})" for cb in methods)
+        raise ConfigError(
+            f"The checkpoint holds lit_compress callback state under {', '.join(repr(k) for k in unclaimed)} that "
+            f"no callback of this Trainer claims; the Trainer has: {present}. Resuming would run that "
+            "callback's schedule again from the start. Add the callback that wrote it with the same `name` (or "
+            "the same layers), or give the callback meant to continue it `name=` matching that key."
+        )
+
+
+def _lit_compress_class(key: Any, state: Any) -> str | None:
+    """The lit_compress callback class name that wrote ``state`` under ``key``, or ``None`` if not ours."""
+    if isinstance(state, dict) and isinstance(state.get(_STATE_MARK), str):
+        return str(state[_STATE_MARK])
+    if not isinstance(key, str):
+        return None
+    head = key.split("{", 1)[0]
+    return head if head in _method_class_names() else None
+
+
+def _method_class_names() -> set[str]:
+    names: set[str] = set()
+    todo: list[type] = [CompressionCallback]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            names.add(sub.__qualname__)
+            todo.append(sub)
+    return names
 
 
 def _callbacks_of(trainer: pl.Trainer) -> list[Callback]:
@@ -520,7 +650,7 @@ def _send_events_to_launcher(module: nn.Module) -> None:
 
     def hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         if prefix == "":
-            state_dict[SPAWN_EVENTS_KEY] = [dict(e) for e in applied_events(mod)]
+            state_dict[SPAWN_EVENTS_KEY] = [to_plain(e) for e in applied_events(mod)]
 
     module.__dict__["_lit_compress_spawn_hook"] = module.register_state_dict_post_hook(hook)
 

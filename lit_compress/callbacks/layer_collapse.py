@@ -25,7 +25,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_compress.callbacks._types import UnitFraction
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.surgery.chains import ChainLink, discover_mlps, linear_features
 from lit_compress.surgery.collapse.mlp import (
@@ -96,7 +96,7 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
 
     def __init__(
         self,
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         last_n: PositiveInt | None = None,
         fraction: UnitFraction | None = None,
         stage_size: PositiveInt | None = None,
@@ -109,8 +109,9 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
         penalty: PenaltyMode = "auto",
         log_every_n_steps: PositiveInt = 50,
         bn_recalibration_batches: NonNegativeInt = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
         if last_n is not None and fraction is not None:
             raise allowed("fraction", fraction, "give `last_n` or `fraction`, not both")
         if last_n is not None and last_n < 1:
@@ -130,7 +131,7 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
             raise allowed("collapse_at", collapse_at, "must be 'epoch_start' or 'fit_end'")
         if warmup_unit not in ("epochs", "steps"):
             raise allowed("warmup_unit", warmup_unit, "must be 'epochs' or 'steps'")
-        self.targets = list(targets) if targets else ["*"]
+        self.targets = target_patterns(targets) or ["*"]
         self.last_n, self.fraction, self.stage_size = last_n, fraction, stage_size
         self.lambda_start, self.lambda_final = float(lambda_start), float(lambda_final)
         self.warmup, self.warmup_unit = float(warmup), warmup_unit

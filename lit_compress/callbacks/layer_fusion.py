@@ -36,7 +36,7 @@ from typing_extensions import override
 
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.measure import count_parameters
 from lit_compress.surgery.fusion.groups import FusionGroup, candidate_groups, clusters, fusion_units, max_removable
@@ -110,14 +110,15 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         at_step: NonNegativeInt | None = None,
         measure: MeasureName = "wasserstein",
         policy: PolicyName = "mean",
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         include_norms: bool = False,
         include_embeddings: bool = False,
         optimizer_state: Literal["reset", "average"] = "reset",
         seed: int = 0,
         bn_recalibration_batches: NonNegativeInt = 20,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise allowed("fraction", fraction, "must be in the open interval (0, 1); CR = 1/(1 - fraction)")
         if not isinstance(increments, int) or increments < 1:
@@ -148,7 +149,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.at_epoch, self.at_step = at_epoch, at_step
         self.measure, self.policy = measure, policy
-        self.targets = list(targets) if targets else None
+        self.targets = target_patterns(targets) or None
         self.include_norms, self.include_embeddings = bool(include_norms), bool(include_embeddings)
         self.optimizer_state, self.seed = optimizer_state, int(seed)
         self.increments_done = 0

@@ -35,7 +35,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_compress.callbacks._schedule import ScheduledEvent
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, SurgeryError, allowed
 from lit_compress.surgery.replay import applied_events
 from lit_compress.surgery.select import name_matches
@@ -135,11 +135,12 @@ class LayerMerge(CompressionCallback[MergePlan]):
         save_plan: str | None = None,
         merge_at_end: bool = True,
         at_epoch: NonNegativeInt = 0,
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         progress: bool = True,
         bn_recalibration_batches: NonNegativeInt = 20,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget < 1.0:
             raise allowed("budget", budget, "a fraction of the original latency strictly between 0 and 1")
         if importance not in ("finetune", "loss_proxy"):
@@ -182,7 +183,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
         self.save_plan = save_plan
         self.merge_at_end = merge_at_end
         self.at_epoch = at_epoch
-        self.targets = list(targets) if targets else ["*"]
+        self.targets = target_patterns(targets) or ["*"]
         self.progress = progress
         self.planned = False
         self.merged = False
