@@ -73,7 +73,9 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                     continue
                 keep = r["params"] / P.count_parameters(dense)
                 svd = alds(task, keep_ratio=min(1.0, keep), method="uniform")
-                timed.append(P.compressed(task, settings, start, seed, "uniform SVD", f"uniform SVD to {label}", [svd]))
+                svd_row = P.compressed(task, settings, start, seed, "uniform SVD", f"uniform SVD to {label}", [svd])
+                svd_row[0]["max_error"] = svd.allocations[-1]["max_error"] if svd.allocations else None  # also exact
+                timed.append(svd_row)
                 timed.append(P.magnitude_at(task, settings, start, seed, r["params"], f"{label} params"))
                 if i == 0:
                     fresh = P.own_architecture(task, settings, model)

@@ -150,6 +150,13 @@ class ALDS(CompressionCallback[ALDSPlan]):
             if keep_ratio is not None or cascade is not None:
                 raise allowed("keep_ratio", keep_ratio, "None with budget='latency' (give `latency_ratio`, no cascade)")
             keep_ratio = latency_ratio
+            if method != "alds":
+                raise allowed("method", method, "'alds' with budget='latency' (the baselines budget parameters)")
+            if latency_groups is not None and (
+                not latency_groups
+                or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in latency_groups)
+            ):
+                raise allowed("latency_groups", latency_groups, "a non-empty list of ints >= 1, or None")
         elif latency_ratio is not None:
             raise allowed("latency_ratio", latency_ratio, "None unless budget='latency'")
         if cascade is not None and keep_ratio is not None:

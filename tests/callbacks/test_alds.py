@@ -205,6 +205,10 @@ def test_bad_input_names_the_argument(tmp_path: Path) -> None:
             ALDS(budget="latency", latency_ratio=bad)
     with pytest.raises(ConfigError, match=r"`keep_ratio`=0.5 is not allowed: None with budget='latency'"):
         ALDS(budget="latency", latency_ratio=0.5, keep_ratio=0.5)
+    with pytest.raises(ConfigError, match=r"`method`='uniform' is not allowed: 'alds' with budget='latency'"):
+        ALDS(budget="latency", latency_ratio=0.5, method="uniform")
+    with pytest.raises(ConfigError, match=r"`latency_groups`=\[0, 2\] is not allowed"):
+        ALDS(budget="latency", latency_ratio=0.5, latency_groups=[0, 2])
     with pytest.raises(ConfigError, match=r"`latency_ratio`=0.5 is not allowed: None unless budget='latency'"):
         ALDS(keep_ratio=0.5, latency_ratio=0.5)
     with pytest.raises(ConfigError, match=r"`min_saving`=1.2 is not allowed"):

@@ -54,7 +54,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -95,6 +95,7 @@ class LayerTable:
     svals: np.ndarray  # singular values of the whole folded layer (k = 1), descending
     min_rank: int = 1
     min_saving: float = 0.0
+    max_j: dict[int, int] | None = None  # latency guard: per k, the largest rank measured fast enough
 
     @property
     def dense(self) -> int:
@@ -119,7 +120,8 @@ class LayerTable:
     def decomposes(self, k: int, j: int) -> bool:
         """Whether ``(k, j)`` is smaller than dense by at least ``min_saving`` (else the layer stays dense)."""
         size = low_rank_size(self.f, self.c, self.kk, k, j)
-        return size < self.dense and size <= self.cap
+        fast = self.max_j is None or j <= self.max_j.get(k, 0)
+        return size < self.dense and size <= self.cap and fast
 
     def size(self, k: int, j: int) -> int:
         return low_rank_size(self.f, self.c, self.kk, k, j) if self.decomposes(k, j) else self.dense
@@ -287,6 +289,8 @@ class _Search:
         table = np.stack([p[k] for p, k in zip(self.padded, ks)])  # L × width
         full = np.array([len(t.errors[k]) for t, k in zip(self.tables, ks)])
         lowest = np.array([t.lowest(k) for t, k in zip(self.tables, ks)])
+        big = np.iinfo(np.int64).max
+        max_j = np.array([big if t.max_j is None else t.max_j.get(k, 0) for t, k in zip(self.tables, ks)])
         coef = np.array([k * t.f + t.c * t.kk for t, k in zip(self.tables, ks)], dtype=np.int64)
 
         def ranks(eps: float) -> np.ndarray:
@@ -294,7 +298,8 @@ class _Search:
 
         def total(js: np.ndarray) -> int:
             size = js * coef
-            return int(np.where((size < self.dense) & (size <= self.cap), size, self.dense).sum())
+            ok = (size < self.dense) & (size <= self.cap) & (js <= max_j)
+            return int(np.where(ok, size, self.dense).sum())
 
         cand = np.unique(table[table >= 0])
         if total(ranks(float(cand[-1]))) > budget:
@@ -320,6 +325,8 @@ class _Search:
                 if j2 < 1:
                     continue
                 j2 = t.clamp(k2, j2)
+                if not t.decomposes(k2, j2):
+                    continue  # over the size/latency guards: it would stay dense, not cost b
                 err = t.error(k2, j2)
                 if err < best_err:
                     best_k, best_err = k2, err
@@ -438,13 +445,16 @@ def allocate(
     current_ratio: float = 1.0,
     min_rank: int = 2,
     min_saving: float = 0.1,
+    latencies: Mapping[str, Any] | None = None,
 ) -> Allocation:
     """Allocate ``(k, j)`` for the layers ``names`` of ``model`` so the whole model keeps ``keep_ratio``.
 
     ``names`` may hold dense layers and :class:`LowRankLayer` (taken at their recomposed weight);
     layers that cannot be decomposed are skipped with a reason in ``Allocation.skipped``.
     Deterministic for a given ``seed``. ``error``, ``min_rank`` and ``min_saving``: see the module
-    docstring.
+    docstring. ``latencies`` (``{name: LayerLatency}``, :mod:`lit_compress.surgery.alds.latency_budget`):
+    a latency guard; only its ``k`` are searched and a decomposition must time at most
+    ``(1 − min_saving)`` × its dense layer, else the layer stays dense (``method="alds"`` only).
 
     Raises:
         ConfigError: ``keep_ratio`` outside (0, 1], ``num_seeds`` < 1, ``alternations`` < 0, an unknown
@@ -469,9 +479,25 @@ def allocate(
             f"shared); {detail}."
         )
     params_dense = dense_param_count(model, ok)
+    guard_ks = None
+    if latencies is not None:
+        missing = [n for n in ok if n not in latencies]
+        if missing or method != "alds":
+            raise ConfigError(f"ALDS latency guard: method must be 'alds' and the table must hold {missing[:5]}.")
+        guard_ks = {n: sorted({1, *latencies[n].points}) for n in ok}
     tables = _tables(
-        model, ok, all_k=method == "alds", error=error, progress=progress, min_rank=min_rank, min_saving=min_saving
+        model,
+        ok,
+        all_k=method == "alds",
+        error=error,
+        progress=progress,
+        min_rank=min_rank,
+        min_saving=min_saving,
+        ks=guard_ks,
     )
+    if latencies is not None:
+        for t in tables:
+            t.max_j = _fast_ranks(t, latencies[t.name], min_saving)
     fixed = params_dense - sum(t.dense for t in tables)
     target = keep_ratio * params_dense
     floor_size = sum(t.size(1, t.lowest(1)) for t in tables)
@@ -545,6 +571,18 @@ def allocate(
         seconds=time.perf_counter() - start,
         skipped=skipped,
     )
+
+
+def _fast_ranks(t: LayerTable, lat: Any, min_saving: float) -> dict[int, int]:
+    """Per ``k``: the largest rank whose (interpolated, monotone) table time is at most ``(1 − min_saving)`` × dense."""
+    cap = (1.0 - min_saving) * lat.dense
+    out = {}
+    for k in t.ks:
+        j = 0
+        while j < len(t.errors[k]) and lat.time(k, j + 1) <= cap:  # the prefix of fast ranks
+            j += 1
+        out[k] = j
+    return out
 
 
 def _tables(

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lit_compress.errors import ConfigError
+from lit_compress.surgery.alds.allocate import allocate
 from lit_compress.surgery.alds.latency_budget import LayerLatency, allocate_latency
 from lit_compress.surgery.alds.low_rank import low_rank_decompose_, low_rank_size
 
@@ -98,3 +99,16 @@ def test_bad_input_names_the_argument() -> None:
         allocate_latency(net, NAMES, 0.5, {n: table[n] for n in ("0", "2")}, progress=False)
     with pytest.raises(ConfigError, match=r"`error`='code'"):
         allocate_latency(net, NAMES, 0.5, table, error="code", progress=False)  # type: ignore[arg-type]
+
+
+def test_params_budget_with_the_latency_guard_never_picks_a_slow_decomposition() -> None:
+    net = _net()
+    table = _table(net, slow="2")
+    plain = allocate(net, NAMES, 0.75, num_seeds=3, progress=False)
+    assert "2" in plain.plan  # without the guard the slow layer is decomposed
+    guarded = allocate(net, NAMES, 0.75, num_seeds=3, progress=False, latencies=table)
+    assert "2" in guarded.kept_dense and guarded.params_after <= 0.75 * guarded.params_dense
+    assert guarded.plan
+    for name, spec in guarded.plan.items():
+        assert spec["groups"] in table[name].points
+        assert table[name].time(spec["groups"], spec["rank"]) <= 0.9 * table[name].dense
