@@ -101,10 +101,11 @@ def fused_values(
         return [t.detach().clone() for t in (a if kept == "a" else b)], kept
     out = []
     for ta, tb in zip(a, b):
-        x = ta.detach().to(torch.float64)
-        y = tb.detach().to(ta.device, torch.float64)
+        dtype = torch.promote_types(ta.dtype, torch.float32)  # bf16/fp16 weights are averaged in float32
+        x = ta.detach().to(dtype)
+        y = tb.detach().to(ta.device, dtype)
         if policy == "mean":
-            value = share_a * x + (1.0 - share_a) * y
+            value = torch.lerp(y, x, share_a)  # share_a·x + (1 − share_a)·y
         else:  # mix: the mask is drawn on the CPU, so it is the same on every device
             mask = torch.rand(tuple(ta.shape), generator=generator, dtype=torch.float64) < share_a
             value = torch.where(mask.to(ta.device), x, y)
