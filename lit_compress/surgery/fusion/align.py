@@ -49,6 +49,12 @@ def _linear_out_dim(module: nn.Module) -> int:
     return 1 if type(module).__name__ == "Conv1D" else 0
 
 
+def _weight(module: nn.Module) -> Tensor:
+    weight = module._parameters["weight"]
+    assert weight is not None
+    return weight
+
+
 def _ffn_space(model: nn.Module, parent: str) -> list[Axis] | None:
     prefix = f"{parent}." if parent else ""
     module = get_submodule(model, parent) if parent else model
@@ -64,16 +70,16 @@ def _ffn_space(model: nn.Module, parent: str) -> list[Axis] | None:
     if not producers or len(consumers) != 1:
         return None
     axes = []
-    sizes = set()
+    sizes: set[int] = set()
     for name, child in producers:
         out_dim = _linear_out_dim(child)
-        sizes.add(child.weight.shape[out_dim])
+        sizes.add(_weight(child).shape[out_dim])
         axes.append(Axis(name, "weight", out_dim, True))
         if getattr(child, "bias", None) is not None:
             axes.append(Axis(name, "bias", 0, True))
     name, child = consumers[0]
     in_dim = 1 - _linear_out_dim(child)
-    sizes.add(child.weight.shape[in_dim])
+    sizes.add(_weight(child).shape[in_dim])
     axes.append(Axis(name, "weight", in_dim, True))
     return axes if len(sizes) == 1 else None
 
@@ -176,7 +182,7 @@ def align_cluster_(model: nn.Module, a: Sequence[str], b: Sequence[str]) -> tupl
     if space_a is None or any(s is None for s in spaces_b):
         missing = a[0] if space_a is None else next(n for n, s in zip(b, spaces_b) if s is None)
         return [], f"`{missing}` has no hidden units it can permute (not an FFN projection or a residual block conv)"
-    entries = [axis for space in spaces_b for axis in space if space is not None]
+    entries = [axis for space in spaces_b if space is not None for axis in space]
     allowed = {(axis.module, axis.attr) for axis in entries}
     holders = _holders(model)
     distinct: dict[int, Axis] = {}

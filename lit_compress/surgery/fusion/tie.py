@@ -234,7 +234,7 @@ def fuse_layers_(
     for f, plan in zip(done, fusions):
         for key in ("score", "distance"):
             if key in plan:
-                f[key] = float(plan[key])  # type: ignore[literal-required]
+                f[key] = float(plan[key])
     if not done:
         return []
     record: FuseLayersRecord = {
@@ -263,7 +263,7 @@ def _replay_fuse_layers(model: nn.Module, record: FuseLayersRecord) -> None:
                 if not isinstance(own, nn.Parameter) or own.shape != param.shape:
                     raise ReplayError(f"`{name}.{pname}` cannot be tied to `{members[0]}.{pname}`: shapes differ.")
                 olds.append(own)
-            for qualified in fusion.get("also", {}).get(pname, []):  # type: ignore[attr-defined]
+            for qualified in fusion.get("also", {}).get(pname, []):
                 mname, _, attr = qualified.rpartition(".")
                 own = get_submodule(model, mname)._parameters.get(attr) if mname or attr else None
                 if not isinstance(own, nn.Parameter) or own.shape != param.shape:
