@@ -17,7 +17,7 @@ the achieved CR and unique-parameter reduction (labels say the p asked for, not 
 Tying shrinks storage, not time: every layer still runs. Compare it on the parameter axis.
 
     python -m benchmarks.layer_fusion [--quick] [--seeds 3] [--out benchmarks/out]
-    python -m benchmarks.layer_fusion --llm-step [wasserstein]   # one fusion step on a 135 M Llama shape
+    python -m benchmarks.layer_fusion --llm-step [wasserstein] [--align]   # one step on a 135 M Llama shape
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def one_shot(
     return r, model
 
 
-def llm_step(measure: str = "wasserstein", p: float = 0.5) -> dict[str, Any]:
+def llm_step(measure: str = "wasserstein", p: float = 0.5, align: bool = False) -> dict[str, Any]:
     """Time one fusion step (plan + tie, ⌊p·n⌋ layers of every group at once) on a SmolLM-135M-shaped
     Llama built from config (random weights: the time does not depend on them)."""
     import os
@@ -135,11 +135,12 @@ def llm_step(measure: str = "wasserstein", p: float = 0.5) -> dict[str, Any]:
     counts = {g: int(p * len(m)) for g, m in candidate_groups(units).items()}
     plan = plan_group_fusions(model, units, measure, counts, "mean")
     planned = time.perf_counter()
-    fuse_layers_(model, plan, "mean")
+    fuse_layers_(model, plan, "mean", align=align)
     done = time.perf_counter()
     return {
         "params": base,
         "measure": measure,
+        "align": align,
         "fusions": len(plan),
         "removed": base - count_parameters(model),
         "plan_s": round(planned - start, 1),
@@ -153,7 +154,7 @@ def llm_step(measure: str = "wasserstein", p: float = 0.5) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--llm-step":
-        print(llm_step(argv[1] if len(argv) > 1 else "wasserstein"))
+        print(llm_step(argv[1] if len(argv) > 1 else "wasserstein", align="--align" in argv))
         return
     args = P.parse_args(__doc__, argv)
     settings = P.Settings.from_args(args.out, args.seeds, args.quick)
