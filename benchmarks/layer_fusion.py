@@ -154,7 +154,8 @@ def llm_step(measure: str = "wasserstein", p: float = 0.5, align: bool = False) 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--llm-step":
-        print(llm_step(argv[1] if len(argv) > 1 else "wasserstein", align="--align" in argv))
+        measures = [a for a in argv[1:] if not a.startswith("--")]
+        print(llm_step(measures[0] if measures else "wasserstein", align="--align" in argv))
         return
     args = P.parse_args(__doc__, argv)
     settings = P.Settings.from_args(args.out, args.seeds, args.quick)
