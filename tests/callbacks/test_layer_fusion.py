@@ -361,3 +361,13 @@ def test_aligned_fusion_in_fit_warns_about_layers_it_cannot_permute(tmp_path: Pa
     ffn = [f for f in fusions if "mlp" in f["a"][0]]
     assert ffn and all("align_skipped" not in f for f in ffn)
     assert all("align_skipped" in f for f in fusions if "attn" in f["a"][0])
+
+
+def test_a_layer_sharing_a_parameter_with_another_groups_layer_is_named_and_left_out() -> None:
+    model = FusionNet()
+    model.stem2 = nn.Linear(16, 32)  # a second stem: the two form a group
+    model.layers[0].bias = model.stem2.bias  # a bias shared across two groups
+    callback = LayerFusion(fraction=0.5, budget="layers_per_group")
+    with pytest.warns(UserWarning, match=r"`layers.0` \(shares a parameter with `stem2.bias`\)"):
+        units = callback._usable_units(model, warn=True)
+    assert {u.name for u in units} == {"stem", "head", "layers.1", "layers.2", "layers.3"}
