@@ -39,6 +39,7 @@ from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.measure import count_parameters
+from lit_compress.surgery.fusion.align import hidden_space
 from lit_compress.surgery.fusion.groups import FusionGroup, candidate_groups, clusters, fusion_units, max_removable
 from lit_compress.surgery.fusion.plan import plan_fusions, plan_group_fusions, shared_elsewhere
 from lit_compress.surgery.fusion.similarity import MEASURES
@@ -94,6 +95,11 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         optimizer_state: What a newly tied parameter's optimizer state becomes: ``reset`` (fresh
             moments, the authors' choice) or ``average`` (moments averaged over the tied layers,
             weighted by cluster size; the step count is the larger one).
+        align: Before each tie, permute the hidden units of the second cluster's blocks to match the
+            first's (weight matching; the function is unchanged), so the average is taken over matching
+            units. Applies to FFN projections and residual-block convs
+            (:mod:`lit_compress.surgery.fusion.align`); other selected layers are tied unaligned, named
+            in a warning at setup. The permuted tensors' optimizer state is reset. Off by default.
         seed: Seed of the ``mix``/``freeze`` random draws (with the fusion step's index).
         bn_recalibration_batches: See :class:`CompressionCallback` (a tied conv changes the statistics
             its BatchNorm sees).
@@ -114,6 +120,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         include_norms: bool = False,
         include_embeddings: bool = False,
         optimizer_state: Literal["reset", "average"] = "reset",
+        align: bool = False,
         seed: int = 0,
         bn_recalibration_batches: NonNegativeInt = 20,
         name: str | None = None,
@@ -151,7 +158,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         self.measure, self.policy = measure, policy
         self.targets = target_patterns(targets) or None
         self.include_norms, self.include_embeddings = bool(include_norms), bool(include_embeddings)
-        self.optimizer_state, self.seed = optimizer_state, int(seed)
+        self.optimizer_state, self.seed, self.align = optimizer_state, int(seed), bool(align)
         self.increments_done = 0
         self.base_params: int | None = None  # unique parameters before the first fusion step
         self.removed_params = 0  # removed by this callback's ties (other methods' events do not count)
@@ -193,7 +200,19 @@ class LayerFusion(CompressionCallback[FusionPlan]):
                     "LayerFusion: these selected layers have no other layer of the same role and shape, so they "
                     f"cannot be fused: {', '.join(f'`{n}`' for n in singles)}."
                 )
-        return [u for u in units if u.name not in skip]
+        usable = [u for u in units if u.name not in skip]
+        if warn and self.align:
+            grouped = [u.name for members in candidate_groups(usable).values() for u in members]
+            fixed = [name for name in grouped if hidden_space(pl_module, name) is None]
+            if fixed:
+                listed = ", ".join(f"`{n}`" for n in fixed[:8]) + (
+                    f" and {len(fixed) - 8} more" if len(fixed) > 8 else ""
+                )
+                rank_zero_warn(
+                    f"LayerFusion(align=True) cannot permute the hidden units of {listed} (only FFN projections and "
+                    "residual-block convs are aligned); they are tied unaligned."
+                )
+        return usable
 
     def _group_targets(self, pl_module: L.LightningModule, units: Sequence[Any]) -> dict[FusionGroup, int]:
         """Distinct weights each group must end with: ``n − ⌊p·n⌋`` (at least 1)."""
@@ -306,7 +325,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
 
     @override
     def apply_event(self, pl_module: L.LightningModule, plan: FusionPlan) -> list[Record]:
-        records = fuse_layers_(pl_module, plan["fusions"], self.policy)
+        records = fuse_layers_(pl_module, plan["fusions"], self.policy, align=self.align)
         for record in records:
             record.update(
                 increment=int(plan["increment"]), increments=self.increments, measure=self.measure, budget=self.budget
@@ -326,6 +345,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         self.removed_params += sum(int(r.get("removed_params", 0)) for r in records)
         if records and snapshot is not None and trainer.optimizers:
             merge_fused_optimizer_state_(trainer.optimizers, pl_module, records, snapshot.states, self.optimizer_state)
+            _reset_aligned_state_(trainer.optimizers, pl_module, records)
         if records and trainer.is_global_zero and self.base_params:
             ratio = self.base_params / max(count_parameters(pl_module), 1)
             metrics = {"fusion/compression_ratio": ratio, "fusion/unique_param_reduction": self.achieved_reduction}
@@ -360,6 +380,18 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         self.unit = state.get("unit", self.unit)
         self.interval = state.get("interval", self.interval)
         self.group_start = {str(k): int(v) for k, v in dict(state.get("group_start", {})).items()}
+
+
+def _reset_aligned_state_(
+    optimizers: Sequence[torch.optim.Optimizer], model: torch.nn.Module, records: Sequence[dict[str, Any]]
+) -> None:
+    """Drop the optimizer state of tensors permuted by alignment (their moments no longer line up)."""
+    names = {n for r in records for f in r.get("fusions", []) for n in f.get("aligned", [])}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for opt in optimizers:
+        for name in names:
+            if name in params:
+                opt.state.pop(params[name], None)
 
 
 def _average_states(a: dict[str, Any], b: dict[str, Any], n_a: int, n_b: int) -> dict[str, Any]:

@@ -345,3 +345,29 @@ def test_layers_per_group_bad_input(tmp_path: Path) -> None:
     callback = LayerFusion(fraction=0.5, budget="layers_per_group", targets=["stem", "layers.*"], increments=1)
     with pytest.warns(UserWarning, match=r"no other layer of the same role and shape.*`stem`"):
         trainer_for(tmp_path, [callback], max_epochs=1).fit(FusionNet())
+
+
+def test_aligned_fusion_in_fit_warns_about_layers_it_cannot_permute(tmp_path: Path, seed: int) -> None:
+    from lit_compress.models import CausalLanguageModel
+
+    model = CausalLanguageModel(vocab_size=30, block_size=16, n_layer=3, n_head=2, d_model=16, warmup_steps=1)
+    tokens = torch.randint(0, 30, (32, 17))
+    loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
+    callback = LayerFusion(fraction=0.5, budget="layers_per_group", increments=1, every_n_steps=2, align=True)
+    with pytest.warns(UserWarning, match=r"align=True\) cannot permute the hidden units of .*q_proj"):
+        trainer_for(tmp_path, [callback], max_epochs=1).fit(model, loader)
+    fusions = [f for e in fusion_events(model) for f in e["fusions"]]
+    assert len(fusions) == 6  # q, k, v, out, ffn_in, ffn_out: floor(0.5 * 3) = 1 layer each
+    ffn = [f for f in fusions if "mlp" in f["a"][0]]
+    assert ffn and all("align_skipped" not in f for f in ffn)
+    assert all("align_skipped" in f for f in fusions if "attn" in f["a"][0])
+
+
+def test_a_layer_sharing_a_parameter_with_another_groups_layer_is_named_and_left_out() -> None:
+    model = FusionNet()
+    model.stem2 = nn.Linear(16, 32)  # a second stem: the two form a group
+    model.layers[0].bias = model.stem2.bias  # a bias shared across two groups
+    callback = LayerFusion(fraction=0.5, budget="layers_per_group")
+    with pytest.warns(UserWarning, match=r"`layers.0` \(shares a parameter with `stem2.bias`\)"):
+        units = callback._usable_units(model, warn=True)
+    assert {u.name for u in units} == {"stem", "head", "layers.1", "layers.2", "layers.3"}

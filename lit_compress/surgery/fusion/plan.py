@@ -76,13 +76,26 @@ def _scored_pairs(measure: str, found: Sequence[_Cluster]) -> list[tuple[float, 
     return pairs
 
 
-def _fuse_virtual(
-    found: list[_Cluster], i: int, j: int, policy: str, generator: torch.Generator
-) -> tuple[_Cluster, int, list[str], list[str]]:
+def _fuse_virtual(found: Sequence[_Cluster], i: int, j: int, policy: str, seed: int) -> _Cluster:
+    """The cluster that tying ``found[i]`` and ``found[j]`` makes, with the values it would get."""
     (names_a, ta), (names_b, tb) = found[i], found[j]
-    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
     values, _ = fused_values(ta, tb, len(names_a), len(names_b), policy, seed)
-    return (names_a + names_b, values), seed, names_a, names_b
+    return names_a + names_b, values
+
+
+def _next_round(
+    found: Sequence[_Cluster], chosen: Sequence[tuple[int, int, int]], policy: str, more: bool
+) -> list[_Cluster]:
+    """The clusters after tying ``chosen`` ``(i, j, seed)``; values are simulated only if ``more`` rounds follow."""
+    touched = {k for i, j, _ in chosen for k in (i, j)}
+    rest = [c for k, c in enumerate(found) if k not in touched]
+    if not more:
+        return rest + [(found[i][0] + found[j][0], []) for i, j, _ in chosen]
+    return rest + [_fuse_virtual(found, i, j, policy, seed) for i, j, seed in chosen]
+
+
+def _seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (), generator=generator))
 
 
 def _planned(
@@ -114,18 +127,17 @@ def plan_group_fusions(
         need = int(counts.get(group, 0))
         while need > 0 and len(found) >= 2:
             touched: set[int] = set()
-            fused: list[_Cluster] = []
+            chosen: list[tuple[int, int, int]] = []
             for dist, i, j, raw in _scored_pairs(measure, found):
                 if need <= 0:
                     break
                 if i in touched or j in touched:
                     continue
                 touched.update((i, j))
-                cluster, fseed, names_a, names_b = _fuse_virtual(found, i, j, policy, generator)
-                fused.append(cluster)
-                plan.append(_planned(names_a, names_b, unit_of[group], fseed, raw, dist))
+                chosen.append((i, j, _seed(generator)))
+                plan.append(_planned(found[i][0], found[j][0], unit_of[group], chosen[-1][2], raw, dist))
                 need -= 1
-            found = [c for k, c in enumerate(found) if k not in touched] + fused
+            found = _next_round(found, chosen, policy, more=need > 0)
     return plan
 
 
@@ -161,19 +173,19 @@ def plan_fusions(
             break
         pairs.sort(key=lambda t: (t[0] if t[0] == t[0] else float("inf"), unit_of[t[1]].name, t[2], t[3]))
         touched: set[tuple[FusionGroup, int]] = set()
-        fused: dict[FusionGroup, list[_Cluster]] = {}
+        chosen: dict[FusionGroup, list[tuple[int, int, int]]] = {}
         for dist, group, i, j, raw in pairs:
             if removed >= remove:
                 break
             if (group, i) in touched or (group, j) in touched:
                 continue
             touched.update(((group, i), (group, j)))
-            cluster, fseed, names_a, names_b = _fuse_virtual(state[group], i, j, policy, generator)
-            fused.setdefault(group, []).append(cluster)
-            plan.append(_planned(names_a, names_b, unit_of[group], fseed, raw, dist))
+            fseed = _seed(generator)
+            chosen.setdefault(group, []).append((i, j, fseed))
+            plan.append(_planned(state[group][i][0], state[group][j][0], unit_of[group], fseed, raw, dist))
             removed += unit_of[group].numel
         for group, found in state.items():
-            state[group] = [c for k, c in enumerate(found) if (group, k) not in touched] + fused.get(group, [])
+            state[group] = _next_round(found, chosen.get(group, []), policy, more=removed < remove)
     return plan
 
 

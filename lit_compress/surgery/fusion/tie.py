@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from typing_extensions import NotRequired
 
 from lit_compress.errors import ReplayError, SurgeryError, allowed
+from lit_compress.surgery.fusion.align import align_cluster_
 from lit_compress.surgery.fusion.groups import (
     unit_parameter,
     unit_weight,
@@ -67,6 +68,8 @@ class Fusion(TypedDict):
     also: dict[str, list[str]]  # per tied name: parameters outside the clusters that held it, re-pointed too
     score: NotRequired[float]
     distance: NotRequired[float]
+    aligned: NotRequired[list[str]]  # tensors permuted to align ``b``'s hidden units to ``a``'s
+    align_skipped: NotRequired[str]  # why ``b`` was not aligned
 
 
 class FuseLayersRecord(TypedDict):
@@ -101,10 +104,11 @@ def fused_values(
         return [t.detach().clone() for t in (a if kept == "a" else b)], kept
     out = []
     for ta, tb in zip(a, b):
-        x = ta.detach().to(torch.float64)
-        y = tb.detach().to(ta.device, torch.float64)
+        dtype = torch.promote_types(ta.dtype, torch.float32)  # bf16/fp16 weights are averaged in float32
+        x = ta.detach().to(dtype)
+        y = tb.detach().to(ta.device, dtype)
         if policy == "mean":
-            value = share_a * x + (1.0 - share_a) * y
+            value = torch.lerp(y, x, share_a)  # share_a·x + (1 − share_a)·y
         else:  # mix: the mask is drawn on the CPU, so it is the same on every device
             mask = torch.rand(tuple(ta.shape), generator=generator, dtype=torch.float64) < share_a
             value = torch.where(mask.to(ta.device), x, y)
@@ -119,9 +123,21 @@ def _params_of(model: nn.Module, unit_name: str, params: Sequence[str]) -> list[
 
 @torch.no_grad()
 def fuse_pair_(
-    model: nn.Module, a: Sequence[str], b: Sequence[str], params: Sequence[str], policy: str, seed: int
+    model: nn.Module,
+    a: Sequence[str],
+    b: Sequence[str],
+    params: Sequence[str],
+    policy: str,
+    seed: int,
+    align: bool = False,
 ) -> Fusion:
-    """Tie every module of clusters ``a`` and ``b`` to new shared parameters; return the fusion's plain data."""
+    """Tie every module of clusters ``a`` and ``b`` to new shared parameters; return the fusion's plain data.
+
+    With ``align``, cluster ``b``'s hidden units are first permuted to match ``a``'s
+    (:func:`~lit_compress.surgery.fusion.align.align_cluster_`; the function does not change), so
+    the average is taken over matching units; the fusion then lists the tensors permuted
+    (``aligned``) or why none were (``align_skipped``).
+    """
     a, b = list(a), list(b)
     if not a or not b or set(a) & set(b):
         raise SurgeryError(f"fuse_pair_: clusters must be non-empty and disjoint, got {a} and {b}.")
@@ -137,12 +153,15 @@ def fuse_pair_(
         raise SurgeryError(
             f"fuse_pair_: `{a[0]}` and `{b[0]}` have different shapes; only same-shape layers can be tied."
         )
+    aligned, skipped = align_cluster_(model, a, b) if align else ([], "")
+    if aligned:
+        pb = _params_of(model, b[0], params)
     values, kept = fused_values(pa, pb, len(a), len(b), policy, seed)
     shared = [nn.Parameter(v, requires_grad=p.requires_grad) for v, p in zip(values, pa)]
     before = {id(p): p.numel() for p in pa + pb}
     also = _repoint_(model, a + b, params, [[x, y] for x, y in zip(pa, pb)], shared)
     removed = sum(before.values()) - sum(p.numel() for p in shared)
-    return {
+    fusion: Fusion = {
         "a": a,
         "b": b,
         "params": list(params),
@@ -151,6 +170,11 @@ def fuse_pair_(
         "removed": int(removed),
         "also": also,
     }
+    if align:
+        fusion["aligned"] = aligned
+        if skipped:
+            fusion["align_skipped"] = skipped
+    return fusion
 
 
 def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -195,17 +219,22 @@ def _repoint_(
     return also
 
 
-def fuse_layers_(model: nn.Module, fusions: Sequence[PlannedFusion], policy: str) -> list[dict[str, Any]]:
+def fuse_layers_(
+    model: nn.Module, fusions: Sequence[PlannedFusion], policy: str, align: bool = False
+) -> list[dict[str, Any]]:
     """Apply ``fusions`` (each ``{"a": [...], "b": [...], "params": [...], "seed": int}``) in order.
+
+    ``align``: permute each ``b`` cluster's hidden units to match ``a``'s before averaging (see
+    :func:`fuse_pair_`).
 
     Returns one :class:`FuseLayersRecord` (or none if ``fusions`` is empty).
     """
     check_policy(policy)
-    done = [fuse_pair_(model, f["a"], f["b"], f["params"], policy, int(f.get("seed", 0))) for f in fusions]
+    done = [fuse_pair_(model, f["a"], f["b"], f["params"], policy, int(f.get("seed", 0)), align) for f in fusions]
     for f, plan in zip(done, fusions):
         for key in ("score", "distance"):
             if key in plan:
-                f[key] = float(plan[key])  # type: ignore[literal-required]
+                f[key] = float(plan[key])
     if not done:
         return []
     record: FuseLayersRecord = {
@@ -234,7 +263,7 @@ def _replay_fuse_layers(model: nn.Module, record: FuseLayersRecord) -> None:
                 if not isinstance(own, nn.Parameter) or own.shape != param.shape:
                     raise ReplayError(f"`{name}.{pname}` cannot be tied to `{members[0]}.{pname}`: shapes differ.")
                 olds.append(own)
-            for qualified in fusion.get("also", {}).get(pname, []):  # type: ignore[attr-defined]
+            for qualified in fusion.get("also", {}).get(pname, []):
                 mname, _, attr = qualified.rpartition(".")
                 own = get_submodule(model, mname)._parameters.get(attr) if mname or attr else None
                 if not isinstance(own, nn.Parameter) or own.shape != param.shape:
