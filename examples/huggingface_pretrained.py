@@ -130,12 +130,12 @@ def loaders(ids: torch.Tensor, block_size: int, batch_size: int) -> tuple[DataLo
 
 
 @torch.no_grad()
-def perplexity(module: PretrainedCausalLM, loader: DataLoader) -> float:
-    """exp(mean next-token cross-entropy) over ``loader``."""
+def perplexity(module: PretrainedCausalLM, loader: DataLoader, max_batches: int) -> float:
+    """exp(mean next-token cross-entropy) over the first ``max_batches`` batches of ``loader``."""
     was_training = module.training
     module.eval()
     total, count = 0.0, 0
-    for x, y in loader:
+    for (x, y), _ in zip(loader, range(max_batches), strict=False):
         total += float(module._loss((x.to(module.device), y.to(module.device)))) * x.numel()
         count += x.numel()
     module.train(was_training)
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="tiny model without --model-dir")
     parser.add_argument("--epochs", type=int, default=2, help="epoch 0 trains, the events run at the start of 1")
     parser.add_argument("--batches", type=int, default=4, help="training batches per epoch")
+    parser.add_argument("--val-batches", type=int, default=8, help="held-out batches for the perplexity")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--keep-ratio", type=float, default=0.9, help="ALDS: fraction of all parameters kept")
@@ -179,19 +180,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     module = PretrainedCausalLM(args.model_dir, args.arch, args.block_size)
     train, val = loaders(token_ids(args.model_dir), args.block_size, args.batch_size)
     methods = applicable_methods(module, args.keep_ratio, args.fraction)
-    before = {"params": count_parameters(module), "ppl": perplexity(module, val)}
+    before = {"params": count_parameters(module), "ppl": perplexity(module, val, args.val_batches)}
     print(f"before: {before['params']:,} parameters, perplexity {before['ppl']:.2f}")
 
     trainer = L.Trainer(
         max_epochs=args.epochs,
         limit_train_batches=args.batches,
+        limit_val_batches=args.val_batches,
+        num_sanity_val_steps=0,
         default_root_dir=out_dir,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[*methods, CompressionReport(print_report=False)],
     )
     trainer.fit(module, train, val)
-    after = {"params": count_parameters(module), "ppl": perplexity(module, val)}
+    after = {"params": count_parameters(module), "ppl": perplexity(module, val, args.val_batches)}
     ops = [event["op"] for event in getattr(module, "_lit_compress_events", [])]
     print(f"events: {', '.join(ops) or 'none'}")
     print(

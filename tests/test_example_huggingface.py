@@ -26,7 +26,9 @@ def _example() -> ModuleType:
 def test_tiny_llama_is_compressed_with_alds_and_fusion_and_collapse_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = _example().main([str(tmp_path), "--epochs", "2", "--batches", "2", "--block-size", "16"])
+    result = _example().main(
+        [str(tmp_path), "--epochs", "2", "--batches", "2", "--val-batches", "2", "--block-size", "16"]
+    )
     out = capsys.readouterr().out
     assert "LayerCollapse: not applied" in out and "gated MLP" in out and "gate_proj" in out
     assert "events: low_rank_decompose, fuse_layers" in out
