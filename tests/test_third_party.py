@@ -12,9 +12,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos import LightningTransformer, WikiText2
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 
+import lit_compress
 from lit_compress.callbacks import ALDS, CompressionReport
 from lit_compress.surgery.alds import LowRankLayer
 
@@ -32,12 +34,12 @@ def wikitext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WikiText2:
 
 
 def _trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
+    kw.setdefault("enable_checkpointing", False)
     return L.Trainer(
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=0,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
@@ -54,12 +56,14 @@ def test_demo_transformer_trains_through_alds_with_flops_from_both_batch_element
     tmp_path: Path, wikitext: WikiText2
 ) -> None:
     """forward(inputs, target) on an (inputs, target) batch: the report calls it with both; ALDS leaves the
-    attention's out_proj and the encoder layers' linear1/linear2 dense (their parents read `.weight`)."""
+    attention's out_proj and the encoder layers' linear1/linear2 dense (their parents read `.weight`); the
+    checkpoint loads into the untouched class given the `__init__` argument it does not save."""
     torch.manual_seed(0)
     model = LightningTransformer(vocab_size=wikitext.vocab_size)
     report = CompressionReport()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt")
     with pytest.warns(UserWarning, match="leaving 10 layer"):
-        _trainer(tmp_path, [_alds(), report]).fit(model)
+        _trainer(tmp_path, [_alds(), report, checkpoint], enable_checkpointing=True).fit(model)
     decomposed = {n for n, m in model.named_modules() if isinstance(m, LowRankLayer)}
     assert "model.transformer.decoder.layers.0.linear1" in decomposed
     assert not any("out_proj" in n or n.startswith("model.transformer.encoder.layers") for n in decomposed)
@@ -69,6 +73,11 @@ def test_demo_transformer_trains_through_alds_with_flops_from_both_batch_element
     with torch.no_grad():  # the inference fast path of nn.TransformerEncoderLayer runs
         x = torch.randint(0, wikitext.vocab_size, (2, 8))
         assert torch.isfinite(model(x, x)).all()
+        # LightningTransformer does not call save_hyperparameters: its `vocab_size` is passed to the loader
+        loaded = lit_compress.load_from_checkpoint(
+            LightningTransformer, checkpoint.best_model_path, vocab_size=wikitext.vocab_size
+        ).eval()
+        torch.testing.assert_close(loaded(x, x), model(x, x), rtol=0, atol=0)
 
 
 def test_report_without_determinable_inputs_warns_once_and_fit_completes(tmp_path: Path) -> None:
@@ -111,3 +120,5 @@ def test_boring_model_and_datamodule_untouched(tmp_path: Path) -> None:
         model, datamodule=BoringDataModule()
     )
     assert report.initial is not None and report.initial["flops"] > 0
+    assert isinstance(model.layer, LowRankLayer) and report.final is not None
+    assert report.final["params"] < report.initial["params"]

@@ -56,8 +56,8 @@ class ModelSnapshot:
                 live.update(saved)
         with torch.no_grad():
             for tensor in self.tensors:
-                saved = self.values[id(tensor)]
-                tensor.data = saved.to(tensor.device, copy=True)
+                value = self.values[id(tensor)]
+                tensor.data = value.to(tensor.device, copy=True)
         log = applied_events(self.model)
         log[:] = [dict(e) for e in self.events]
 

@@ -429,16 +429,21 @@ class CompressionCallback(Callback, Generic[PlanT]):
     def on_exception(self, trainer: pl.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """The first training batch after an event failed: restore the pre-event model, say so on the error."""
         pending, self._pending_check = self._pending_check, None
-        if pending is None:
+        if pending is None or not isinstance(exception, Exception):  # not on KeyboardInterrupt
             return
         changed = pending.changed_modules()
         pending.restore()
-        exception.add_note(
+        note = (
             f"lit_compress: this failed in the first training batch after a {type(self).__name__} event (changed: "
             f"{', '.join(f'`{n}`' for n in changed[:5]) or 'weights only'}); the model was restored exactly as it "
             "was before the event. Events are checked on example inputs before training goes on when the module "
             "sets `example_input_array` or its forward takes the batch's first element."
         )
+        add_note = getattr(exception, "add_note", None)  # Python >= 3.11
+        if callable(add_note):
+            add_note(note)
+        else:
+            rank_zero_warn(note)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
@@ -460,6 +465,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._pending_check = None  # e.g. after a fit-end event: nothing runs on the changed model here
         remove_one_shot_replay(pl_module)
         self._resolved_key = None
         if stage != "fit" or not is_spawn_launcher(trainer):
