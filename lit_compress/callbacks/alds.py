@@ -17,6 +17,7 @@ after each event; recomposed layers likewise.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import warnings
@@ -292,14 +293,17 @@ def rewind_schedulers(trainer: pl.Trainer, epochs: int | None) -> list[int | Non
 
     The scheduler is replayed from its start (param groups reset to ``base_lrs``, then stepped to the
     target position), so closed-form and chainable schedulers alike land on the learning rate they
-    had there. ``ReduceLROnPlateau``, ``SequentialLR`` and ``ChainedScheduler`` are left alone (a warning).
+    had there. Schedulers that cannot be replayed (see :func:`unrewindable_reason`: ``ReduceLROnPlateau``,
+    ``SequentialLR``, ``ChainedScheduler`` and the like) are left alone with a warning.
     """
     positions: list[int | None] = []
     for cfg in trainer.lr_scheduler_configs:
         sched = cfg.scheduler
-        unsupported = (torch.optim.lr_scheduler.SequentialLR, torch.optim.lr_scheduler.ChainedScheduler)
-        if not isinstance(sched, torch.optim.lr_scheduler.LRScheduler) or isinstance(sched, unsupported):
-            rank_zero_warn(f"ALDS: cannot rewind the LR scheduler {type(sched).__name__}; it continues where it was.")
+        reason = unrewindable_reason(sched)
+        if reason is not None:
+            rank_zero_warn(
+                f"ALDS: cannot rewind the LR scheduler {type(sched).__name__} ({reason}); it continues where it was."
+            )
             positions.append(None)
             continue
         back = epochs
@@ -319,6 +323,35 @@ def rewind_schedulers(trainer: pl.Trainer, epochs: int | None) -> list[int | Non
     return positions
 
 
+#: What replaying a scheduler from its start needs (``LRScheduler``'s closed-form machinery).
+_REPLAY_NEEDS = ("optimizer", "base_lrs", "last_epoch", "_step_count", "_initial_step", "get_lr")
+
+
+def unrewindable_reason(sched: Any) -> str | None:
+    """Why ``sched`` cannot be replayed to an earlier position, or ``None`` if it can.
+
+    Decided by behaviour, not by class (``ReduceLROnPlateau`` subclasses ``LRScheduler`` in recent
+    torch): a ``step`` that takes a metric depends on values that cannot be replayed; a scheduler
+    wrapping others (``_schedulers``) has positions of its own per child; and replaying needs the
+    attributes in :data:`_REPLAY_NEEDS`.
+    """
+    step = getattr(sched, "step", None)
+    if not callable(step):
+        return "it has no `step()`"
+    try:
+        params = inspect.signature(step).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    if "metrics" in params or "metric" in params:
+        return "its `step()` follows a monitored metric, whose past values cannot be replayed"
+    if hasattr(sched, "_schedulers"):
+        return "it chains other schedulers"
+    missing = [name for name in _REPLAY_NEEDS if not hasattr(sched, name)]
+    if missing:
+        return "it lacks " + ", ".join(f"`{m}`" for m in missing)
+    return None
+
+
 def _replay_to(sched: torch.optim.lr_scheduler.LRScheduler, position: int) -> None:
     count = sched._step_count
     for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
@@ -332,4 +365,4 @@ def _replay_to(sched: torch.optim.lr_scheduler.LRScheduler, position: int) -> No
     sched._step_count = max(count, 2)
 
 
-__all__ = ["ALDS", "rewind_schedulers"]
+__all__ = ["ALDS", "rewind_schedulers", "unrewindable_reason"]
