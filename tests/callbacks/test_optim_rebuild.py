@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lit_compress.callbacks import ALDS
+from lit_compress.callbacks import ALDS, FoldBatchNorm
 from lit_compress.callbacks.alds import unrewindable_reason
 from lit_compress.surgery import applied_events
 from tests.callbacks._toy import ToyNet
@@ -79,3 +79,62 @@ def test_rewindability_is_decided_by_behaviour_not_class() -> None:
         def step(self) -> None: ...
 
     assert "`base_lrs`" in str(unrewindable_reason(Partial()))
+
+
+class PerLayerNet(ToyNet):
+    """ToyNet with one param group per layer (lr 0.05, 0.04, ...) and a StepLR that halves them every epoch."""
+
+    def configure_optimizers(self) -> Any:
+        groups = [
+            {"params": list(child.parameters()), "lr": 0.05 - 0.01 * i}
+            for i, child in enumerate(c for c in self.children() if any(True for _ in c.parameters()))
+        ]
+        opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class GroupLRs(Callback):
+    """Records ``{first param name of the group: lr}`` at the start of ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.lrs, self.base_lrs = epoch, {}, {}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        opt = trainer.optimizers[0]
+        sched = trainer.lr_scheduler_configs[0].scheduler
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            key = names[id(group["params"][0])].rpartition(".")[0]
+            self.lrs[key], self.base_lrs[key] = group["lr"], base
+
+
+def test_learning_rates_survive_an_event_that_changes_the_number_of_param_groups(tmp_path: Path, seed: int) -> None:
+    before, after = GroupLRs(epoch=2), GroupLRs(epoch=2)
+    model = PerLayerNet()
+    trainer = quiet_trainer(tmp_path, [before, FoldBatchNorm(at_epoch=2), after])
+    trainer.fit(model)
+    assert [e["op"] for e in applied_events(model)][:1] == ["fold_batchnorm"]
+    assert set(before.lrs) == {"fc1", "bn", "mid", "head"} and set(after.lrs) == {"fc1", "mid", "head"}
+    assert before.lrs["mid"] == pytest.approx(0.03 * 0.25)  # two epochs of StepLR decay
+    for name in after.lrs:
+        assert after.lrs[name] == before.lrs[name], name
+        assert after.base_lrs[name] == before.base_lrs[name], name
+    # the schedule goes on from there: one more halving at the end of epoch 2
+    assert trainer.optimizers[0].param_groups[1]["lr"] == pytest.approx(before.lrs["mid"] / 2)
+
+
+def test_a_new_group_matching_nothing_from_before_is_a_clear_error() -> None:
+    from lit_compress.callbacks._optim import OptimizerSnapshot
+    from lit_compress.errors import ConfigError
+
+    a, b, c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    module = nn.ModuleDict({"a": a, "b": b})
+    snap = OptimizerSnapshot(groups=[[{"lr": 0.1}]], group_names=[[["a.weight", "a.bias"]]])
+    module["c"] = c
+    opt = torch.optim.SGD([{"params": a.parameters()}, {"params": c.parameters()}], lr=0.1)
+    names = {id(p): n for n, p in module.named_parameters()}
+    with pytest.raises(ConfigError, match=r"from 1 to 2.*group 1 \(params \['c.weight', 'c.bias'\]\)"):
+        snap._group_mapping(0, opt, names)
