@@ -317,6 +317,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
         self.reporter(trainer)
         if stage == "fit":
             self._train_loop_started = False
+            _refuse_weight_averaging(trainer, type(self).__name__)
             install_one_shot_replay(pl_module)
             _check_claims_once(trainer, pl_module, self)
 
@@ -434,6 +435,34 @@ def _check_claims_once(trainer: pl.Trainer, pl_module: L.LightningModule, caller
             + (f" and {len(clashes) - 10} more" if len(clashes) > 10 else "")
             + ". Give each callback disjoint `targets`."
         )
+
+
+#: Classes (by name, anywhere in the MRO) and attributes that mark a weight-averaging callback.
+_AVERAGING_CLASSES = {"WeightAveraging", "StochasticWeightAveraging", "EMAWeightAveraging"}
+_AVERAGING_ATTRIBUTES = ("_average_model", "_swa_epoch_start", "average_model")
+
+
+def is_weight_averaging(callback: object) -> bool:
+    """Whether ``callback`` keeps an averaged copy of the model (SWA, EMA, any ``WeightAveraging`` subclass)."""
+    if any(cls.__name__ in _AVERAGING_CLASSES for cls in type(callback).__mro__):
+        return True
+    return any(hasattr(callback, name) for name in _AVERAGING_ATTRIBUTES)
+
+
+def _refuse_weight_averaging(trainer: pl.Trainer, who: str) -> None:
+    """Refuse a weight-averaging callback next to a structural one, before any training.
+
+    Raises:
+        ConfigError: Naming both callbacks and why.
+    """
+    for callback in _callbacks_of(trainer):
+        if is_weight_averaging(callback):
+            raise ConfigError(
+                f"`{type(callback).__name__}` cannot be used together with `{who}`: it keeps an averaged copy of "
+                f"the model with the original architecture, while `{who}` changes the model's structure during "
+                "training, so the averaged weights no longer fit the model (a size mismatch after the first "
+                "event). Remove the weight-averaging callback, or average in a second `fit` on the compressed model."
+            )
 
 
 def _align_new_module_modes(model: nn.Module, old_modules: set[int]) -> None:
