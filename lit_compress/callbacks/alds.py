@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_bool, check_choice, check_int
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks._types import UnitFraction
@@ -111,28 +112,29 @@ class ALDS(CompressionCallback[ALDSPlan]):
             raise allowed("keep_ratio", keep_ratio, "give `keep_ratio` in (0, 1] (one-shot) or a `cascade`")
         if keep_ratio is not None:
             _check_ratio("keep_ratio", keep_ratio)
-        if not isinstance(at_epoch, int) or at_epoch < 0:
-            raise allowed("at_epoch", at_epoch, "must be an integer >= 0")
+        check_int("at_epoch", at_epoch, 0)
         steps: list[tuple[Any, ...]] = []
         if cascade is not None:
+            if isinstance(cascade, (str, bytes)) or not all(isinstance(step, (list, tuple)) for step in cascade):
+                raise allowed("cascade", cascade, "a non-empty list of [epoch, keep_ratio] pairs")
             steps = [tuple(step) for step in cascade]
             if not steps or any(len(step) != 2 for step in steps):
-                raise allowed("cascade", steps, "must be a non-empty list of [epoch, keep_ratio] pairs")
+                raise allowed("cascade", cascade, "must be a non-empty list of [epoch, keep_ratio] pairs")
             for epoch, ratio in steps:
-                if not isinstance(epoch, int) or epoch < 0:
-                    raise allowed("cascade", steps, f"epochs must be integers >= 0 (got {epoch!r})")
-                _check_ratio("cascade", ratio, f"keep ratios must be in (0, 1] (got {ratio!r})")
+                if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                    raise allowed("cascade", cascade, f"epochs must be integers >= 0 (got {epoch!r})")
+                if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                    raise allowed("cascade", cascade, f"keep ratios must be in (0, 1] (got {ratio!r})")
             if any(b[0] <= a[0] for a, b in itertools.pairwise(steps)):
-                raise allowed("cascade", steps, "epochs must be strictly increasing")
-        if method not in ("alds", "uniform", "energy"):
-            raise allowed("method", method, "must be one of 'alds', 'uniform', 'energy'")
-        if error_bound not in ("code", "theorem"):
-            raise allowed("error_bound", error_bound, "must be 'code' or 'theorem'")
+                raise allowed("cascade", cascade, "epochs must be strictly increasing")
+        check_choice("method", method, ["alds", "uniform", "energy"])
+        check_choice("error_bound", error_bound, ["code", "theorem"])
         for name, value in (("num_seeds", num_seeds), ("alternations", alternations)):
-            if not isinstance(value, int) or value < 1:
-                raise allowed(name, value, "must be an integer >= 1")
-        if retrain_epochs is not None and (not isinstance(retrain_epochs, int) or retrain_epochs < 0):
-            raise allowed("retrain_epochs", retrain_epochs, "must be an integer >= 0")
+            check_int(name, value, 1)
+        check_int("retrain_epochs", retrain_epochs, 0, optional=True)
+        check_int("seed", seed)
+        check_bool("rewind_lr", rewind_lr)
+        check_bool("progress", progress)
         self.schedule: list[tuple[int, float]] = [(int(e), float(r)) for e, r in steps]
         if keep_ratio is not None:
             self.schedule = [(int(at_epoch), float(keep_ratio))]
@@ -277,7 +279,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
 
 
 def _check_ratio(name: str, value: Any, what: str = "must be in (0, 1]") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
         raise allowed(name, value, what)
 
 

@@ -61,6 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import final, override
 
+from lit_compress.callbacks._args import check_int
 from lit_compress.callbacks._distributed import (
     average_batchnorm_stats,
     broadcast_from_rank_zero,
@@ -81,7 +82,7 @@ from lit_compress.checkpointing import (
     log_payload,
     remove_one_shot_replay,
 )
-from lit_compress.errors import ConfigError, SurgeryError, allowed
+from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.inputs import batch_inputs, call_with
 from lit_compress.surgery.log import LOG_KEY
 from lit_compress.surgery.modules import SurgeryTransaction, preserve_mode
@@ -105,9 +106,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
     """
 
     def __init__(self, bn_recalibration_batches: NonNegativeInt = 20) -> None:
-        if bn_recalibration_batches < 0:
-            raise allowed("bn_recalibration_batches", bn_recalibration_batches, "must be an integer >= 0")
-        self.bn_recalibration_batches = bn_recalibration_batches
+        self.bn_recalibration_batches = int(check_int("bn_recalibration_batches", bn_recalibration_batches, 0))
         self.events_done = 0
         self._last_global_step = -1
         self._reporter: CompressionReport | None = None
