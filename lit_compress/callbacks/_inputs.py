@@ -24,6 +24,7 @@ from torch.utils.data import (
 )
 
 from lit_compress.inputs import batch_inputs, first_samples, inputs_to
+from lit_compress.surgery.modules import module_device_dtype
 
 
 @contextlib.contextmanager
@@ -92,7 +93,8 @@ def separate_loader(loader: DataLoader, seed: int = 0) -> DataLoader:
 
 
 def train_batches(trainer: pl.Trainer, limit: int) -> Iterator[Any]:
-    """Up to ``limit`` batches from the training data, moved to the module's device.
+    """Up to ``limit`` batches from the training data, moved to the module's device and converted by the
+    precision plugin as the training loop does (floating tensors become bfloat16 under ``bf16-true``).
 
     Drawn from a :func:`separate_loader` over ``trainer.train_dataloader``'s dataset (under DDP
     each rank sees its shard), never from the training loop's own iterator. Callers wrap the
@@ -110,23 +112,25 @@ def train_batches(trainer: pl.Trainer, limit: int) -> Iterator[Any]:
     for i, batch in enumerate(loader):
         if i >= limit:
             break
-        yield trainer.strategy.batch_to_device(batch)
+        yield trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
 
 
 def example_inputs(trainer: pl.Trainer | None, module: nn.Module, cached: Any = None, n: int = 2) -> Any:
     """A small input for tracing and measuring: ``example_input_array``, a cached batch, or one drawn.
 
+    Tensors are moved to the module's device, and floating ones cast to its parameters' floating
+    dtype (under ``*-true`` precision the module is bfloat16/float16 while inputs start float32).
     Returns ``None`` when no input can be found (no example array and no training data).
     """
-    device = getattr(module, "device", None)
+    device, dtype = module_device_dtype(module)
     example = getattr(module, "example_input_array", None)
     if example is not None:
-        return inputs_to(example, device)
+        return inputs_to(example, device, dtype)
     if cached is not None:
-        return inputs_to(cached, device)
+        return inputs_to(cached, device, dtype)
     if trainer is None:
         return None
     with isolated_rng():
         for batch in train_batches(trainer, 1):
-            return first_samples(batch_inputs(batch), n)
+            return inputs_to(first_samples(batch_inputs(batch), n), device, dtype)
     return None

@@ -61,6 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import final, override
 
+from lit_compress.callbacks._args import check_int
 from lit_compress.callbacks._distributed import (
     average_batchnorm_stats,
     broadcast_from_rank_zero,
@@ -113,11 +114,9 @@ class CompressionCallback(Callback, Generic[PlanT]):
     """
 
     def __init__(self, bn_recalibration_batches: NonNegativeInt = 20, name: str | None = None) -> None:
-        if bn_recalibration_batches < 0:
-            raise allowed("bn_recalibration_batches", bn_recalibration_batches, "must be an integer >= 0")
+        self.bn_recalibration_batches = int(check_int("bn_recalibration_batches", bn_recalibration_batches, 0))
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise allowed("name", name, "must be a non-empty string, or None for the default state key")
-        self.bn_recalibration_batches = int(bn_recalibration_batches)
         self.name = name
         self._resolved_key: str | None = None
         self.events_done = 0
@@ -381,6 +380,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
             self._resolved_key = _stable_state_key(trainer, pl_module, self)
         if stage == "fit":
             self._train_loop_started = False
+            _refuse_weight_averaging(trainer, type(self).__name__)
             _check_claims_once(trainer, pl_module, self)
 
     @override
@@ -639,6 +639,34 @@ def _check_claims_once(trainer: pl.Trainer, pl_module: L.LightningModule, caller
             + (f" and {len(clashes) - 10} more" if len(clashes) > 10 else "")
             + ". Give each callback disjoint `targets`."
         )
+
+
+#: Classes (by name, anywhere in the MRO) and attributes that mark a weight-averaging callback.
+_AVERAGING_CLASSES = {"WeightAveraging", "StochasticWeightAveraging", "EMAWeightAveraging"}
+_AVERAGING_ATTRIBUTES = ("_average_model", "_swa_epoch_start", "average_model")
+
+
+def is_weight_averaging(callback: object) -> bool:
+    """Whether ``callback`` keeps an averaged copy of the model (SWA, EMA, any ``WeightAveraging`` subclass)."""
+    if any(cls.__name__ in _AVERAGING_CLASSES for cls in type(callback).__mro__):
+        return True
+    return any(hasattr(callback, name) for name in _AVERAGING_ATTRIBUTES)
+
+
+def _refuse_weight_averaging(trainer: pl.Trainer, who: str) -> None:
+    """Refuse a weight-averaging callback next to a structural one, before any training.
+
+    Raises:
+        ConfigError: Naming both callbacks and why.
+    """
+    for callback in _callbacks_of(trainer):
+        if is_weight_averaging(callback):
+            raise ConfigError(
+                f"`{type(callback).__name__}` cannot be used together with `{who}`: it keeps an averaged copy of "
+                f"the model with the original architecture, while `{who}` changes the model's structure during "
+                "training, so the averaged weights no longer fit the model (a size mismatch after the first "
+                "event). Remove the weight-averaging callback, or average in a second `fit` on the compressed model."
+            )
 
 
 def _align_new_module_modes(model: nn.Module, old_modules: set[int]) -> None:

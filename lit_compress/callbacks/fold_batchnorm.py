@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_int
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import allowed
@@ -51,12 +52,10 @@ class FoldBatchNorm(CompressionCallback[FoldPlan]):
         name: str | None = None,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
+        check_int("at_epoch", at_epoch, 0, optional=True)
+        check_int("at_step", at_step, 0, optional=True)
         if at_epoch is not None and at_step is not None:
             raise allowed("at_step", at_step, "give `at_epoch` or `at_step`, not both")
-        if at_epoch is not None and at_epoch < 0:
-            raise allowed("at_epoch", at_epoch, "must be an integer >= 0")
-        if at_step is not None and at_step < 0:
-            raise allowed("at_step", at_step, "must be an integer >= 0")
         self.targets = target_patterns(targets) or ["*"]
         self.at_epoch = at_epoch
         self.at_step = at_step

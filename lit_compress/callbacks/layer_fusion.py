@@ -34,6 +34,7 @@ from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_bool, check_choice, check_float, check_int
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
@@ -126,32 +127,28 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         name: str | None = None,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise allowed("fraction", fraction, "must be in the open interval (0, 1); CR = 1/(1 - fraction)")
-        if not isinstance(increments, int) or increments < 1:
-            raise allowed("increments", increments, "must be an integer >= 1")
+        check_float("fraction", fraction, 0, 1, low_open=True, high_open=True)
+        check_int("increments", increments, 1)
+        check_bool("include_norms", include_norms)
+        check_bool("include_embeddings", include_embeddings)
+        check_int("seed", seed)
+        check_bool("align", align)
         if every_n_epochs is not None and every_n_steps is not None:
             raise allowed("every_n_steps", every_n_steps, "give `every_n_epochs` or `every_n_steps`, not both")
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise allowed(name, value, "must be an integer >= 1")
+            check_int(name, value, 1, optional=True)
         for name, value in (("at_epoch", at_epoch), ("at_step", at_step)):
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise allowed(name, value, "must be an integer >= 0")
+            check_int(name, value, 0, optional=True)
         if at_epoch is not None and at_step is not None:
             raise allowed("at_step", at_step, "give `at_epoch` or `at_step`, not both")
         if at_epoch is not None and every_n_steps is not None:
             raise allowed("at_epoch", at_epoch, "a series `every_n_steps` starts `at_step`")
         if at_step is not None and every_n_epochs is not None:
             raise allowed("at_step", at_step, "a series `every_n_epochs` starts `at_epoch`")
-        if measure not in MEASURES:
-            raise allowed("measure", measure, f"must be one of {', '.join(repr(m) for m in MEASURES)}")
-        if policy not in POLICIES:
-            raise allowed("policy", policy, f"must be one of {', '.join(repr(p) for p in POLICIES)}")
-        if budget not in BUDGETS:
-            raise allowed("budget", budget, f"must be one of {', '.join(repr(b) for b in BUDGETS)}")
-        if optimizer_state not in ("reset", "average"):
-            raise allowed("optimizer_state", optimizer_state, "must be 'reset' or 'average'")
+        check_choice("measure", measure, list(MEASURES))
+        check_choice("policy", policy, list(POLICIES))
+        check_choice("optimizer_state", optimizer_state, ["reset", "average"])
+        check_choice("budget", budget, list(BUDGETS))
         self.fraction, self.increments, self.budget = float(fraction), int(increments), str(budget)
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.at_epoch, self.at_step = at_epoch, at_step

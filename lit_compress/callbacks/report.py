@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_bool, check_int, check_str, check_writable
 from lit_compress.callbacks._distributed import broadcast_from_rank_zero
 from lit_compress.callbacks._forward import how_to_enable, inputs_from_batch
 from lit_compress.callbacks._inputs import isolated_rng, train_batches
@@ -69,16 +70,24 @@ class CompressionReport(Callback):
         output_dir: str | None = None,
         print_report: bool = True,
     ) -> None:
-        if latency_batch_size < 1:
-            raise allowed("latency_batch_size", latency_batch_size, "must be an integer >= 1")
-        if latency_repeats < 1:
-            raise allowed("latency_repeats", latency_repeats, "must be an integer >= 1")
-        if latency_rounds < 1:
-            raise allowed("latency_rounds", latency_rounds, "must be an integer >= 1")
-        if latency_input_shape is not None and (
-            not latency_input_shape or any(int(d) < 1 for d in latency_input_shape)
+        for name, flag in (
+            ("measure_flops", measure_flops),
+            ("measure_latency", measure_latency),
+            ("latency_compare", latency_compare),
+            ("print_report", print_report),
         ):
-            raise allowed("latency_input_shape", latency_input_shape, "must be a non-empty list of positive sizes")
+            check_bool(name, flag)
+        check_int("latency_batch_size", latency_batch_size, 1)
+        check_int("latency_repeats", latency_repeats, 1)
+        check_int("latency_rounds", latency_rounds, 1)
+        if latency_input_shape is not None and (
+            isinstance(latency_input_shape, (str, bytes))
+            or not isinstance(latency_input_shape, (list, tuple))
+            or not latency_input_shape
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in latency_input_shape)
+        ):
+            raise allowed("latency_input_shape", latency_input_shape, "a non-empty list of integer sizes >= 1, or None")
+        check_str("output_dir", output_dir, optional=True)
         self.measure_flops = measure_flops
         self.measure_latency = measure_latency
         self.latency_batch_size = latency_batch_size
@@ -248,6 +257,15 @@ class CompressionReport(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """An ``output_dir`` (or ``default_root_dir``) that cannot be written fails here, not after training."""
+        if stage == "fit":
+            if self.output_dir is not None:
+                check_writable("output_dir", self.output_dir, is_dir=True)
+            else:
+                check_writable("default_root_dir", trainer.default_root_dir, is_dir=True)
+
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -88,7 +88,7 @@ def measure_latency(
         inputs: ExampleInputs = torch.randn(batch, *shape, dtype=dtype, device=target)
     else:
         inputs = example_inputs if batch_size is None else rebatch(example_inputs, batch_size)
-        inputs = inputs_to(inputs, target)
+        inputs = inputs_to(inputs, target, module_device_dtype(model)[1])
         batch = batch_size_of(inputs) if batch_size is None else batch_size
     args, kwargs = split_inputs(inputs)
     flush = _flush_denormal(flush_denormal and target.type == "cpu")
@@ -149,7 +149,7 @@ def measure_interleaved(
         raise allowed("models", list(models), "at least one model")
     target = _resolve_device(device, models[0])
     inputs = example_inputs if batch_size is None else rebatch(example_inputs, batch_size)
-    inputs = inputs_to(inputs, target)
+    inputs = inputs_to(inputs, target, module_device_dtype(models[0])[1])
     batch = batch_size_of(inputs) if batch_size is None else batch_size
     args, kwargs = split_inputs(inputs)
     times: list[list[float]] = [[] for _ in models]
