@@ -40,7 +40,8 @@ def _fusion_config(tmp_path: Path, **fusion: Any) -> Path:
         | fusion
     )
     config["trainer"]["callbacks"][1]["init_args"] = {"measure_latency": False, "measure_flops": False}
-    config["data"]["init_args"].update(train_size=32, batch_size=4)
+    config["data"]["init_args"].update(train_size=32, batch_size=4, image_size=8)
+    config["model"]["init_args"]["image_size"] = 8
     path = tmp_path / "layer_fusion_tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

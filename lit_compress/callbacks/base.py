@@ -408,7 +408,6 @@ class CompressionCallback(Callback, Generic[PlanT]):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         remove_one_shot_replay(pl_module)
-        self._resolved_key = None
         if stage != "fit" or not is_spawn_launcher(trainer):
             return
         self._hand_over_to_launcher(pl_module)
