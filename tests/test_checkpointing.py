@@ -165,7 +165,7 @@ def test_an_edit_with_recomputed_digests_is_caught_by_the_structure(fused_ckpt: 
 
 # ---------------------------------------------------------------- a plain load_from_checkpoint
 def test_a_plain_load_from_checkpoint_does_not_load_untied(fused_ckpt: Path) -> None:
-    with pytest.raises(RuntimeError, match="NOT replayed.*lit_compress.load_from_checkpoint"):
+    with pytest.raises(RuntimeError, match=r"NOT replayed.*lit_compress\.load_from_checkpoint"):
         FusionNet.load_from_checkpoint(fused_ckpt)
     with pytest.warns(UserWarning, match="NOT replayed"):
         FusionNet.load_from_checkpoint(fused_ckpt, strict=False)
