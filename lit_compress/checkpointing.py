@@ -233,9 +233,11 @@ def install_one_shot_replay(module: LightningModule) -> None:
 
 
 def remove_one_shot_replay(module: LightningModule) -> None:
-    """Remove the hook :func:`install_one_shot_replay` installed, if it is still there."""
+    """Remove the hooks :func:`install_one_shot_replay` installed (and a pending load guard), if still there."""
     if isinstance(module.__dict__.get("on_load_checkpoint"), _OneShotReplay):
         del module.__dict__["on_load_checkpoint"]
+    if isinstance(module.__dict__.get("load_state_dict"), _GuardedLoad):
+        del module.__dict__["load_state_dict"]
 
 
 __all__ = [

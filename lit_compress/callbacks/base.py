@@ -467,7 +467,6 @@ class CompressionCallback(Callback, Generic[PlanT]):
     def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._pending_check = None  # e.g. after a fit-end event: nothing runs on the changed model here
         remove_one_shot_replay(pl_module)
-        self._resolved_key = None
         if stage != "fit" or not is_spawn_launcher(trainer):
             return
         self._hand_over_to_launcher(pl_module)

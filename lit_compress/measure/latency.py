@@ -85,7 +85,9 @@ def measure_latency(
         shape = _check_shape(input_shape)
         _, dtype = module_device_dtype(model)
         batch = 1 if batch_size is None else batch_size
-        inputs: ExampleInputs = torch.randn(batch, *shape, dtype=dtype, device=target)
+        # a private generator: measuring must not draw from (and so shift) the global RNG of training
+        generator = torch.Generator(device=target).manual_seed(0)
+        inputs: ExampleInputs = torch.randn(batch, *shape, dtype=dtype, device=target, generator=generator)
     else:
         inputs = example_inputs if batch_size is None else rebatch(example_inputs, batch_size)
         inputs = inputs_to(inputs, target, module_device_dtype(model)[1])
