@@ -114,7 +114,8 @@ class CompressionCallback(Callback, Generic[PlanT]):
     """
 
     def __init__(self, bn_recalibration_batches: NonNegativeInt = 20, name: str | None = None) -> None:
-        self.bn_recalibration_batches = int(check_int("bn_recalibration_batches", bn_recalibration_batches, 0))
+        check_int("bn_recalibration_batches", bn_recalibration_batches, 0)
+        self.bn_recalibration_batches = int(bn_recalibration_batches)
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise allowed("name", name, "must be a non-empty string, or None for the default state key")
         self.name = name
