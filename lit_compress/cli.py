@@ -37,7 +37,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser, DefaultHelpFormatter, Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_compress._cli_text import (
@@ -101,6 +102,15 @@ class LitCompressCLI(LightningCLI):
         """Remember the (sub)command parsers; the data links are added to them once the classes are known."""
         self._link_parsers.append(parser)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with every ``ModelCheckpoint`` that has no ``dirpath`` writing to
+        ``<default_root_dir>/checkpoints``: one fixed folder per config, so ``--ckpt_path last`` finds
+        the last checkpoint of an earlier run (Lightning's default folder is per logger version, and
+        ``last`` is looked up before it is known, so a resume would silently start over)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_fixed_checkpoint_dir(trainer)
+        return trainer
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         for name, check in data_links(config).items():
@@ -108,6 +118,14 @@ class LitCompressCLI(LightningCLI):
                 parser.link_arguments(
                     f"data.{name}", f"model.init_args.{name}", compute_fn=check, apply_on="instantiate"
                 )
+
+
+def use_fixed_checkpoint_dir(trainer: Trainer) -> None:
+    """Point each ``ModelCheckpoint`` of ``trainer`` without a ``dirpath`` at ``<default_root_dir>/checkpoints``."""
+    folder = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = folder
 
 
 def data_links(config: Namespace) -> dict[str, Callable[[Any], Any]]:

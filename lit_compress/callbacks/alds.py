@@ -22,6 +22,7 @@ after each event; recomposed layers likewise.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import warnings
@@ -36,11 +37,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_bool, check_choice, check_int
 from lit_compress.callbacks._inputs import isolated_rng
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks._types import UnitFraction
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.surgery.alds.allocate import Allocation, allocate, check_guards, dense_param_count, target_layers
 from lit_compress.surgery.alds.latency_budget import allocate_latency
@@ -79,8 +81,10 @@ class ALDS(CompressionCallback[ALDSPlan]):
             fraction of every layer's rank) or ``"energy"`` (plain SVD, each layer keeps the same
             fraction of its squared singular values); baselines use the same budget accounting.
         targets: fnmatch globs or ``re:`` regexes over module names; default every ``Conv2d`` and
-            ``Linear`` (the first conv and the classifier included). Depthwise/grouped convs and
-            layers whose weight is shared (tied embeddings) are skipped with a warning.
+            ``Linear`` (the first conv and the classifier included). Depthwise/grouped convs,
+            layers whose weight is shared (tied embeddings), the ``out_proj`` of an
+            ``nn.MultiheadAttention`` and ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer``
+            (their parents read ``.weight`` directly) are skipped with a warning.
         seed: Seed of the random starting ``k`` (seeds 4 and later); the allocation is deterministic.
         num_seeds: Starting points of the search (the paper's code: 15).
         alternations: Global/local rounds per starting point (the paper's code: 4).
@@ -122,7 +126,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         at_epoch: NonNegativeInt = 0,
         cascade: list[tuple[NonNegativeInt, UnitFraction]] | None = None,
         method: Literal["alds", "uniform", "energy"] = "alds",
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         seed: int = 0,
         num_seeds: PositiveInt = 15,
         alternations: PositiveInt = 4,
@@ -142,8 +146,9 @@ class ALDS(CompressionCallback[ALDSPlan]):
         latency_threads: PositiveInt | None = None,
         latency_cache: str | None = None,
         latency_guard: bool = False,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
         if budget not in ("params", "latency"):
             raise allowed("budget", budget, "must be 'params' or 'latency'")
         if budget == "latency":
@@ -166,31 +171,33 @@ class ALDS(CompressionCallback[ALDSPlan]):
             raise allowed("keep_ratio", keep_ratio, "give `keep_ratio` in (0, 1] (one-shot) or a `cascade`")
         if keep_ratio is not None:
             _check_ratio("keep_ratio", keep_ratio)
-        if not isinstance(at_epoch, int) or at_epoch < 0:
-            raise allowed("at_epoch", at_epoch, "must be an integer >= 0")
+        check_int("at_epoch", at_epoch, 0)
         steps: list[tuple[Any, ...]] = []
         if cascade is not None:
+            if isinstance(cascade, (str, bytes)) or not all(isinstance(step, (list, tuple)) for step in cascade):
+                raise allowed("cascade", cascade, "a non-empty list of [epoch, keep_ratio] pairs")
             steps = [tuple(step) for step in cascade]
             if not steps or any(len(step) != 2 for step in steps):
-                raise allowed("cascade", steps, "must be a non-empty list of [epoch, keep_ratio] pairs")
+                raise allowed("cascade", cascade, "must be a non-empty list of [epoch, keep_ratio] pairs")
             for epoch, ratio in steps:
-                if not isinstance(epoch, int) or epoch < 0:
-                    raise allowed("cascade", steps, f"epochs must be integers >= 0 (got {epoch!r})")
-                _check_ratio("cascade", ratio, f"keep ratios must be in (0, 1] (got {ratio!r})")
+                if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                    raise allowed("cascade", cascade, f"epochs must be integers >= 0 (got {epoch!r})")
+                if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                    raise allowed("cascade", cascade, f"keep ratios must be in (0, 1] (got {ratio!r})")
             if any(b[0] <= a[0] for a, b in itertools.pairwise(steps)):
-                raise allowed("cascade", steps, "epochs must be strictly increasing")
-        if method not in ("alds", "uniform", "energy"):
-            raise allowed("method", method, "must be one of 'alds', 'uniform', 'energy'")
+                raise allowed("cascade", cascade, "epochs must be strictly increasing")
+        check_choice("method", method, ["alds", "uniform", "energy"])
         check_guards(error, min_rank, min_saving)
         for name, value in (("num_seeds", num_seeds), ("alternations", alternations)):
-            if not isinstance(value, int) or value < 1:
-                raise allowed(name, value, "must be an integer >= 1")
-        if retrain_epochs is not None and (not isinstance(retrain_epochs, int) or retrain_epochs < 0):
-            raise allowed("retrain_epochs", retrain_epochs, "must be an integer >= 0")
+            check_int(name, value, 1)
+        check_int("retrain_epochs", retrain_epochs, 0, optional=True)
+        check_int("seed", seed)
+        check_bool("rewind_lr", rewind_lr)
+        check_bool("progress", progress)
         self.schedule: list[tuple[int, float]] = [(int(e), float(r)) for e, r in steps]
         if keep_ratio is not None:
             self.schedule = [(int(at_epoch), float(keep_ratio))]
-        self.method, self.targets = method, list(targets) if targets else ["*"]
+        self.method, self.targets = method, target_patterns(targets) or ["*"]
         self.seed, self.num_seeds, self.alternations = int(seed), num_seeds, alternations
         self.error, self.min_rank, self.min_saving = error, min_rank, float(min_saving)
         self.rewind_lr, self.retrain_epochs = rewind_lr, retrain_epochs
@@ -198,6 +205,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         self.budget, self.latency_groups = budget, list(latency_groups) if latency_groups else [1, 2, 4, 8]
         self.latency_ranks, self.latency_batch_size = latency_ranks, latency_batch_size
         self.latency_device, self.latency_cache = latency_device, latency_cache
+        check_bool("latency_guard", latency_guard)
         self.latency_threads, self.latency_guard = latency_threads, bool(latency_guard)
         if self.latency_guard and (budget != "params" or method != "alds"):
             raise allowed("latency_guard", latency_guard, "False unless budget='params' and method='alds'")
@@ -217,8 +225,18 @@ class ALDS(CompressionCallback[ALDSPlan]):
         names = select_modules(pl_module, self.targets, types=_TYPES, require_each=False)
         names = [n for n in names if not any(n.startswith(p + ".") for p in inside)]
         ok, skipped = target_layers(pl_module, names)
+        attention = [n for n, r in skipped.items() if "directly" in r]
+        if attention:
+            rank_zero_warn(
+                f"ALDS: leaving {len(attention)} layer(s) of PyTorch's attention/transformer modules dense "
+                f"({', '.join(f'`{n}`' for n in attention[:3])}{', ...' if len(attention) > 3 else ''}): "
+                "nn.MultiheadAttention reads `out_proj.weight` directly, and nn.TransformerEncoderLayer reads "
+                "`linear1.weight`/`linear2.weight` in its inference fast path, so a decomposed layer there would "
+                "break the forward. Their other Linear layers are decomposed as usual."
+            )
         for name, reason in skipped.items():
-            rank_zero_warn(f"ALDS: skipping `{name}`: {reason}.")
+            if name not in attention:
+                rank_zero_warn(f"ALDS: skipping `{name}`: {reason}.")
         if not ok:
             raise allowed(
                 "targets",
@@ -403,7 +421,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
 
 
 def _check_ratio(name: str, value: Any, what: str = "must be in (0, 1]") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
         raise allowed(name, value, what)
 
 
@@ -419,14 +437,17 @@ def rewind_schedulers(trainer: pl.Trainer, epochs: int | None) -> list[int | Non
 
     The scheduler is replayed from its start (param groups reset to ``base_lrs``, then stepped to the
     target position), so closed-form and chainable schedulers alike land on the learning rate they
-    had there. ``ReduceLROnPlateau``, ``SequentialLR`` and ``ChainedScheduler`` are left alone (a warning).
+    had there. Schedulers that cannot be replayed (see :func:`unrewindable_reason`: ``ReduceLROnPlateau``,
+    ``SequentialLR``, ``ChainedScheduler`` and the like) are left alone with a warning.
     """
     positions: list[int | None] = []
     for cfg in trainer.lr_scheduler_configs:
         sched = cfg.scheduler
-        unsupported = (torch.optim.lr_scheduler.SequentialLR, torch.optim.lr_scheduler.ChainedScheduler)
-        if not isinstance(sched, torch.optim.lr_scheduler.LRScheduler) or isinstance(sched, unsupported):
-            rank_zero_warn(f"ALDS: cannot rewind the LR scheduler {type(sched).__name__}; it continues where it was.")
+        reason = unrewindable_reason(sched)
+        if reason is not None:
+            rank_zero_warn(
+                f"ALDS: cannot rewind the LR scheduler {type(sched).__name__} ({reason}); it continues where it was."
+            )
             positions.append(None)
             continue
         back = epochs
@@ -446,6 +467,35 @@ def rewind_schedulers(trainer: pl.Trainer, epochs: int | None) -> list[int | Non
     return positions
 
 
+#: What replaying a scheduler from its start needs (``LRScheduler``'s closed-form machinery).
+_REPLAY_NEEDS = ("optimizer", "base_lrs", "last_epoch", "_step_count", "_initial_step", "get_lr")
+
+
+def unrewindable_reason(sched: Any) -> str | None:
+    """Why ``sched`` cannot be replayed to an earlier position, or ``None`` if it can.
+
+    Decided by behaviour, not by class (``ReduceLROnPlateau`` subclasses ``LRScheduler`` in recent
+    torch): a ``step`` that takes a metric depends on values that cannot be replayed; a scheduler
+    wrapping others (``_schedulers``) has positions of its own per child; and replaying needs the
+    attributes in :data:`_REPLAY_NEEDS`.
+    """
+    step = getattr(sched, "step", None)
+    if not callable(step):
+        return "it has no `step()`"
+    try:
+        params = inspect.signature(step).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    if "metrics" in params or "metric" in params:
+        return "its `step()` follows a monitored metric, whose past values cannot be replayed"
+    if hasattr(sched, "_schedulers"):
+        return "it chains other schedulers"
+    missing = [name for name in _REPLAY_NEEDS if not hasattr(sched, name)]
+    if missing:
+        return "it lacks " + ", ".join(f"`{m}`" for m in missing)
+    return None
+
+
 def _replay_to(sched: torch.optim.lr_scheduler.LRScheduler, position: int) -> None:
     count = sched._step_count
     for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
@@ -459,4 +509,4 @@ def _replay_to(sched: torch.optim.lr_scheduler.LRScheduler, position: int) -> No
     sched._step_count = max(count, 2)
 
 
-__all__ = ["ALDS", "rewind_schedulers"]
+__all__ = ["ALDS", "rewind_schedulers", "unrewindable_reason"]

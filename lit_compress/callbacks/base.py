@@ -61,6 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import final, override
 
+from lit_compress.callbacks._args import check_int
 from lit_compress.callbacks._distributed import (
     average_batchnorm_stats,
     broadcast_from_rank_zero,
@@ -70,20 +71,24 @@ from lit_compress.callbacks._distributed import (
     is_spawn_launcher,
     rewrap_ddp,
 )
+from lit_compress.callbacks._forward import inputs_from_batch
 from lit_compress.callbacks._inputs import isolated_rng, rng_states, set_rng_states, train_batches
 from lit_compress.callbacks._optim import OptimizerSnapshot, rebuild_optimizers
 from lit_compress.callbacks._schedule import FitLength, ScheduledEvent, missed_notes, unreachable_warnings
+from lit_compress.callbacks._verify import ModelSnapshot, check_forward
 from lit_compress.callbacks.report import CompressionReport
 from lit_compress.checkpointing import (
     SPAWN_EVENTS_KEY,
     CompressMixin,
     install_one_shot_replay,
     log_payload,
+    mark_not_replayed,
     remove_one_shot_replay,
 )
 from lit_compress.errors import ConfigError, SurgeryError, allowed
-from lit_compress.inputs import batch_inputs, call_with
-from lit_compress.surgery.log import LOG_KEY
+from lit_compress.inputs import call_with
+from lit_compress.surgery.integrity import STRUCTURE_KEY, structure_digest
+from lit_compress.surgery.log import LOG_KEY, to_plain
 from lit_compress.surgery.modules import SurgeryTransaction, preserve_mode
 from lit_compress.surgery.replay import applied_events, record_events
 
@@ -102,16 +107,26 @@ class CompressionCallback(Callback, Generic[PlanT]):
             this many training batches before training goes on (0 turns it off; ignored for models
             without BatchNorm). On by default: after a structural change the old statistics no
             longer describe the new layers' outputs.
+        name: Key of this callback's state in checkpoints. Default: the method's class name, or, with
+            several instances of one method in a Trainer, the class name and the set of layers the
+            instance resolves to, so that respelling ``targets`` on resume keeps the state. Give names
+            to tell instances apart explicitly; keep a name across resumes.
     """
 
-    def __init__(self, bn_recalibration_batches: NonNegativeInt = 20) -> None:
-        if bn_recalibration_batches < 0:
-            raise allowed("bn_recalibration_batches", bn_recalibration_batches, "must be an integer >= 0")
-        self.bn_recalibration_batches = bn_recalibration_batches
+    def __init__(self, bn_recalibration_batches: NonNegativeInt = 20, name: str | None = None) -> None:
+        check_int("bn_recalibration_batches", bn_recalibration_batches, 0)
+        self.bn_recalibration_batches = int(bn_recalibration_batches)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise allowed("name", name, "must be a non-empty string, or None for the default state key")
+        self.name = name
+        self._resolved_key: str | None = None
         self.events_done = 0
         self._last_global_step = -1
         self._reporter: CompressionReport | None = None
         self._train_loop_started = False
+        # The pre-event model (values on the CPU), kept until the first training batch after the event
+        # has run: restored if that batch raises.
+        self._pending_check: ModelSnapshot | None = None
 
     # ------------------------------------------------------------------ subclass API
     def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
@@ -208,14 +223,36 @@ class CompressionCallback(Callback, Generic[PlanT]):
             return []
         _announce_structural_change(trainer, pl_module)
         snapshot = OptimizerSnapshot.capture(trainer, pl_module)
-        old_modules = {id(m) for m in pl_module.modules()}
-        with SurgeryTransaction(), preserve_mode(pl_module):
-            records = self.apply_event(pl_module, plan)
-        _align_new_module_modes(pl_module, old_modules)
-        convert_for_precision(trainer, pl_module)
-        recalibrated = self._recalibrate_batchnorm(trainer, pl_module) if self.recalibrates_batchnorm(plan) else 0
-        rewrapped = rewrap_ddp(trainer, pl_module)
-        optimizer_counts = rebuild_optimizers(trainer, pl_module, snapshot)
+        model_snapshot = ModelSnapshot(pl_module)
+        inputs = reporter.example_inputs(trainer, pl_module)
+        if inputs is not None and not _runs(trainer, pl_module, inputs):
+            inputs = None  # the inputs fail on the unchanged model too: no evidence either way
+        strategy = trainer.strategy
+        optimizers = (strategy.model, list(strategy.optimizers), list(strategy.lr_scheduler_configs))
+        records: list[Record] = []
+        try:
+            old_modules = {id(m) for m in pl_module.modules()}
+            with SurgeryTransaction(), preserve_mode(pl_module):
+                records = self.apply_event(pl_module, plan)
+            _align_new_module_modes(pl_module, old_modules)
+            convert_for_precision(trainer, pl_module)
+            if inputs is not None:
+                _check_forward_for(trainer, pl_module, inputs, model_snapshot.changed_modules())
+            recalibrated = self._recalibrate_batchnorm(trainer, pl_module) if self.recalibrates_batchnorm(plan) else 0
+            rewrapped = rewrap_ddp(trainer, pl_module)
+            optimizer_counts = rebuild_optimizers(trainer, pl_module, snapshot)
+        except Exception as err:
+            model_snapshot.restore()
+            strategy.model, strategy.optimizers, strategy.lr_scheduler_configs = optimizers
+            ops = ", ".join(str(r.get("op")) for r in records) or "the surgery itself"
+            raise SurgeryError(
+                f"{type(self).__name__}: the event at epoch {trainer.current_epoch}, step {trainer.global_step} "
+                f"({ops}) failed: {err}. The model was restored exactly as it was before the event."
+            ) from err
+        earlier = any(
+            cb._pending_check is not None for cb in _callbacks_of(trainer) if isinstance(cb, CompressionCallback)
+        )
+        self._pending_check = None if earlier else model_snapshot  # the earliest pre-event model is the one to restore
         trainer.strategy.barrier("lit_compress.event")
         overhead_s = time.perf_counter() - start
 
@@ -239,6 +276,12 @@ class CompressionCallback(Callback, Generic[PlanT]):
                 ddp_rewrapped=bool(rewrapped),
                 **optimizer_counts,
             )
+        if records:
+            records[-1][STRUCTURE_KEY] = structure_digest(pl_module)
+        for record in records:  # plain Python in place (the log holds these very dicts)
+            plain = to_plain(record)
+            record.clear()
+            record.update(plain)
         self.events_done += 1
         reporter.log_stats(trainer, after)
         ops = ", ".join(r["op"] for r in records)
@@ -274,10 +317,19 @@ class CompressionCallback(Callback, Generic[PlanT]):
         if not has_batchnorm(pl_module):
             return 0
         plugin = trainer.precision_plugin
+        with isolated_rng():
+            first = next(iter(train_batches(trainer, 1)), None)
+        why = "" if first is None else inputs_from_batch(pl_module, first)[1]
+        if why:
+            rank_zero_warn(
+                f"{type(self).__name__}: BatchNorm statistics are not re-estimated after the event: {why}, so the "
+                "training batches cannot be fed to the model; pass `bn_recalibration_batches=0` to silence this."
+            )
+            return 0
 
         def forward(model: nn.Module, batch: Any) -> Any:
             with plugin.forward_context():
-                return call_with(model, plugin.convert_input(batch_inputs(batch)))
+                return call_with(model, plugin.convert_input(inputs_from_batch(model, batch)[0]))
 
         with isolated_rng():
             used = reestimate_batchnorm_(
@@ -304,7 +356,16 @@ class CompressionCallback(Callback, Generic[PlanT]):
     @property
     @override
     def state_key(self) -> str:
-        """Unique per method and ``targets``, so several instances of one method can share a Trainer."""
+        """The key of this callback's state in a checkpoint (see ``name``); stable across respelt ``targets``.
+
+        From ``setup`` on: ``Class{'name': ...}`` with a name, else the class name alone when the Trainer
+        holds one instance of the class, else the class name and a digest of the resolved layer set.
+        Before ``setup`` (when Lightning checks that keys are unique) the ``targets`` tell instances apart.
+        """
+        if self.name is not None:
+            return self._generate_state_key(name=self.name)
+        if self._resolved_key is not None:
+            return self._resolved_key
         targets = getattr(self, "targets", None)
         if targets is None:
             return super().state_key
@@ -315,10 +376,20 @@ class CompressionCallback(Callback, Generic[PlanT]):
         check_strategy_supported(trainer, type(self).__name__)
         destroy_gloo_group_at_exit()
         self.reporter(trainer)
+        install_one_shot_replay(pl_module)
+        if self.name is None:
+            self._resolved_key = _stable_state_key(trainer, pl_module, self)
         if stage == "fit":
             self._train_loop_started = False
-            install_one_shot_replay(pl_module)
+            _refuse_weight_averaging(trainer, type(self).__name__)
             _check_claims_once(trainer, pl_module, self)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint holding lit_compress callback state that no callback of the Trainer claims."""
+        methods = [cb for cb in _callbacks_of(trainer) if isinstance(cb, CompressionCallback)]
+        if methods and methods[0] is self:
+            _check_unclaimed_states(checkpoint, methods)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
@@ -347,6 +418,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
     ) -> None:
         # An optimizer step happened in this batch iff global_step moved (correct also on the last,
         # incomplete accumulation window of an epoch, where `batch_idx`-based tests are wrong).
+        self._pending_check = None  # a training batch ran on the changed model
         if trainer.global_step == self._last_global_step:
             return
         self._last_global_step = trainer.global_step
@@ -355,7 +427,28 @@ class CompressionCallback(Callback, Generic[PlanT]):
             self.run_event(trainer, pl_module, "step")
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """The first training batch after an event failed: restore the pre-event model, say so on the error."""
+        pending, self._pending_check = self._pending_check, None
+        if pending is None or not isinstance(exception, Exception):  # not on KeyboardInterrupt
+            return
+        changed = pending.changed_modules()
+        pending.restore()
+        note = (
+            f"lit_compress: this failed in the first training batch after a {type(self).__name__} event (changed: "
+            f"{', '.join(f'`{n}`' for n in changed[:5]) or 'weights only'}); the model was restored exactly as it "
+            "was before the event. Events are checked on example inputs before training goes on when the module "
+            "sets `example_input_array` or its forward takes the batch's first element."
+        )
+        add_note = getattr(exception, "add_note", None)  # Python >= 3.11
+        if callable(add_note):
+            add_note(note)
+        else:
+            rank_zero_warn(note)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending_check = None
         if self.event_due(trainer, pl_module, "fit_end"):
             self.run_event(trainer, pl_module, "fit_end")
 
@@ -369,9 +462,11 @@ class CompressionCallback(Callback, Generic[PlanT]):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[LOG_KEY] = log_payload(pl_module)
+        mark_not_replayed(checkpoint, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._pending_check = None  # e.g. after a fit-end event: nothing runs on the changed model here
         remove_one_shot_replay(pl_module)
         if stage != "fit" or not is_spawn_launcher(trainer):
             return
@@ -396,8 +491,13 @@ class CompressionCallback(Callback, Generic[PlanT]):
     @override
     def state_dict(self) -> dict[str, Any]:
         """``events_done``, torch's RNG states (Lightning saves none; they make a resume bit-exact with
-        dropout or shuffling) and the subclass's :meth:`extra_state`."""
-        return {"events_done": self.events_done, "rng": rng_states(), **self.extra_state()}
+        dropout or shuffling) and the subclass's :meth:`extra_state`, as plain Python data (``int``/``float``
+        subclasses such as the CLI's ``PositiveInt`` become ``int``/``float``, tuples lists), which
+        ``torch.load(weights_only=True)`` accepts."""
+        state = {"events_done": self.events_done, "rng": rng_states(), **self.extra_state()}
+        plain: dict[str, Any] = to_plain(state)
+        plain[_STATE_MARK] = type(self).__name__
+        return plain
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -405,6 +505,111 @@ class CompressionCallback(Callback, Generic[PlanT]):
         if state_dict.get("rng") is not None:
             set_rng_states(state_dict["rng"])
         self.load_extra_state(state_dict)
+
+
+def _runs(trainer: pl.Trainer, pl_module: L.LightningModule, inputs: Any) -> bool:
+    """Whether the module runs on ``inputs`` (before an event: else the inputs, not the event, are at fault)."""
+    try:
+        _check_forward_for(trainer, pl_module, inputs, [])
+    except Exception:
+        return False
+    return True
+
+
+def _check_forward_for(trainer: pl.Trainer, pl_module: L.LightningModule, inputs: Any, changed: list[str]) -> None:
+    """:func:`check_forward` under the Trainer's precision (inputs converted, autocast context)."""
+    plugin = trainer.precision_plugin
+    with plugin.forward_context(), isolated_rng():
+        check_forward(pl_module, plugin.convert_input(inputs), changed)
+
+
+#: Key marking a lit_compress callback's state in ``checkpoint["callbacks"]``.
+_STATE_MARK = "lit_compress_callback"
+
+
+def target_patterns(targets: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+    """``targets`` as a list of patterns: a single string is one pattern (never split into characters).
+
+    Raises:
+        ConfigError: For anything but a string, a list/tuple of strings, or ``None``.
+    """
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        return [targets]
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise allowed("targets", targets, "must be a pattern string, a list of pattern strings, or None")
+    return list(targets)
+
+
+def _stable_state_key(trainer: pl.Trainer, pl_module: L.LightningModule, callback: CompressionCallback[Any]) -> str:
+    """The class name if ``callback`` is the only instance of its class in the Trainer, else the class
+    name and a digest of the layers it resolves to (its ``targets`` as written if it cannot say)."""
+    import hashlib
+
+    cls = type(callback)
+    same = [cb for cb in _callbacks_of(trainer) if type(cb) is cls and getattr(cb, "name", None) is None]
+    if len(same) <= 1:
+        return cls.__qualname__
+    try:
+        layers = callback.claimed_modules(trainer, pl_module)
+    except Exception:
+        layers = None
+    if layers is None:
+        layers = list(getattr(callback, "targets", None) or [])
+    digest = hashlib.sha256("\n".join(sorted(layers)).encode()).hexdigest()[:12]
+    return callback._generate_state_key(layers=digest)
+
+
+def _check_unclaimed_states(checkpoint: dict[str, Any], methods: list[CompressionCallback[Any]]) -> None:
+    """Raise if ``checkpoint["callbacks"]`` holds lit_compress callback state no callback in ``methods`` claims.
+
+    A state of an older checkpoint (keyed by ``targets``) is handed to the one callback of its class
+    that has no state of its own in the checkpoint, when that is unambiguous.
+    """
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, dict):
+        return
+    keys = {cb.state_key for cb in methods}
+    unclaimed = [
+        k for k, v in states.items() if isinstance(k, str) and k not in keys and _lit_compress_class(k, v) is not None
+    ]
+    for key in list(unclaimed):
+        cls_name = _lit_compress_class(key, states[key])
+        candidates = [cb for cb in methods if type(cb).__name__ == cls_name and cb.state_key not in states]
+        same_class_left = [k for k in unclaimed if _lit_compress_class(k, states[k]) == cls_name]
+        if len(candidates) == 1 and len(same_class_left) == 1 and _STATE_MARK not in states[key]:
+            states[candidates[0].state_key] = states.pop(key)  # a pre-`name` checkpoint keyed by `targets`
+            unclaimed.remove(key)
+    if unclaimed:
+        present = ", ".join(f"{type(cb).__name__} (state key {cb.state_key!r})" for cb in methods)
+        raise ConfigError(
+            f"The checkpoint holds lit_compress callback state under {', '.join(repr(k) for k in unclaimed)} that "
+            f"no callback of this Trainer claims; the Trainer has: {present}. Resuming would run that "
+            "callback's schedule again from the start. Add the callback that wrote it with the same `name` (or "
+            "the same layers), or give the callback meant to continue it `name=` matching that key."
+        )
+
+
+def _lit_compress_class(key: Any, state: Any) -> str | None:
+    """The lit_compress callback class name that wrote ``state`` under ``key``, or ``None`` if not ours."""
+    if isinstance(state, dict) and isinstance(state.get(_STATE_MARK), str):
+        return str(state[_STATE_MARK])
+    if not isinstance(key, str):
+        return None
+    head = key.split("{", 1)[0]
+    return head if head in _method_class_names() else None
+
+
+def _method_class_names() -> set[str]:
+    names: set[str] = set()
+    todo: list[type] = [CompressionCallback]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            names.add(sub.__qualname__)
+            todo.append(sub)
+    return names
 
 
 def _callbacks_of(trainer: pl.Trainer) -> list[Callback]:
@@ -436,6 +641,34 @@ def _check_claims_once(trainer: pl.Trainer, pl_module: L.LightningModule, caller
         )
 
 
+#: Classes (by name, anywhere in the MRO) and attributes that mark a weight-averaging callback.
+_AVERAGING_CLASSES = {"WeightAveraging", "StochasticWeightAveraging", "EMAWeightAveraging"}
+_AVERAGING_ATTRIBUTES = ("_average_model", "_swa_epoch_start", "average_model")
+
+
+def is_weight_averaging(callback: object) -> bool:
+    """Whether ``callback`` keeps an averaged copy of the model (SWA, EMA, any ``WeightAveraging`` subclass)."""
+    if any(cls.__name__ in _AVERAGING_CLASSES for cls in type(callback).__mro__):
+        return True
+    return any(hasattr(callback, name) for name in _AVERAGING_ATTRIBUTES)
+
+
+def _refuse_weight_averaging(trainer: pl.Trainer, who: str) -> None:
+    """Refuse a weight-averaging callback next to a structural one, before any training.
+
+    Raises:
+        ConfigError: Naming both callbacks and why.
+    """
+    for callback in _callbacks_of(trainer):
+        if is_weight_averaging(callback):
+            raise ConfigError(
+                f"`{type(callback).__name__}` cannot be used together with `{who}`: it keeps an averaged copy of "
+                f"the model with the original architecture, while `{who}` changes the model's structure during "
+                "training, so the averaged weights no longer fit the model (a size mismatch after the first "
+                "event). Remove the weight-averaging callback, or average in a second `fit` on the compressed model."
+            )
+
+
 def _align_new_module_modes(model: nn.Module, old_modules: set[int]) -> None:
     """Give every module created by the surgery the train/eval mode of its parent."""
     for parent in model.modules():
@@ -451,7 +684,7 @@ def _send_events_to_launcher(module: nn.Module) -> None:
 
     def hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         if prefix == "":
-            state_dict[SPAWN_EVENTS_KEY] = [dict(e) for e in applied_events(mod)]
+            state_dict[SPAWN_EVENTS_KEY] = [to_plain(e) for e in applied_events(mod)]
 
     module.__dict__["_lit_compress_spawn_hook"] = module.register_state_dict_post_hook(hook)
 

@@ -11,8 +11,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_int
 from lit_compress.callbacks._schedule import ScheduledEvent
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import allowed
 from lit_compress.surgery.select import name_matches, select_modules
 
@@ -44,19 +45,18 @@ class FoldBatchNorm(CompressionCallback[FoldPlan]):
 
     def __init__(
         self,
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         at_epoch: NonNegativeInt | None = None,
         at_step: NonNegativeInt | None = None,
         bn_recalibration_batches: NonNegativeInt = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
+        check_int("at_epoch", at_epoch, 0, optional=True)
+        check_int("at_step", at_step, 0, optional=True)
         if at_epoch is not None and at_step is not None:
             raise allowed("at_step", at_step, "give `at_epoch` or `at_step`, not both")
-        if at_epoch is not None and at_epoch < 0:
-            raise allowed("at_epoch", at_epoch, "must be an integer >= 0")
-        if at_step is not None and at_step < 0:
-            raise allowed("at_step", at_step, "must be an integer >= 0")
-        self.targets = list(targets) if targets else ["*"]
+        self.targets = target_patterns(targets) or ["*"]
         self.at_epoch = at_epoch
         self.at_step = at_step
 

@@ -24,8 +24,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_choice, check_float, check_int
 from lit_compress.callbacks._types import UnitFraction
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.surgery.chains import ChainLink, discover_mlps, linear_features
 from lit_compress.surgery.collapse.mlp import (
@@ -96,7 +97,7 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
 
     def __init__(
         self,
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         last_n: PositiveInt | None = None,
         fraction: UnitFraction | None = None,
         stage_size: PositiveInt | None = None,
@@ -109,28 +110,22 @@ class LayerCollapse(CompressionCallback[CollapsePlan]):
         penalty: PenaltyMode = "auto",
         log_every_n_steps: PositiveInt = 50,
         bn_recalibration_batches: NonNegativeInt = 0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
+        check_int("last_n", last_n, 1, optional=True)
+        check_float("fraction", fraction, 0, 1, low_open=True, optional=True)
         if last_n is not None and fraction is not None:
             raise allowed("fraction", fraction, "give `last_n` or `fraction`, not both")
-        if last_n is not None and last_n < 1:
-            raise allowed("last_n", last_n, "must be an integer >= 1")
-        if fraction is not None and not 0 < fraction <= 1:
-            raise allowed("fraction", fraction, "must be in (0, 1]")
-        if stage_size is not None and stage_size < 1:
-            raise allowed("stage_size", stage_size, "must be an integer >= 1")
+        check_int("stage_size", stage_size, 1, optional=True)
         for name, value in (("lambda_start", lambda_start), ("lambda_final", lambda_final), ("warmup", warmup)):
-            if value < 0:
-                raise allowed(name, value, "must be >= 0")
-        if not 0 < tau < 1:
-            raise allowed("tau", tau, "must be in (0, 1)")
-        if penalty not in ("auto", "loss", "decoupled"):
-            raise allowed("penalty", penalty, "must be one of 'auto', 'loss', 'decoupled'")
-        if collapse_at not in ("epoch_start", "fit_end"):
-            raise allowed("collapse_at", collapse_at, "must be 'epoch_start' or 'fit_end'")
-        if warmup_unit not in ("epochs", "steps"):
-            raise allowed("warmup_unit", warmup_unit, "must be 'epochs' or 'steps'")
-        self.targets = list(targets) if targets else ["*"]
+            check_float(name, value, 0)
+        check_float("tau", tau, 0, 1, low_open=True, high_open=True)
+        check_choice("penalty", penalty, ["auto", "loss", "decoupled"])
+        check_choice("collapse_at", collapse_at, ["epoch_start", "fit_end"])
+        check_choice("warmup_unit", warmup_unit, ["epochs", "steps"])
+        check_int("log_every_n_steps", log_every_n_steps, 1)
+        self.targets = target_patterns(targets) or ["*"]
         self.last_n, self.fraction, self.stage_size = last_n, fraction, stage_size
         self.lambda_start, self.lambda_final = float(lambda_start), float(lambda_final)
         self.warmup, self.warmup_unit = float(warmup), warmup_unit

@@ -1,11 +1,18 @@
 """``LayerFusion`` (O'Neill, Ver Steeg, Galstyan 2020): tie similar layers during (re)training.
 
-The target fraction ``p`` of the model's parameters (unique storage when fusion starts) is removed
-in ``K`` equal increments spread over training: at each fusion step the similarity of every
-same-group pair of (clusters of) layers is recomputed on the current weights, and the most alike
-pairs are tied to one shared ``nn.Parameter`` until ``ceil(p·N₀·k/K)`` parameters are gone after
-step ``k``. The compression ratio on unique storage is then ``N₀/(N₀ − removed) ≈ 1/(1 − p)``.
-Every layer still runs: FLOPs and latency do not change, storage does.
+Two budgets for ``fraction`` ``p``, both reached in ``K`` even fusion steps spread over training:
+
+- ``budget="layers_per_group"`` (the paper's unit, the authors' ``compute_merge``): in each group of
+  ``n`` same-role, same-shape layers, ``⌊p·n⌋`` layers are fused (the group ends with ``n − ⌊p·n⌋``
+  distinct weights); step ``k`` brings every group to its share ``round(⌊p·n⌋·k/K)``. The unique
+  parameters removed follow from the groups' sizes (reported as ``fusion/unique_param_reduction``).
+- ``budget="parameters"`` (default): ``p`` is the share of the model's unique parameters removed,
+  ``ceil(p·N₀·k/K)`` after step ``k``; CR on unique storage ``≈ 1/(1 − p)``. Pairs of all groups
+  are ranked together on the size-normalised distance, most alike first.
+
+At each step every same-group pair of (clusters of) layers is scored at once on the current
+weights (:func:`lit_compress.surgery.fusion.pairwise.pairwise`) and the closest are tied to one
+shared ``nn.Parameter``. Every layer still runs: FLOPs and latency do not change, storage does.
 
 The math lives in :mod:`lit_compress.surgery.fusion.tie` (policies, planning, replay),
 :mod:`lit_compress.surgery.fusion.groups` (roles and groups) and
@@ -24,20 +31,32 @@ import lightning as L
 import lightning.pytorch as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_bool, check_choice, check_float, check_int
 from lit_compress.callbacks._optim import OptimizerSnapshot
 from lit_compress.callbacks._schedule import ScheduledEvent
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.measure import count_parameters
-from lit_compress.surgery.fusion.groups import candidate_groups, fusion_units, max_removable
+from lit_compress.surgery.fusion.align import hidden_space
+from lit_compress.surgery.fusion.groups import FusionGroup, candidate_groups, clusters, fusion_units, max_removable
+from lit_compress.surgery.fusion.plan import plan_fusions, plan_group_fusions, shared_elsewhere
 from lit_compress.surgery.fusion.similarity import MEASURES
-from lit_compress.surgery.fusion.tie import POLICIES, PlannedFusion, fuse_layers_, plan_fusions
+from lit_compress.surgery.fusion.tie import POLICIES, PlannedFusion, fuse_layers_
 from lit_compress.surgery.modules import get_submodule
 
 MeasureName = Literal["cosine", "covariance", "cka", "euclidean", "manhattan", "kl", "wasserstein"]
 PolicyName = Literal["mean", "mix", "freeze"]
+BudgetName = Literal["layers_per_group", "parameters"]
+BUDGETS = ("layers_per_group", "parameters")
+
+
+def group_key(group: FusionGroup) -> str:
+    """A stable text key of a fusion group (kept in checkpoints)."""
+    role, kind, params, shapes = group
+    return f"{role}|{kind}|{','.join(params)}|{';'.join('x'.join(map(str, s)) for s in shapes)}"
 
 
 class FusionPlan(TypedDict):
@@ -51,10 +70,12 @@ class LayerFusion(CompressionCallback[FusionPlan]):
     """Tie similar same-role, same-shape layers in ``increments`` fusion steps (see the module docstring).
 
     Args:
-        fraction: Target fraction ``p`` in (0, 1) of the model's parameters to remove by tying; the
-            compression ratio on unique storage is ``1/(1 − p)`` (0.7 → 3.33). Fusion stops short
-            only if the targets run out of same-group pairs, which :meth:`setup` refuses up front.
-        increments: Number ``K`` of fusion steps; each removes another ``p/K``.
+        fraction: ``p`` in (0, 1). With ``budget="parameters"`` the share of the model's unique
+            parameters to remove by tying (CR ``1/(1 − p)``, 0.7 → 3.33; :meth:`setup` refuses a
+            ``p`` the targets cannot reach); with ``"layers_per_group"`` the share of the layers of
+            each same-role, same-shape group that are fused (``⌊p·n⌋`` of ``n``), as in the paper.
+        budget: ``"parameters"`` (default) or ``"layers_per_group"`` (the paper's unit); see above.
+        increments: Number ``K`` of fusion steps; each takes an even share of the budget.
         every_n_epochs: Fuse at the start of every ``n``-th epoch, from epoch ``at_epoch``.
         every_n_steps: Fuse after every ``n``-th optimizer step, from step ``at_step``.
             With neither, the ``K`` steps are spread evenly over ``max_epochs`` (or, with ``at_step``
@@ -75,6 +96,11 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         optimizer_state: What a newly tied parameter's optimizer state becomes: ``reset`` (fresh
             moments, the authors' choice) or ``average`` (moments averaged over the tied layers,
             weighted by cluster size; the step count is the larger one).
+        align: Before each tie, permute the hidden units of the second cluster's blocks to match the
+            first's (weight matching; the function is unchanged), so the average is taken over matching
+            units. Applies to FFN projections and residual-block convs
+            (:mod:`lit_compress.surgery.fusion.align`); other selected layers are tied unaligned, named
+            in a warning at setup. The permuted tensors' optimizer state is reset. Off by default.
         seed: Seed of the ``mix``/``freeze`` random draws (with the fusion step's index).
         bn_recalibration_batches: See :class:`CompressionCallback` (a tied conv changes the statistics
             its BatchNorm sees).
@@ -83,6 +109,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
     def __init__(
         self,
         fraction: OpenUnitInterval = 0.5,
+        budget: BudgetName = "parameters",
         increments: PositiveInt = 10,
         every_n_epochs: PositiveInt | None = None,
         every_n_steps: PositiveInt | None = None,
@@ -90,48 +117,49 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         at_step: NonNegativeInt | None = None,
         measure: MeasureName = "wasserstein",
         policy: PolicyName = "mean",
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         include_norms: bool = False,
         include_embeddings: bool = False,
         optimizer_state: Literal["reset", "average"] = "reset",
+        align: bool = False,
         seed: int = 0,
         bn_recalibration_batches: NonNegativeInt = 20,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise allowed("fraction", fraction, "must be in the open interval (0, 1); CR = 1/(1 - fraction)")
-        if not isinstance(increments, int) or increments < 1:
-            raise allowed("increments", increments, "must be an integer >= 1")
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
+        check_float("fraction", fraction, 0, 1, low_open=True, high_open=True)
+        check_int("increments", increments, 1)
+        check_bool("include_norms", include_norms)
+        check_bool("include_embeddings", include_embeddings)
+        check_int("seed", seed)
+        check_bool("align", align)
         if every_n_epochs is not None and every_n_steps is not None:
             raise allowed("every_n_steps", every_n_steps, "give `every_n_epochs` or `every_n_steps`, not both")
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise allowed(name, value, "must be an integer >= 1")
+            check_int(name, value, 1, optional=True)
         for name, value in (("at_epoch", at_epoch), ("at_step", at_step)):
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise allowed(name, value, "must be an integer >= 0")
+            check_int(name, value, 0, optional=True)
         if at_epoch is not None and at_step is not None:
             raise allowed("at_step", at_step, "give `at_epoch` or `at_step`, not both")
         if at_epoch is not None and every_n_steps is not None:
             raise allowed("at_epoch", at_epoch, "a series `every_n_steps` starts `at_step`")
         if at_step is not None and every_n_epochs is not None:
             raise allowed("at_step", at_step, "a series `every_n_epochs` starts `at_epoch`")
-        if measure not in MEASURES:
-            raise allowed("measure", measure, f"must be one of {', '.join(repr(m) for m in MEASURES)}")
-        if policy not in POLICIES:
-            raise allowed("policy", policy, f"must be one of {', '.join(repr(p) for p in POLICIES)}")
-        if optimizer_state not in ("reset", "average"):
-            raise allowed("optimizer_state", optimizer_state, "must be 'reset' or 'average'")
-        self.fraction, self.increments = float(fraction), int(increments)
+        check_choice("measure", measure, list(MEASURES))
+        check_choice("policy", policy, list(POLICIES))
+        check_choice("optimizer_state", optimizer_state, ["reset", "average"])
+        check_choice("budget", budget, list(BUDGETS))
+        self.fraction, self.increments, self.budget = float(fraction), int(increments), str(budget)
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.at_epoch, self.at_step = at_epoch, at_step
         self.measure, self.policy = measure, policy
-        self.targets = list(targets) if targets else None
+        self.targets = target_patterns(targets) or None
         self.include_norms, self.include_embeddings = bool(include_norms), bool(include_embeddings)
-        self.optimizer_state, self.seed = optimizer_state, int(seed)
+        self.optimizer_state, self.seed, self.align = optimizer_state, int(seed), bool(align)
         self.increments_done = 0
         self.base_params: int | None = None  # unique parameters before the first fusion step
         self.removed_params = 0  # removed by this callback's ties (other methods' events do not count)
+        self.group_start: dict[str, int] = {}  # distinct weights per group when fusion started (layers_per_group)
         self.unit: str | None = None  # "epochs" or "steps", resolved at setup
         self.interval: int | None = None
 
@@ -148,9 +176,44 @@ class LayerFusion(CompressionCallback[FusionPlan]):
             return
         self._resolve_schedule(trainer)
         if self.base_params is None:
-            units = self._units(pl_module)
+            units = self._usable_units(pl_module, warn=True)
             self._check_feasible(pl_module, units)
             self.base_params = count_parameters(pl_module)
+            self.group_start = {
+                group_key(g): len(clusters(pl_module, members)) for g, members in candidate_groups(units).items()
+            }
+
+    def _usable_units(self, pl_module: L.LightningModule, warn: bool = False) -> list:
+        """The candidate units minus those whose parameter a candidate of another group also holds."""
+        units = self._units(pl_module)
+        skip = shared_elsewhere(pl_module, units)
+        if warn and skip:
+            listed = ", ".join(f"`{name}` (shares a parameter with `{other}`)" for name, other in sorted(skip.items()))
+            rank_zero_warn(f"LayerFusion leaves out layers whose parameters another group's layer holds: {listed}.")
+        if warn and self.targets:
+            singles = sorted(u.name for u in units if u.name not in skip and u.group not in candidate_groups(units))
+            if singles:
+                rank_zero_warn(
+                    "LayerFusion: these selected layers have no other layer of the same role and shape, so they "
+                    f"cannot be fused: {', '.join(f'`{n}`' for n in singles)}."
+                )
+        usable = [u for u in units if u.name not in skip]
+        if warn and self.align:
+            grouped = [u.name for members in candidate_groups(usable).values() for u in members]
+            fixed = [name for name in grouped if hidden_space(pl_module, name) is None]
+            if fixed:
+                listed = ", ".join(f"`{n}`" for n in fixed[:8]) + (
+                    f" and {len(fixed) - 8} more" if len(fixed) > 8 else ""
+                )
+                rank_zero_warn(
+                    f"LayerFusion(align=True) cannot permute the hidden units of {listed} (only FFN projections and "
+                    "residual-block convs are aligned); they are tied unaligned."
+                )
+        return usable
+
+    def _group_targets(self, pl_module: L.LightningModule, units: Sequence[Any]) -> dict[FusionGroup, int]:
+        """Distinct weights each group must end with: ``n − ⌊p·n⌋`` (at least 1)."""
+        return {g: max(1, len(m) - math.floor(self.fraction * len(m))) for g, m in candidate_groups(units).items()}
 
     def _check_feasible(self, pl_module: L.LightningModule, units: Sequence[Any]) -> None:
         groups = candidate_groups(units)
@@ -162,6 +225,16 @@ class LayerFusion(CompressionCallback[FusionPlan]):
                 "selecting at least two same-role, same-shape convs, linears, attention or FFN projections "
                 "(norms with `include_norms`, embeddings with `include_embeddings`)."
             )
+        if self.budget == "layers_per_group":
+            if all(math.floor(self.fraction * len(m)) == 0 for m in groups.values()):
+                largest = max(len(m) for m in groups.values())
+                raise allowed(
+                    "fraction",
+                    self.fraction,
+                    f"with budget='layers_per_group' it fuses floor(p * n) layers of a group of n, which is 0 in "
+                    f"every group (the largest has {largest} layers); use fraction >= {1 / largest:.3f}",
+                )
+            return
         base = count_parameters(pl_module)
         need, can = math.ceil(self.fraction * base), max_removable(pl_module, units)
         if need > can:
@@ -227,21 +300,33 @@ class LayerFusion(CompressionCallback[FusionPlan]):
     def plan_event(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> FusionPlan | None:
         base = int(self.base_params or count_parameters(pl_module))
         k = self.increments_done + 1
-        goal = math.ceil(self.fraction * base * k / self.increments)
-        remove = goal - self.removed_params
-        if remove <= 0:
-            return None
-        units = self._units(pl_module)
-        fusions = plan_fusions(
-            pl_module, units, self.measure, remove, self.policy, seed=self.seed * 1_000_003 + self.increments_done
-        )
+        seed = self.seed * 1_000_003 + self.increments_done
+        units = self._usable_units(pl_module)
+        if self.budget == "layers_per_group":
+            counts = {}
+            for group, target in self._group_targets(pl_module, units).items():
+                now = len(clusters(pl_module, candidate_groups(units)[group]))
+                start = self.group_start.get(group_key(group), now)
+                share = max(start - target, 0)
+                goal = start - (2 * share * k + self.increments) // (2 * self.increments)  # round(share·k/K)
+                if now > goal:
+                    counts[group] = now - goal
+            fusions = plan_group_fusions(pl_module, units, self.measure, counts, self.policy, seed=seed)
+        else:
+            goal = math.ceil(self.fraction * base * k / self.increments)
+            remove = goal - self.removed_params
+            if remove <= 0:
+                return None
+            fusions = plan_fusions(pl_module, units, self.measure, remove, self.policy, seed=seed)
         return FusionPlan(fusions=fusions, increment=k) if fusions else None
 
     @override
     def apply_event(self, pl_module: L.LightningModule, plan: FusionPlan) -> list[Record]:
-        records = fuse_layers_(pl_module, plan["fusions"], self.policy)
+        records = fuse_layers_(pl_module, plan["fusions"], self.policy, align=self.align)
         for record in records:
-            record.update(increment=int(plan["increment"]), increments=self.increments, measure=self.measure)
+            record.update(
+                increment=int(plan["increment"]), increments=self.increments, measure=self.measure, budget=self.budget
+            )
         return records
 
     @override
@@ -257,10 +342,17 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         self.removed_params += sum(int(r.get("removed_params", 0)) for r in records)
         if records and snapshot is not None and trainer.optimizers:
             merge_fused_optimizer_state_(trainer.optimizers, pl_module, records, snapshot.states, self.optimizer_state)
+            _reset_aligned_state_(trainer.optimizers, pl_module, records)
         if records and trainer.is_global_zero and self.base_params:
             ratio = self.base_params / max(count_parameters(pl_module), 1)
+            metrics = {"fusion/compression_ratio": ratio, "fusion/unique_param_reduction": self.achieved_reduction}
             for logger in trainer.loggers:
-                logger.log_metrics({"fusion/compression_ratio": ratio}, step=trainer.global_step)
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    @property
+    def achieved_reduction(self) -> float:
+        """Share of the unique parameters (when fusion started) that this callback's ties removed."""
+        return self.removed_params / self.base_params if self.base_params else 0.0
 
     @override
     def claimed_modules(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> list[str] | None:
@@ -274,6 +366,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
             "removed_params": self.removed_params,
             "unit": self.unit,
             "interval": self.interval,
+            "group_start": dict(self.group_start),
         }
 
     @override
@@ -283,6 +376,19 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         self.removed_params = int(state.get("removed_params", 0))
         self.unit = state.get("unit", self.unit)
         self.interval = state.get("interval", self.interval)
+        self.group_start = {str(k): int(v) for k, v in dict(state.get("group_start", {})).items()}
+
+
+def _reset_aligned_state_(
+    optimizers: Sequence[torch.optim.Optimizer], model: torch.nn.Module, records: Sequence[dict[str, Any]]
+) -> None:
+    """Drop the optimizer state of tensors permuted by alignment (their moments no longer line up)."""
+    names = {n for r in records for f in r.get("fusions", []) for n in f.get("aligned", [])}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for opt in optimizers:
+        for name in names:
+            if name in params:
+                opt.state.pop(params[name], None)
 
 
 def _average_states(a: dict[str, Any], b: dict[str, Any], n_a: int, n_b: int) -> dict[str, Any]:

@@ -34,8 +34,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_str,
+    check_writable,
+)
 from lit_compress.callbacks._schedule import ScheduledEvent
-from lit_compress.callbacks.base import CompressionCallback, Moment, Record
+from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, SurgeryError, allowed
 from lit_compress.surgery.replay import applied_events
 from lit_compress.surgery.select import name_matches
@@ -135,15 +143,14 @@ class LayerMerge(CompressionCallback[MergePlan]):
         save_plan: str | None = None,
         merge_at_end: bool = True,
         at_epoch: NonNegativeInt = 0,
-        targets: list[str] | None = None,
+        targets: str | list[str] | None = None,
         progress: bool = True,
         bn_recalibration_batches: NonNegativeInt = 20,
+        name: str | None = None,
     ) -> None:
-        super().__init__(bn_recalibration_batches=bn_recalibration_batches)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget < 1.0:
-            raise allowed("budget", budget, "a fraction of the original latency strictly between 0 and 1")
-        if importance not in ("finetune", "loss_proxy"):
-            raise allowed("importance", importance, "one of 'finetune', 'loss_proxy'")
+        super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
+        check_float("budget", budget, 0, 1, low_open=True, high_open=True)
+        check_choice("importance", importance, ["finetune", "loss_proxy"])
         for name, value in (
             ("importance_steps", importance_steps),
             ("importance_batches", importance_batches),
@@ -151,18 +158,27 @@ class LayerMerge(CompressionCallback[MergePlan]):
             ("latency_batch_size", latency_batch_size),
             ("latency_repeats", latency_repeats),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise allowed(name, value, "an integer >= 1")
-        if latency_input_size is not None and (not isinstance(latency_input_size, int) or latency_input_size < 1):
-            raise allowed("latency_input_size", latency_input_size, "an integer >= 1 or None")
-        if not isinstance(latency_warmup, int) or latency_warmup < 0:
-            raise allowed("latency_warmup", latency_warmup, "an integer >= 0")
-        if not importance_lr > 0:
-            raise allowed("importance_lr", importance_lr, "a number > 0")
-        if time_unit_ms is not None and not (time_unit_ms > 0 and math.isfinite(time_unit_ms)):
-            raise allowed("time_unit_ms", time_unit_ms, "a finite number > 0, or None")
-        if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 0:
-            raise allowed("at_epoch", at_epoch, "an integer >= 0")
+            check_int(name, value, 1)
+        check_int("latency_input_size", latency_input_size, 1, optional=True)
+        check_int("latency_warmup", latency_warmup, 0)
+        check_float("importance_lr", importance_lr, 0, low_open=True)
+        check_float("time_unit_ms", time_unit_ms, 0, low_open=True, optional=True)
+        check_int("at_epoch", at_epoch, 0)
+        for name, text in (
+            ("latency_device", latency_device),
+            ("latency_cache", latency_cache),
+            ("load_plan", load_plan),
+            ("save_plan", save_plan),
+        ):
+            check_str(name, text, optional=True)
+        check_bool("merge_at_end", merge_at_end)
+        check_bool("progress", progress)
+        if latency_device is not None:
+            try:
+                torch.device(latency_device)
+            except (RuntimeError, TypeError) as err:
+                what = f"a torch device string such as 'cpu' or 'cuda:0' ({err})"
+                raise allowed("latency_device", latency_device, what) from err
         if load_plan is not None and not Path(load_plan).is_file():
             raise allowed("load_plan", load_plan, "an existing plan file written with `save_plan`")
         self.budget = float(budget)
@@ -182,7 +198,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
         self.save_plan = save_plan
         self.merge_at_end = merge_at_end
         self.at_epoch = at_epoch
-        self.targets = list(targets) if targets else ["*"]
+        self.targets = target_patterns(targets) or ["*"]
         self.progress = progress
         self.planned = False
         self.merged = False
@@ -247,6 +263,13 @@ class LayerMerge(CompressionCallback[MergePlan]):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and not self.planned:
+            # files written while planning: found unwritable now, not after the latency table or pretraining
+            if self.save_plan is not None:
+                check_writable("save_plan", self.save_plan)
+            if self.load_plan is None:
+                cache = self.latency_cache or str(Path(trainer.default_root_dir) / "layermerge_latency.json")
+                check_writable("latency_cache", cache)
         if stage == "fit" and not self.planned and not applied_events(pl_module):
             from lit_compress.surgery.layermerge.blocks import analyze_merge_space
 

@@ -16,10 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks._args import check_bool, check_int, check_str, check_writable
 from lit_compress.callbacks._distributed import broadcast_from_rank_zero
-from lit_compress.callbacks._inputs import example_inputs
+from lit_compress.callbacks._forward import how_to_enable, inputs_from_batch
+from lit_compress.callbacks._inputs import isolated_rng, train_batches
 from lit_compress.errors import allowed
-from lit_compress.inputs import batch_inputs, first_samples, rebatch
+from lit_compress.inputs import first_samples, inputs_to, rebatch
 from lit_compress.surgery.replay import applied_events
 
 
@@ -68,16 +70,24 @@ class CompressionReport(Callback):
         output_dir: str | None = None,
         print_report: bool = True,
     ) -> None:
-        if latency_batch_size < 1:
-            raise allowed("latency_batch_size", latency_batch_size, "must be an integer >= 1")
-        if latency_repeats < 1:
-            raise allowed("latency_repeats", latency_repeats, "must be an integer >= 1")
-        if latency_rounds < 1:
-            raise allowed("latency_rounds", latency_rounds, "must be an integer >= 1")
-        if latency_input_shape is not None and (
-            not latency_input_shape or any(int(d) < 1 for d in latency_input_shape)
+        for name, flag in (
+            ("measure_flops", measure_flops),
+            ("measure_latency", measure_latency),
+            ("latency_compare", latency_compare),
+            ("print_report", print_report),
         ):
-            raise allowed("latency_input_shape", latency_input_shape, "must be a non-empty list of positive sizes")
+            check_bool(name, flag)
+        check_int("latency_batch_size", latency_batch_size, 1)
+        check_int("latency_repeats", latency_repeats, 1)
+        check_int("latency_rounds", latency_rounds, 1)
+        if latency_input_shape is not None and (
+            isinstance(latency_input_shape, (str, bytes))
+            or not isinstance(latency_input_shape, (list, tuple))
+            or not latency_input_shape
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in latency_input_shape)
+        ):
+            raise allowed("latency_input_shape", latency_input_shape, "a non-empty list of integer sizes >= 1, or None")
+        check_str("output_dir", output_dir, optional=True)
         self.measure_flops = measure_flops
         self.measure_latency = measure_latency
         self.latency_batch_size = latency_batch_size
@@ -94,16 +104,45 @@ class CompressionReport(Callback):
         self.latency: dict[str, Any] | None = None  # the original and the final model timed together (fit end)
         self.notes: list[str] = []  # what did not happen (fit end)
         self._cached_inputs: Any = None
+        self.no_inputs = ""  # why no example input could be determined (empty when one was)
+        self._skipped = False  # FLOPs/latency skipped for this fit (warned once)
         self._original: nn.Module | None = None  # CPU copy of the model as it started fit (rank 0)
 
     # ------------------------------------------------------------------ measurement
     def example_inputs(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> Any:
-        """A 2-sample input on the module's device (see :func:`lit_compress.callbacks._inputs.example_inputs`)."""
+        """A 2-sample input on the module's device, or ``None`` when none can be determined.
+
+        The module's ``example_input_array`` when set; otherwise the inputs of a training batch, where
+        the ``forward`` signature says which part of the batch they are
+        (:func:`lit_compress.callbacks._forward.inputs_from_batch`); otherwise ``None`` (why: :attr:`no_inputs`).
+        """
+        example = getattr(pl_module, "example_input_array", None)
+        if example is not None:
+            return inputs_to(example, getattr(pl_module, "device", None))
+        if self._cached_inputs is None and trainer is not None:
+            with isolated_rng():
+                for batch in train_batches(trainer, 1):
+                    self._cache_from_batch(pl_module, batch)
         if self._cached_inputs is None:
-            self._cached_inputs = example_inputs(trainer, pl_module)
-            if isinstance(self._cached_inputs, torch.Tensor):
-                self._cached_inputs = self._cached_inputs.detach()
-        return self._cached_inputs
+            return None
+        return inputs_to(self._cached_inputs, getattr(pl_module, "device", None))
+
+    def _cache_from_batch(self, pl_module: L.LightningModule, batch: Any) -> None:
+        inputs, why = inputs_from_batch(pl_module, batch)
+        if inputs is None:
+            self.no_inputs = why
+        else:
+            self._cached_inputs = first_samples(inputs, 2)
+
+    def _skip_measurement(self, pl_module: L.LightningModule, why: str) -> None:
+        """Stop measuring FLOPs and latency for this fit, with one warning that says how to enable them."""
+        if self._skipped:
+            return
+        self._skipped = True
+        rank_zero_warn(
+            f"CompressionReport: FLOPs and latency are not measured for this fit: {why}. {how_to_enable(pl_module)}; "
+            "or pass `CompressionReport(measure_flops=False)` to silence this."
+        )
 
     def measure(self, trainer: pl.Trainer | None, pl_module: L.LightningModule) -> dict[str, Any]:
         """Parameters, FLOPs, latency and the latest validation metrics, measured on rank 0 and broadcast."""
@@ -143,18 +182,23 @@ class CompressionReport(Callback):
     ) -> dict[str, Any]:
         from lit_compress.measure import count_flops, count_parameters, measure_latency
 
-        stats: dict[str, Any] = {"params": count_parameters(pl_module)}
-        inputs = self.example_inputs(trainer, pl_module) if (self.measure_flops or self.measure_latency) else None
-        stats["flops"] = None
-        if self.measure_flops and inputs is not None:
-            stats["flops"] = int(count_flops(pl_module, inputs))
-        stats["latency_ms"] = None
-        if self.measure_latency and latency and inputs is not None:
-            lat_inputs = self._latency_inputs(inputs, pl_module)
-            result = measure_latency(
-                pl_module, lat_inputs, warmup=5, repeats=self.latency_rounds * self.latency_repeats
-            )
-            stats.update(_latency_stats(result))
+        stats: dict[str, Any] = {"params": count_parameters(pl_module), "flops": None, "latency_ms": None}
+        wanted = (self.measure_flops or self.measure_latency) and not self._skipped
+        inputs = self.example_inputs(trainer, pl_module) if wanted else None
+        if wanted and inputs is None:
+            self._skip_measurement(pl_module, self.no_inputs or "no example input and no training batch")
+        try:
+            if self.measure_flops and inputs is not None and not self._skipped:
+                stats["flops"] = int(count_flops(pl_module, inputs))
+            if self.measure_latency and latency and inputs is not None and not self._skipped:
+                lat_inputs = self._latency_inputs(inputs, pl_module)
+                result = measure_latency(
+                    pl_module, lat_inputs, warmup=5, repeats=self.latency_rounds * self.latency_repeats
+                )
+                stats.update(_latency_stats(result))
+        except Exception as err:  # a measurement never ends the fit
+            stats["flops"] = None
+            self._skip_measurement(pl_module, f"the forward on the example input failed ({type(err).__name__}: {err})")
         if trainer is not None:
             stats.update(_val_metrics(trainer))
         return stats
@@ -168,7 +212,7 @@ class CompressionReport(Callback):
             return {"stats": self._measure_local(trainer, pl_module), "latency": None}
         stats = self._measure_local(trainer, pl_module, latency=False)
         inputs = self.example_inputs(trainer, pl_module)
-        if inputs is None:
+        if inputs is None or self._skipped:
             return {"stats": stats, "latency": None}
         lat_inputs = self._latency_inputs(inputs, pl_module)
         before, after = measure_interleaved(
@@ -214,11 +258,20 @@ class CompressionReport(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """An ``output_dir`` (or ``default_root_dir``) that cannot be written fails here, not after training."""
+        if stage == "fit":
+            if self.output_dir is not None:
+                check_writable("output_dir", self.output_dir, is_dir=True)
+            else:
+                check_writable("default_root_dir", trainer.default_root_dir, is_dir=True)
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._cached_inputs is None and getattr(pl_module, "example_input_array", None) is None:
-            self._cached_inputs = first_samples(batch_inputs(batch), 2)
+            self._cache_from_batch(pl_module, batch)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:

@@ -21,8 +21,8 @@ def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> int:
     A multiply-add counts as 2 FLOPs (``Linear(16, 32)`` on a ``(4, 16)`` batch: ``2*4*16*32``).
     Only operations that ``FlopCounterMode`` knows are counted (matmuls, convolutions,
     attention); elementwise ops, normalisation and biases count 0. Tensors in
-    ``example_inputs`` are moved to the model's device. Every module's train/eval flag is
-    restored afterwards.
+    ``example_inputs`` are moved to the model's device (floating ones cast to its dtype).
+    Every module's train/eval flag is restored afterwards.
 
     Args:
         model: The model to count.
@@ -35,8 +35,8 @@ def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> int:
         ConfigError: If the forward pass fails on these inputs (the message names the model,
             the input shapes and the error).
     """
-    device, _ = module_device_dtype(model)
-    args, kwargs = split_inputs(inputs_to(example_inputs, device))
+    device, dtype = module_device_dtype(model)  # floating inputs follow the model's dtype (`*-true` precision)
+    args, kwargs = split_inputs(inputs_to(example_inputs, device, dtype))
     counter = FlopCounterMode(display=False)
     with preserve_mode(model), torch.no_grad():
         model.eval()

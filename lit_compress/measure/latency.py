@@ -85,10 +85,12 @@ def measure_latency(
         shape = _check_shape(input_shape)
         _, dtype = module_device_dtype(model)
         batch = 1 if batch_size is None else batch_size
-        inputs: ExampleInputs = torch.randn(batch, *shape, dtype=dtype, device=target)
+        # a private generator: measuring must not draw from (and so shift) the global RNG of training
+        generator = torch.Generator(device=target).manual_seed(0)
+        inputs: ExampleInputs = torch.randn(batch, *shape, dtype=dtype, device=target, generator=generator)
     else:
         inputs = example_inputs if batch_size is None else rebatch(example_inputs, batch_size)
-        inputs = inputs_to(inputs, target)
+        inputs = inputs_to(inputs, target, module_device_dtype(model)[1])
         batch = batch_size_of(inputs) if batch_size is None else batch_size
     args, kwargs = split_inputs(inputs)
     flush = _flush_denormal(flush_denormal and target.type == "cpu")
@@ -149,7 +151,7 @@ def measure_interleaved(
         raise allowed("models", list(models), "at least one model")
     target = _resolve_device(device, models[0])
     inputs = example_inputs if batch_size is None else rebatch(example_inputs, batch_size)
-    inputs = inputs_to(inputs, target)
+    inputs = inputs_to(inputs, target, module_device_dtype(models[0])[1])
     batch = batch_size_of(inputs) if batch_size is None else batch_size
     args, kwargs = split_inputs(inputs)
     times: list[list[float]] = [[] for _ in models]

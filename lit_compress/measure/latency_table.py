@@ -157,11 +157,15 @@ def latency_table(
             except ImportError:  # pragma: no cover - tqdm ships with lightning
                 pass
         start = time.perf_counter()
-        for key in iterator:
-            c = by_key[key]
-            shape = space.input_shapes[c.start + 1]
-            layer = _layer(c, space.act_class)
-            section["entries"][key] = time_layer(layer, shape, batch_size, device, warmup, repeats)
+        # Building the candidate layers initialises weights: keep the global RNG as it was, so that a run
+        # that measures the table and one that reads it from the cache train identically afterwards.
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            for key in iterator:
+                c = by_key[key]
+                shape = space.input_shapes[c.start + 1]
+                layer = _layer(c, space.act_class)
+                section["entries"][key] = time_layer(layer, shape, batch_size, device, warmup, repeats)
         section["measured_s"] = section.get("measured_s", 0.0) + time.perf_counter() - start
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,15 @@ import torch
 LOG_KEY = "lit_compress"
 LOG_VERSION = 1
 
+#: Sentinel entry of a compressed checkpoint's ``state_dict``; its name is the message a plain,
+#: strict ``load_state_dict`` shows (as an unexpected key) when nobody replayed the log.
+NOT_REPLAYED_KEY = (
+    "lit_compress: this checkpoint holds structural events (ties, decompositions, merges) that were NOT "
+    "replayed, so the weights would load into the uncompressed architecture; load it with "
+    "lit_compress.load_from_checkpoint(YourModule, path), or make lit_compress.CompressMixin the first base "
+    "of YourModule, or resume with a lit_compress callback in the Trainer"
+)
+
 
 def make_record(op: str, **fields: Any) -> dict[str, Any]:
     """A new record for operation ``op``; ``fields`` are converted to plain data."""

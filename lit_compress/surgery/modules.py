@@ -92,6 +92,7 @@ class SurgeryTransaction(contextlib.AbstractContextManager):
 
     def __enter__(self) -> SurgeryTransaction:
         _JOURNALS.append([])
+        self._journal: list[Any] = []
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -99,14 +100,24 @@ class SurgeryTransaction(contextlib.AbstractContextManager):
         if exc_type is None:
             if _JOURNALS:  # nested: the outer transaction may still roll us back
                 _JOURNALS[-1].extend(journal)
+            self._journal = journal
             return
-        for kind, owner, name, old in reversed(journal):
-            if kind == "module":
-                owner._modules[name] = old
-            elif old is _MISSING:
-                owner._parameters.pop(name, None)
-            else:
-                owner._parameters[name] = old
+        _undo(journal)
+
+    def rollback(self) -> None:
+        """Undo the edits of a transaction that completed (e.g. when a later step, outside it, failed)."""
+        journal, self._journal = self._journal, []
+        _undo(journal)
+
+
+def _undo(journal: list[Any]) -> None:
+    for kind, owner, name, old in reversed(journal):
+        if kind == "module":
+            owner._modules[name] = old
+        elif old is _MISSING:
+            owner._parameters.pop(name, None)
+        else:
+            owner._parameters[name] = old
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from torch import nn
 
 from lit_compress.errors import ReplayError
-from lit_compress.surgery.log import plain_equal
+from lit_compress.surgery.integrity import DIGEST_KEY, check_structure
+from lit_compress.surgery.log import NOT_REPLAYED_KEY, plain_equal
 from lit_compress.surgery.modules import SurgeryTransaction
 
 #: A record type: ``dict[str, Any]``, or the ``TypedDict`` an op declares for its records.
@@ -50,7 +51,15 @@ def applied_events(model: nn.Module) -> list[dict[str, Any]]:
     if events is None:
         events = []
         model.__dict__[_EVENTS_ATTR] = events
+        model.register_load_state_dict_pre_hook(_accept_replayed_sentinel)
     return events
+
+
+def _accept_replayed_sentinel(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook: drop the not-replayed sentinel of a checkpoint whose events ``module`` already carries."""
+    key = prefix + NOT_REPLAYED_KEY
+    if key in state_dict and len(module.__dict__.get(_EVENTS_ATTR) or []) >= int(state_dict[key]):
+        del state_dict[key]
 
 
 def record_events(model: nn.Module, records: Sequence[dict[str, Any]]) -> None:
@@ -88,14 +97,15 @@ def replay_events_(model: nn.Module, events: Sequence[dict[str, Any]]) -> int:
                 raise
             except Exception as err:
                 raise ReplayError(f"Cannot replay event #{index} (op={op!r}) on {type(model).__name__}: {err}") from err
-    done.extend(todo)
+            check_structure(model, record, index)
+    done.extend({k: v for k, v in record.items() if k != DIGEST_KEY} for record in todo)
     return len(todo)
 
 
 def _structural(record: dict[str, Any]) -> dict[str, Any]:
     from lit_compress.surgery.log import strip_measurements
 
-    return strip_measurements(record)
+    return {k: v for k, v in strip_measurements(record).items() if k != DIGEST_KEY}
 
 
 def _import_builtin_ops() -> None:

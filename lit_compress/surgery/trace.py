@@ -24,8 +24,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from lit_compress.errors import SurgeryError
-from lit_compress.inputs import call_with, tensors_of
-from lit_compress.surgery.modules import preserve_mode
+from lit_compress.inputs import call_with, inputs_to, tensors_of
+from lit_compress.surgery.modules import module_device_dtype, preserve_mode
 
 # Modules with children that are still traced as one opaque call: MultiheadAttention uses its
 # ``out_proj`` weights functionally and never calls the submodule.
@@ -150,7 +150,8 @@ def trace_dataflow(
     Args:
         model: The model; its train/eval flags are restored, its weights and buffers are not changed.
         example_inputs: A tensor (``model(x)``), a tuple/list (``model(*args)``) or a dict
-            (``model(**kwargs)``), already on the model's device (:mod:`lit_compress.inputs`).
+            (``model(**kwargs)``), already on the model's device (:mod:`lit_compress.inputs`); floating tensors
+            are cast to the model's dtype.
         leaf_types: Extra module classes to record as one call (their insides are not traced).
 
     Returns:
@@ -159,6 +160,7 @@ def trace_dataflow(
     Raises:
         SurgeryError: If the forward pass fails.
     """
+    example_inputs = inputs_to(example_inputs, None, module_device_dtype(model)[1])  # `*-true` precision
     leaves = leaf_module_names(model, leaf_types)
     labels = {id(p): f"param:{n}" for n, p in model.named_parameters()}
     labels.update({id(b): f"buffer:{n}" for n, b in model.named_buffers()})

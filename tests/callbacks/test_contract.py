@@ -44,9 +44,11 @@ BASE_PRIVATES = (
 
 
 def snapshot(callback: CompressionCallback[Any]) -> dict[str, Any]:
-    """Every data attribute of the callback, deep-copied (the shared report object and the methods
-    assigned to the instance, by Lightning or by the spies, left out)."""
-    return copy.deepcopy({k: v for k, v in vars(callback).items() if k != "_reporter" and not callable(v)})
+    """Every data attribute of the callback, deep-copied (left out: the shared report object, the engine's
+    pre-event model copy kept until the first batch after an event, and the methods assigned to the
+    instance by Lightning or by the spies)."""
+    engine = ("_reporter", "_pending_check")
+    return copy.deepcopy({k: v for k, v in vars(callback).items() if k not in engine and not callable(v)})
 
 
 class StateSpy:

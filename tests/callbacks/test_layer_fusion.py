@@ -323,3 +323,51 @@ def test_schedule_arguments_follow_the_shared_vocabulary(tmp_path: Path, seed: i
     model = FusionNet()
     trainer_for(tmp_path, [LayerFusion(fraction=0.4, increments=2, at_step=2)], max_steps=11).fit(model)
     assert [e["global_step"] for e in fusion_events(model)] == [2, 5]
+
+
+def test_layers_per_group_budget_fuses_floor_p_n_layers_in_even_steps(tmp_path: Path, seed: int) -> None:
+    model = FusionNet()
+    callback = LayerFusion(fraction=0.7, budget="layers_per_group", increments=2, every_n_epochs=1)
+    trainer_for(tmp_path, [callback], max_epochs=3).fit(model)
+    events = fusion_events(model)
+    # the group of four Linear(32, 32): floor(0.7 * 4) = 2 layers fused, one per step
+    assert [len(e["fusions"]) for e in events] == [1, 1] and {e["budget"] for e in events} == {"layers_per_group"}
+    assert count_parameters(model) == BASE - 2 * UNIT
+    assert callback.achieved_reduction == pytest.approx(2 * UNIT / BASE)
+    assert len({id(layer.weight) for layer in model.layers}) == 2
+
+
+def test_layers_per_group_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"`budget`='layers' is not allowed: must be one of 'layers_per_group'"):
+        LayerFusion(budget="layers")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"`fraction`=0.2 is not allowed: .* use fraction >= 0.250"):
+        trainer_for(tmp_path, [LayerFusion(fraction=0.2, budget="layers_per_group")], max_epochs=1).fit(FusionNet())
+    callback = LayerFusion(fraction=0.5, budget="layers_per_group", targets=["stem", "layers.*"], increments=1)
+    with pytest.warns(UserWarning, match=r"no other layer of the same role and shape.*`stem`"):
+        trainer_for(tmp_path, [callback], max_epochs=1).fit(FusionNet())
+
+
+def test_aligned_fusion_in_fit_warns_about_layers_it_cannot_permute(tmp_path: Path, seed: int) -> None:
+    from lit_compress.models import CausalLanguageModel
+
+    model = CausalLanguageModel(vocab_size=30, block_size=16, n_layer=3, n_head=2, d_model=16, warmup_steps=1)
+    tokens = torch.randint(0, 30, (32, 17))
+    loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
+    callback = LayerFusion(fraction=0.5, budget="layers_per_group", increments=1, every_n_steps=2, align=True)
+    with pytest.warns(UserWarning, match=r"align=True\) cannot permute the hidden units of .*q_proj"):
+        trainer_for(tmp_path, [callback], max_epochs=1).fit(model, loader)
+    fusions = [f for e in fusion_events(model) for f in e["fusions"]]
+    assert len(fusions) == 6  # q, k, v, out, ffn_in, ffn_out: floor(0.5 * 3) = 1 layer each
+    ffn = [f for f in fusions if "mlp" in f["a"][0]]
+    assert ffn and all("align_skipped" not in f for f in ffn)
+    assert all("align_skipped" in f for f in fusions if "attn" in f["a"][0])
+
+
+def test_a_layer_sharing_a_parameter_with_another_groups_layer_is_named_and_left_out() -> None:
+    model = FusionNet()
+    model.stem2 = nn.Linear(16, 32)  # a second stem: the two form a group
+    model.layers[0].bias = model.stem2.bias  # a bias shared across two groups
+    callback = LayerFusion(fraction=0.5, budget="layers_per_group")
+    with pytest.warns(UserWarning, match=r"`layers.0` \(shares a parameter with `stem2.bias`\)"):
+        units = callback._usable_units(model, warn=True)
+    assert {u.name for u in units} == {"stem", "head", "layers.1", "layers.2", "layers.3"}

@@ -126,3 +126,11 @@ def test_denormals_are_flushed_while_timing_and_the_setting_is_restored() -> Non
     seen.clear()
     measure_latency(Probe(), input_shape=(3,), warmup=0, repeats=2, flush_denormal=False)
     assert seen and not any(seen)
+
+
+def test_a_drawn_input_does_not_touch_the_global_rng() -> None:
+    layer = nn.Linear(4, 2)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    measure_latency(layer, input_shape=(4,), batch_size=2, warmup=0, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)

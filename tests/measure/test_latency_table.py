@@ -84,3 +84,13 @@ def test_real_timings_are_positive(tmp_path: Path) -> None:
     table = latency_table(space, cands, batch_size=1, warmup=0, repeats=1, cache=tmp_path / "lat.json", progress=False)
     assert set(table) == {c.key for c in cands} and all(v > 0 for v in table.values())
     assert original_latency(space, cands, table) > 0
+
+
+def test_measuring_the_table_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    """Building candidate layers and drawing inputs must not shift training's RNG (a run that reads the
+    table from the cache would otherwise diverge from one that measured it: resume was not bit-exact)."""
+    _net, space, cands = _space(8)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    latency_table(space, cands[:3], batch_size=1, warmup=0, repeats=1, cache=tmp_path / "lat.json", progress=False)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -71,6 +71,7 @@ from lit_compress.surgery.alds.low_rank import (
     folded_groups,
     layer_shape,
     low_rank_size,
+    read_by_parent_reason,
     single_thread,
     undecomposable_reason,
 )
@@ -235,6 +236,8 @@ def target_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[str], di
     for name in names:
         layer = get_submodule(model, name)
         reason = None if isinstance(layer, LowRankLayer) else undecomposable_reason(layer)
+        if reason is None:
+            reason = read_by_parent_reason(model, name)
         if reason is None and name in tied:
             reason = "its weight is shared with another module"
         if reason is None:

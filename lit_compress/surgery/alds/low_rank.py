@@ -34,7 +34,13 @@ from torch import Tensor, nn
 
 from lit_compress.errors import SurgeryError
 from lit_compress.surgery.log import plain_record
-from lit_compress.surgery.modules import get_submodule, module_device_dtype, replace_submodule
+from lit_compress.surgery.modules import (
+    SurgeryTransaction,
+    get_submodule,
+    module_device_dtype,
+    replace_submodule,
+    split_name,
+)
 from lit_compress.surgery.replay import register_replay
 
 Dense = nn.Conv2d | nn.Linear
@@ -185,6 +191,43 @@ def undecomposable_reason(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.Linear):
         return None
     return f"{type(layer).__name__} is not a Conv2d or Linear"
+
+
+#: ``(parent class, child names, what the parent does)``: parents that read a child's ``.weight``
+#: directly instead of calling it, so that child must stay a dense layer.
+_READ_BY_PARENT: tuple[tuple[type[nn.Module], tuple[str, ...], str], ...] = (
+    (
+        nn.MultiheadAttention,
+        ("out_proj",),
+        "reads `out_proj.weight`/`.bias` directly (F.multi_head_attention_forward) instead of calling the layer",
+    ),
+    (
+        nn.TransformerEncoderLayer,
+        ("linear1", "linear2"),
+        "reads `linear1.weight`/`linear2.weight` directly in its inference fast path (eval mode, no grad)",
+    ),
+)
+
+
+def read_by_parent_reason(model: nn.Module, name: str) -> str | None:
+    """Why the layer ``name`` must stay a dense module in ``model`` although it is a ``Linear``
+    (``None`` when nothing outside it depends on its class).
+
+    ``nn.MultiheadAttention`` computes with ``out_proj.weight``/``.bias`` instead of calling
+    ``out_proj``, and ``nn.TransformerEncoderLayer``'s inference fast path reads ``linear1.weight``
+    and ``linear2.weight``: a decomposed layer there has no ``.weight`` and the forward fails.
+    """
+    if not name:
+        return None
+    parent_name, child = split_name(name)
+    parent = get_submodule(model, parent_name)
+    for kind, children, what in _READ_BY_PARENT:
+        if isinstance(parent, kind) and child in children:
+            return (
+                f"its parent `{parent_name or '(model)'}` is an nn.{kind.__name__}, which {what}, so a decomposed "
+                f"`{child}` would break it"
+            )
+    return None
 
 
 @contextlib.contextmanager
@@ -357,21 +400,42 @@ def _dense_layer(model: nn.Module, name: str) -> Dense:
     return layer
 
 
+def check_decomposable(model: nn.Module, plan: Mapping[str, RankChoice]) -> None:
+    """Check every layer of ``plan`` in ``model`` (class, geometry, what reads it) without changing anything.
+
+    Raises:
+        SurgeryError: Naming the first layer that cannot be decomposed as planned, and why.
+    """
+    for name, spec in plan.items():
+        try:
+            reason = read_by_parent_reason(model, name)
+            if reason:
+                raise SurgeryError(f"cannot decompose {type(get_submodule(model, name)).__name__}: {reason}.")
+            _check_geometry(_dense_layer(model, name), int(spec["groups"]), int(spec["rank"]))
+        except SurgeryError as err:
+            raise SurgeryError(f"`{name}`: {err}") from None
+
+
 def low_rank_decompose_(model: nn.Module, plan: Mapping[str, RankChoice]) -> list[dict[str, Any]]:
     """Decompose every layer of ``plan`` (``{name: {"groups": k, "rank": j}}``) in place.
+
+    All or nothing: every layer is checked first (:func:`check_decomposable`); a failure while
+    replacing puts back the layers already replaced.
 
     Returns:
         One :class:`LowRankDecomposeRecord`.
     """
+    check_decomposable(model, plan)
     layers: list[LowRankSpec] = []
-    for name, spec in plan.items():
-        k, j = int(spec["groups"]), int(spec["rank"])
-        try:
-            new = decompose_layer(_dense_layer(model, name), k, j)
-        except SurgeryError as err:
-            raise SurgeryError(f"`{name}`: {err}") from None
-        replace_submodule(model, name, new)
-        layers.append({"name": name, "groups": k, "rank": j})
+    with SurgeryTransaction():
+        for name, spec in plan.items():
+            k, j = int(spec["groups"]), int(spec["rank"])
+            try:
+                new = decompose_layer(_dense_layer(model, name), k, j)
+            except SurgeryError as err:
+                raise SurgeryError(f"`{name}`: {err}") from None
+            replace_submodule(model, name, new)
+            layers.append({"name": name, "groups": k, "rank": j})
     record: LowRankDecomposeRecord = {"op": "low_rank_decompose", "layers": layers}
     return [plain_record(record)]
 
@@ -398,13 +462,17 @@ def low_rank_recompose_(model: nn.Module, names: Sequence[str] | None = None) ->
     if not names:
         return []
     for name in names:
-        replace_submodule(model, name, recompose_layer(_low_rank_layer(model, name)))
+        _low_rank_layer(model, name)  # every name checked before anything changes
+    with SurgeryTransaction():
+        for name in names:
+            replace_submodule(model, name, recompose_layer(_low_rank_layer(model, name)))
     record: LowRankRecomposeRecord = {"op": "low_rank_recompose", "layers": list(names)}
     return [plain_record(record)]
 
 
 @register_replay("low_rank_decompose")
 def _replay_decompose(model: nn.Module, record: LowRankDecomposeRecord) -> None:
+    check_decomposable(model, {s["name"]: {"groups": s["groups"], "rank": s["rank"]} for s in record["layers"]})
     for spec in record["layers"]:
         k, j = int(spec["groups"]), int(spec["rank"])
         layer = get_submodule(model, spec["name"])
@@ -429,6 +497,7 @@ __all__ = [
     "LowRankRecomposeRecord",
     "LowRankSpec",
     "RankChoice",
+    "check_decomposable",
     "decompose_layer",
     "dense_weight",
     "divisors",
@@ -440,6 +509,7 @@ __all__ = [
     "low_rank_recompose_",
     "low_rank_size",
     "max_rank",
+    "read_by_parent_reason",
     "recompose_layer",
     "undecomposable_reason",
 ]

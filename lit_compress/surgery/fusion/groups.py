@@ -8,7 +8,11 @@ query projection is never tied to a key projection even if their shapes agree; i
 conv is role ``conv`` and every other linear role ``linear``. A group is
 ``(role, module type, parameter names, shapes)``.
 
-Roles are read from the qualified name, which covers our :class:`~lit_compress.models.transformer.TransformerLM`
+Roles are read from the qualified name, which covers PyTorch's ``nn.TransformerEncoderLayer`` /
+``nn.TransformerDecoderLayer`` (``self_attn``, cross-attention ``multihead_attn`` → ``xattn_*``,
+``linear1`` → ``ffn_in``, ``linear2`` → ``ffn_out``), Hugging Face Llama-family models (``q_proj``,
+``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj`` → ``ffn_gate``, ``up_proj``, ``down_proj``), our
+:class:`~lit_compress.models.transformer.TransformerLM`
 (``attn.q_proj``/``k_proj``/``v_proj``/``out_proj``, ``mlp.fc_in``/``fc_out``), Hugging Face GPT-2
 (``attn.c_attn``/``attn.c_proj``/``mlp.c_fc``/``mlp.c_proj``, all ``Conv1D``), Hugging Face BERT
 (``attention.self.query``/``key``/``value``, ``attention.output.dense``, ``intermediate.dense``,
@@ -40,8 +44,12 @@ _K = {"k_proj", "key", "k", "wk", "k_lin"}
 _V = {"v_proj", "value", "v", "wv", "v_lin"}
 _QKV = {"c_attn", "qkv", "qkv_proj", "in_proj", "wqkv", "query_key_value"}
 _ATTN_OUT = {"out_proj", "o_proj", "out_lin", "wo"}
-_FFN_IN = {"fc_in", "c_fc", "fc1", "up_proj", "lin1", "w1", "dense_h_to_4h"}
-_FFN_OUT = {"fc_out", "fc2", "down_proj", "lin2", "w2", "dense_4h_to_h"}
+_FFN_IN = {"fc_in", "c_fc", "fc1", "up_proj", "lin1", "linear1", "w1", "dense_h_to_4h"}
+_FFN_GATE = {"gate_proj"}
+_FFN_OUT = {"fc_out", "fc2", "down_proj", "lin2", "linear2", "w2", "dense_4h_to_h"}
+#: Path components that mark cross-attention (decoder attending to an encoder): its projections are
+#: separate roles (``xattn_*``), never tied to self-attention's.
+_CROSS = {"multihead_attn", "encoder_attn", "cross_attn", "crossattention", "src_attn", "enc_dec_attn"}
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 ROLES = (
@@ -52,7 +60,13 @@ ROLES = (
     "attn_v",
     "attn_qkv",
     "attn_out",
+    "xattn_q",
+    "xattn_k",
+    "xattn_v",
+    "xattn_qkv",
+    "xattn_out",
     "ffn_in",
+    "ffn_gate",
     "ffn_out",
     "norm",
     "embedding",
@@ -98,8 +112,23 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def _cross(role: str, name: str) -> str:
+    """``attn_*`` → ``xattn_*`` when ``name`` lies inside a cross-attention module."""
+    if role.startswith("attn_") and any(part in _CROSS for part in name.lower().split(".")):
+        return "x" + role
+    return role
+
+
 def linear_role(name: str) -> str:
-    """The role of a linear-like layer (``nn.Linear`` or HF ``Conv1D``) from its qualified name."""
+    """The role of a linear-like layer (``nn.Linear`` or HF ``Conv1D``) from its qualified name.
+
+    Cross-attention projections (inside ``multihead_attn`` of ``nn.TransformerDecoderLayer``, HF
+    ``crossattention``/``encoder_attn``) get ``xattn_*`` roles.
+    """
+    return _cross(_self_role(name), name)
+
+
+def _self_role(name: str) -> str:
     parts = name.lower().split(".")
     leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
     if leaf in _QKV:
@@ -112,8 +141,10 @@ def linear_role(name: str) -> str:
         return "attn_v"
     if leaf in _ATTN_OUT or (leaf == "c_proj" and parent in ("attn", "attention", "self_attn")):
         return "attn_out"
-    if leaf == "dense" and parent == "output" and len(parts) > 2 and parts[-3] == "attention":
+    if leaf == "dense" and parent == "output" and len(parts) > 2 and parts[-3] in ("attention", "crossattention"):
         return "attn_out"  # BERT attention.output.dense
+    if leaf in _FFN_GATE:
+        return "ffn_gate"
     if leaf in _FFN_IN or (leaf == "dense" and parent == "intermediate"):
         return "ffn_in"
     if leaf in _FFN_OUT or (leaf == "c_proj" and parent in ("mlp", "ffn", "feed_forward")):
@@ -152,7 +183,7 @@ def unit_of(
     params: tuple[str, ...] = ()
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is not None:
-            role, params = "attn_qkv", _present(module, ("in_proj_weight", "in_proj_bias"))
+            role, params = _cross("attn_qkv", name), _present(module, ("in_proj_weight", "in_proj_bias"))
     elif isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         role, params = linear_role(name), _present(module, ("weight", "bias"))
     elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

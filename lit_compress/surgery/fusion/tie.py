@@ -25,7 +25,6 @@ checkpoint, where a tied parameter appears once per name).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
@@ -34,15 +33,11 @@ from torch import Tensor, nn
 from typing_extensions import NotRequired
 
 from lit_compress.errors import ReplayError, SurgeryError, allowed
+from lit_compress.surgery.fusion.align import align_cluster_
 from lit_compress.surgery.fusion.groups import (
-    FusionGroup,
-    FusionUnit,
-    candidate_groups,
-    clusters,
     unit_parameter,
     unit_weight,
 )
-from lit_compress.surgery.fusion.similarity import check_measure, rank_key, score
 from lit_compress.surgery.log import plain_record
 from lit_compress.surgery.modules import get_submodule, set_parameter
 from lit_compress.surgery.replay import register_replay
@@ -58,6 +53,7 @@ class PlannedFusion(TypedDict):
     params: list[str]  # the parameter names tied, the weight first
     seed: NotRequired[int]  # of the ``mix``/``freeze`` draw (0 when absent)
     score: NotRequired[float]  # the similarity measure's value for the pair, kept in the log
+    distance: NotRequired[float]  # the size-normalised distance the pair was ranked by
 
 
 class Fusion(TypedDict):
@@ -68,8 +64,12 @@ class Fusion(TypedDict):
     params: list[str]
     seed: int
     kept: str  # "a" or "b" for ``freeze``, else ""
-    removed: int  # stored parameters removed (one unit)
+    removed: int  # unique stored parameters removed (one unit)
+    also: dict[str, list[str]]  # per tied name: parameters outside the clusters that held it, re-pointed too
     score: NotRequired[float]
+    distance: NotRequired[float]
+    aligned: NotRequired[list[str]]  # tensors permuted to align ``b``'s hidden units to ``a``'s
+    align_skipped: NotRequired[str]  # why ``b`` was not aligned
 
 
 class FuseLayersRecord(TypedDict):
@@ -104,10 +104,11 @@ def fused_values(
         return [t.detach().clone() for t in (a if kept == "a" else b)], kept
     out = []
     for ta, tb in zip(a, b):
-        x = ta.detach().to(torch.float64)
-        y = tb.detach().to(ta.device, torch.float64)
+        dtype = torch.promote_types(ta.dtype, torch.float32)  # bf16/fp16 weights are averaged in float32
+        x = ta.detach().to(dtype)
+        y = tb.detach().to(ta.device, dtype)
         if policy == "mean":
-            value = share_a * x + (1.0 - share_a) * y
+            value = torch.lerp(y, x, share_a)  # share_a·x + (1 − share_a)·y
         else:  # mix: the mask is drawn on the CPU, so it is the same on every device
             mask = torch.rand(tuple(ta.shape), generator=generator, dtype=torch.float64) < share_a
             value = torch.where(mask.to(ta.device), x, y)
@@ -122,9 +123,21 @@ def _params_of(model: nn.Module, unit_name: str, params: Sequence[str]) -> list[
 
 @torch.no_grad()
 def fuse_pair_(
-    model: nn.Module, a: Sequence[str], b: Sequence[str], params: Sequence[str], policy: str, seed: int
+    model: nn.Module,
+    a: Sequence[str],
+    b: Sequence[str],
+    params: Sequence[str],
+    policy: str,
+    seed: int,
+    align: bool = False,
 ) -> Fusion:
-    """Tie every module of clusters ``a`` and ``b`` to new shared parameters; return the fusion's plain data."""
+    """Tie every module of clusters ``a`` and ``b`` to new shared parameters; return the fusion's plain data.
+
+    With ``align``, cluster ``b``'s hidden units are first permuted to match ``a``'s
+    (:func:`~lit_compress.surgery.fusion.align.align_cluster_`; the function does not change), so
+    the average is taken over matching units; the fusion then lists the tensors permuted
+    (``aligned``) or why none were (``align_skipped``).
+    """
     a, b = list(a), list(b)
     if not a or not b or set(a) & set(b):
         raise SurgeryError(f"fuse_pair_: clusters must be non-empty and disjoint, got {a} and {b}.")
@@ -140,26 +153,88 @@ def fuse_pair_(
         raise SurgeryError(
             f"fuse_pair_: `{a[0]}` and `{b[0]}` have different shapes; only same-shape layers can be tied."
         )
+    aligned, skipped = align_cluster_(model, a, b) if align else ([], "")
+    if aligned:
+        pb = _params_of(model, b[0], params)
     values, kept = fused_values(pa, pb, len(a), len(b), policy, seed)
     shared = [nn.Parameter(v, requires_grad=p.requires_grad) for v, p in zip(values, pa)]
-    for name in a + b:
-        module = get_submodule(model, name)
-        for pname, param in zip(params, shared):
-            set_parameter(module, pname, param)
-    removed = sum(p.numel() for p in pa)
-    return {"a": a, "b": b, "params": list(params), "seed": int(seed), "kept": kept, "removed": int(removed)}
+    before = {id(p): p.numel() for p in pa + pb}
+    also = _repoint_(model, a + b, params, [[x, y] for x, y in zip(pa, pb)], shared)
+    removed = sum(before.values()) - sum(p.numel() for p in shared)
+    fusion: Fusion = {
+        "a": a,
+        "b": b,
+        "params": list(params),
+        "seed": int(seed),
+        "kept": kept,
+        "removed": int(removed),
+        "also": also,
+    }
+    if align:
+        fusion["aligned"] = aligned
+        if skipped:
+            fusion["align_skipped"] = skipped
+    return fusion
 
 
-def fuse_layers_(model: nn.Module, fusions: Sequence[PlannedFusion], policy: str) -> list[dict[str, Any]]:
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """``id(parameter)`` → every ``(module name, module, attribute)`` that holds it (ties included)."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mname, module, pname))
+    return holders
+
+
+def _repoint_(
+    model: nn.Module,
+    members: Sequence[str],
+    params: Sequence[str],
+    old: Sequence[Sequence[nn.Parameter]],
+    shared: Sequence[nn.Parameter],
+) -> dict[str, list[str]]:
+    """Re-point every holder of each ``old[k]`` parameter (by identity) to ``shared[k]``.
+
+    Returns, per name in ``params``, the qualified names re-pointed that are not ``members``' own
+    (a tied head, a module outside the targets); names with none are left out.
+    """
+    holders = parameter_holders(model)
+    inside = {(m, p) for m in members for p in params}
+    also: dict[str, list[str]] = {}
+    for pname_k, olds, new in zip(params, old, shared):
+        seen: set[int] = set()
+        for param in olds:
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            for mname, module, pname in holders.get(id(param), []):
+                if module._parameters.get(pname) is not new:
+                    set_parameter(module, pname, new)
+                outside = also.setdefault(pname_k, [])
+                if (mname, pname) not in inside and f"{mname}.{pname}" not in outside:
+                    outside.append(f"{mname}.{pname}")
+        if not also.get(pname_k):
+            also.pop(pname_k, None)
+    return also
+
+
+def fuse_layers_(
+    model: nn.Module, fusions: Sequence[PlannedFusion], policy: str, align: bool = False
+) -> list[dict[str, Any]]:
     """Apply ``fusions`` (each ``{"a": [...], "b": [...], "params": [...], "seed": int}``) in order.
+
+    ``align``: permute each ``b`` cluster's hidden units to match ``a``'s before averaging (see
+    :func:`fuse_pair_`).
 
     Returns one :class:`FuseLayersRecord` (or none if ``fusions`` is empty).
     """
     check_policy(policy)
-    done = [fuse_pair_(model, f["a"], f["b"], f["params"], policy, int(f.get("seed", 0))) for f in fusions]
+    done = [fuse_pair_(model, f["a"], f["b"], f["params"], policy, int(f.get("seed", 0)), align) for f in fusions]
     for f, plan in zip(done, fusions):
-        if "score" in plan:
-            f["score"] = float(plan["score"])
+        for key in ("score", "distance"):
+            if key in plan:
+                f[key] = float(plan[key])
     if not done:
         return []
     record: FuseLayersRecord = {
@@ -176,105 +251,29 @@ def _replay_fuse_layers(model: nn.Module, record: FuseLayersRecord) -> None:
     for fusion in record["fusions"]:
         members = list(fusion["a"]) + list(fusion["b"])
         first = get_submodule(model, members[0])
+        old: list[list[nn.Parameter]] = []
+        shared: list[nn.Parameter] = []
         for pname in fusion["params"]:
-            shared = first._parameters.get(pname)
-            if not isinstance(shared, nn.Parameter):
+            param = first._parameters.get(pname)
+            if not isinstance(param, nn.Parameter):
                 raise ReplayError(f"`{members[0]}` has no parameter `{pname}` to tie.")
-            for name in members[1:]:
-                module = get_submodule(model, name)
-                own = module._parameters.get(pname)
-                if not isinstance(own, nn.Parameter) or own.shape != shared.shape:
+            olds = []
+            for name in members:
+                own = get_submodule(model, name)._parameters.get(pname)
+                if not isinstance(own, nn.Parameter) or own.shape != param.shape:
                     raise ReplayError(f"`{name}.{pname}` cannot be tied to `{members[0]}.{pname}`: shapes differ.")
-                set_parameter(module, pname, shared)
-
-
-# ------------------------------------------------------------------------------------------ planning
-def plan_fusions(
-    model: nn.Module,
-    units: Sequence[FusionUnit],
-    measure: str,
-    remove: int,
-    policy: str,
-    seed: int = 0,
-) -> list[PlannedFusion]:
-    """Choose the fusions that remove at least ``remove`` stored parameters (fewer if impossible).
-
-    Greedy, as the paper: score every pair of clusters inside each group with ``measure`` on their
-    CURRENT weights, take pairs best first, skipping a cluster already fused in this round and a
-    pair whose unit is bigger than what is still needed; if the round did not remove enough, score
-    again on the fused values and go on. When no pair fits any more, the best pair of the smallest
-    unit size finishes the job (so a step overshoots by less than one unit). Nothing in ``model``
-    changes (the fused values are simulated exactly with :func:`fused_values`). Seeds are drawn
-    from ``seed``, so the plan is reproducible.
-    """
-    check_measure(measure)
-    check_policy(policy)
-    key = rank_key(measure)
-    generator = torch.Generator().manual_seed(int(seed))
-    # Virtual state: cluster id -> (member names, tensors); unit -> cluster id.
-    state: dict[int, tuple[list[str], list[Tensor]]] = {}
-    group_of: dict[int, FusionGroup] = {}
-    for group, members in candidate_groups(units).items():
-        for cluster in clusters(model, members):
-            names = [u.name for u in cluster]
-            tensors = [t.detach() for t in _params_of(model, names[0], cluster[0].params)]
-            cid = len(state)
-            state[cid] = (names, tensors)
-            group_of[cid] = group
-    params_of_group = {u.group: list(u.params) for u in units}
-    numel_of_group = {u.group: u.numel for u in units}
-    plan: list[PlannedFusion] = []
-    removed = 0
-    next_id = len(state)
-    while removed < remove:
-        pairs = []
-        ids = sorted(state)
-        for i, ci in enumerate(ids):
-            for cj in ids[i + 1 :]:
-                if group_of[ci] != group_of[cj]:
-                    continue
-                s = score(measure, state[ci][1][0], state[cj][1][0])
-                pairs.append((_finite(key(s)), ci, cj, s))
-        if not pairs:
-            break
-        pairs.sort(key=lambda t: (t[0], t[1], t[2]))
-        touched: set[int] = set()
-        chosen: list[tuple[int, int, float]] = []
-        need = remove - removed
-        for _, ci, cj, s in pairs:  # best first; a pair bigger than what is still needed waits
-            if need <= 0:
-                break
-            if ci in touched or cj in touched or numel_of_group[group_of[ci]] > need:
-                continue
-            touched.update((ci, cj))
-            chosen.append((ci, cj, s))
-            need -= numel_of_group[group_of[ci]]
-        if need > 0 and not chosen:  # no pair fits: the best pair of the smallest size covers the rest
-            over = [t for t in pairs if t[1] not in touched and t[2] not in touched]
-            if over:
-                smallest = min(numel_of_group[group_of[t[1]]] for t in over)
-                _, ci, cj, s = next(t for t in over if numel_of_group[group_of[t[1]]] == smallest)
-                chosen.append((ci, cj, s))
-        if not chosen:
-            break
-        for ci, cj, s in chosen:
-            (names_a, ta), (names_b, tb) = state.pop(ci), state.pop(cj)
-            fusion_seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
-            values, _ = fused_values(ta, tb, len(names_a), len(names_b), policy, fusion_seed)
-            group = group_of.pop(ci)
-            group_of.pop(cj)
-            new_id, next_id = next_id, next_id + 1
-            state[new_id] = (names_a + names_b, values)
-            group_of[new_id] = group
-            plan.append(
-                {"a": names_a, "b": names_b, "params": params_of_group[group], "seed": fusion_seed, "score": float(s)}
-            )
-            removed += numel_of_group[group]
-    return plan
-
-
-def _finite(x: float) -> float:
-    return math.inf if not math.isfinite(x) else x
+                olds.append(own)
+            for qualified in fusion.get("also", {}).get(pname, []):
+                mname, _, attr = qualified.rpartition(".")
+                own = get_submodule(model, mname)._parameters.get(attr) if mname or attr else None
+                if not isinstance(own, nn.Parameter) or own.shape != param.shape:
+                    raise ReplayError(
+                        f"`{qualified}` cannot be tied to `{members[0]}.{pname}`: it is missing or its shape differs."
+                    )
+                olds.append(own)
+            old.append(olds)
+            shared.append(param)
+        _repoint_(model, members, fusion["params"], old, shared)
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:
@@ -294,7 +293,7 @@ __all__ = [
     "fuse_layers_",
     "fuse_pair_",
     "fused_values",
-    "plan_fusions",
+    "parameter_holders",
     "tied_groups",
     "unit_weight",
 ]

@@ -11,7 +11,8 @@ from lit_compress.measure import count_parameters
 from lit_compress.models.transformer import TransformerLM
 from lit_compress.surgery import SurgeryTransaction, applied_events, record_events, replay_events_
 from lit_compress.surgery.fusion.groups import candidate_groups, clusters, fusion_units, max_removable
-from lit_compress.surgery.fusion.tie import fuse_layers_, fuse_pair_, fused_values, plan_fusions, tied_groups
+from lit_compress.surgery.fusion.plan import plan_fusions
+from lit_compress.surgery.fusion.tie import fuse_layers_, fuse_pair_, fused_values, tied_groups
 
 
 class Stack(nn.Module):
@@ -180,7 +181,7 @@ def test_failed_fusion_is_rolled_back() -> None:
     assert all(layer.weight is w for layer, w in zip(model.layers, weights))
 
 
-def test_plan_does_not_overshoot_with_a_big_pair_when_a_small_one_fits() -> None:
+def test_plan_takes_the_most_alike_pair_first_even_when_it_overshoots() -> None:
     torch.manual_seed(0)
     model = nn.ModuleDict(
         {"s0": nn.Linear(4, 4), "s1": nn.Linear(4, 4), "b0": nn.Linear(16, 16), "b1": nn.Linear(16, 16)}
@@ -190,6 +191,7 @@ def test_plan_does_not_overshoot_with_a_big_pair_when_a_small_one_fits() -> None
         model["b1"].bias.copy_(model["b0"].bias)
     units = fusion_units(model)
     plan = plan_fusions(model, units, "euclidean", remove=10, policy="mean")
-    assert [f["a"] for f in plan] == [["s0"]]  # 20 parameters cover 10; the 272-parameter pair waits
-    plan = plan_fusions(model, units, "euclidean", remove=100, policy="mean")
-    assert sorted(f["a"][0] for f in plan) == ["b0", "s0"]  # then only the big pair can cover the rest
+    # the most redundant pair goes first, not the pair that fits what is left (no knapsack waiting)
+    assert [f["a"] for f in plan] == [["b0"]] and plan[0]["distance"] == 0.0
+    plan = plan_fusions(model, units, "euclidean", remove=300, policy="mean")
+    assert sorted(f["a"][0] for f in plan) == ["b0", "s0"]  # then the small pair covers the rest
