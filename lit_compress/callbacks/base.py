@@ -238,7 +238,8 @@ class CompressionCallback(Callback, Generic[PlanT]):
             model_snapshot.restore()
             strategy.model, strategy.optimizers, strategy.lr_scheduler_configs = optimizers
             ops = ", ".join(str(r.get("op")) for r in records) or "the surgery itself"
-            raise SurgeryError(
+            kind = ConfigError if isinstance(err, ConfigError) else SurgeryError  # a bad argument stays one
+            raise kind(
                 f"{type(self).__name__}: the event at epoch {trainer.current_epoch}, step {trainer.global_step} "
                 f"({ops}) failed: {err}. The model was restored exactly as it was before the event."
             ) from err
