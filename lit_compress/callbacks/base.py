@@ -15,7 +15,9 @@ or touches a private attribute of this base:
 This base does the rest, in the order measured to work on Lightning 2.6:
 
 1. skip the sanity check; run step events only at optimizer-step boundaries;
-2. plan on rank 0, broadcast, apply on every rank to ``trainer.lightning_module`` (undo on error);
+2. plan on rank 0, broadcast, apply on every rank to ``trainer.lightning_module``, then run it once on
+   the example input; a snapshot taken before is restored exactly if anything fails up to the end of
+   the first training batch after the event (:mod:`lit_compress.callbacks._verify`);
 3. new modules take their parent's train/eval mode; ``*-true`` precision converts them;
 4. if the plan asks for it, re-estimate BatchNorm statistics on training batches (averaged over ranks);
 5. re-wrap DDP; rebuild optimizers and schedulers, keeping surviving state by parameter name;
