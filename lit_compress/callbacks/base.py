@@ -15,7 +15,9 @@ or touches a private attribute of this base:
 This base does the rest, in the order measured to work on Lightning 2.6:
 
 1. skip the sanity check; run step events only at optimizer-step boundaries;
-2. plan on rank 0, broadcast, apply on every rank to ``trainer.lightning_module`` (undo on error);
+2. plan on rank 0, broadcast, apply on every rank to ``trainer.lightning_module``, then run it once on
+   the example input; a snapshot taken before is restored exactly if anything fails up to the end of
+   the first training batch after the event (:mod:`lit_compress.callbacks._verify`);
 3. new modules take their parent's train/eval mode; ``*-true`` precision converts them;
 4. if the plan asks for it, re-estimate BatchNorm statistics on training batches (averaged over ranks);
 5. re-wrap DDP; rebuild optimizers and schedulers, keeping surviving state by parameter name;
@@ -51,6 +53,7 @@ steps in the series; spread over ``max_epochs``/``max_steps`` without ``every_n_
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Generic, Literal, TypeVar
 
 import lightning as L
@@ -97,6 +100,11 @@ Moment = Literal["fit_start", "epoch_start", "step", "fit_end"]
 Record = dict[str, Any]
 PlanT = TypeVar("PlanT")
 
+#: Per callback, the model as it was before its last event (values on the CPU), kept until the first
+#: training batch after the event has run: restored if that batch raises. Kept outside the callback
+#: (engine runtime state, not the callback's own state).
+_PENDING: weakref.WeakKeyDictionary[Any, ModelSnapshot] = weakref.WeakKeyDictionary()
+
 
 class CompressionCallback(Callback, Generic[PlanT]):
     """Base class of every lit_compress callback (see the module docstring for the contract and
@@ -124,9 +132,6 @@ class CompressionCallback(Callback, Generic[PlanT]):
         self._last_global_step = -1
         self._reporter: CompressionReport | None = None
         self._train_loop_started = False
-        # The pre-event model (values on the CPU), kept until the first training batch after the event
-        # has run: restored if that batch raises.
-        self._pending_check: ModelSnapshot | None = None
 
     # ------------------------------------------------------------------ subclass API
     def event_due(self, trainer: pl.Trainer, pl_module: L.LightningModule, moment: Moment) -> bool:
@@ -245,14 +250,13 @@ class CompressionCallback(Callback, Generic[PlanT]):
             model_snapshot.restore()
             strategy.model, strategy.optimizers, strategy.lr_scheduler_configs = optimizers
             ops = ", ".join(str(r.get("op")) for r in records) or "the surgery itself"
-            raise SurgeryError(
+            kind = ConfigError if isinstance(err, ConfigError) else SurgeryError  # a bad argument stays one
+            raise kind(
                 f"{type(self).__name__}: the event at epoch {trainer.current_epoch}, step {trainer.global_step} "
                 f"({ops}) failed: {err}. The model was restored exactly as it was before the event."
             ) from err
-        earlier = any(
-            cb._pending_check is not None for cb in _callbacks_of(trainer) if isinstance(cb, CompressionCallback)
-        )
-        self._pending_check = None if earlier else model_snapshot  # the earliest pre-event model is the one to restore
+        if not any(cb in _PENDING for cb in _callbacks_of(trainer)):  # the earliest pre-event model is restored
+            _PENDING[self] = model_snapshot
         trainer.strategy.barrier("lit_compress.event")
         overhead_s = time.perf_counter() - start
 
@@ -418,7 +422,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
     ) -> None:
         # An optimizer step happened in this batch iff global_step moved (correct also on the last,
         # incomplete accumulation window of an epoch, where `batch_idx`-based tests are wrong).
-        self._pending_check = None  # a training batch ran on the changed model
+        _PENDING.pop(self, None)  # a training batch ran on the changed model
         if trainer.global_step == self._last_global_step:
             return
         self._last_global_step = trainer.global_step
@@ -429,7 +433,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """The first training batch after an event failed: restore the pre-event model, say so on the error."""
-        pending, self._pending_check = self._pending_check, None
+        pending = _PENDING.pop(self, None)
         if pending is None or not isinstance(exception, Exception):  # not on KeyboardInterrupt
             return
         changed = pending.changed_modules()
@@ -448,7 +452,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> None:
-        self._pending_check = None
+        _PENDING.pop(self, None)
         if self.event_due(trainer, pl_module, "fit_end"):
             self.run_event(trainer, pl_module, "fit_end")
 
@@ -466,7 +470,7 @@ class CompressionCallback(Callback, Generic[PlanT]):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._pending_check = None  # e.g. after a fit-end event: nothing runs on the changed model here
+        _PENDING.pop(self, None)  # e.g. after a fit-end event: nothing runs on the changed model here
         remove_one_shot_replay(pl_module)
         if stage != "fit" or not is_spawn_launcher(trainer):
             return
