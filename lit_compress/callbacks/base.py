@@ -106,7 +106,8 @@ class CompressionCallback(Callback, Generic[PlanT]):
     """
 
     def __init__(self, bn_recalibration_batches: NonNegativeInt = 20) -> None:
-        self.bn_recalibration_batches = int(check_int("bn_recalibration_batches", bn_recalibration_batches, 0))
+        check_int("bn_recalibration_batches", bn_recalibration_batches, 0)
+        self.bn_recalibration_batches = int(bn_recalibration_batches)
         self.events_done = 0
         self._last_global_step = -1
         self._reporter: CompressionReport | None = None
