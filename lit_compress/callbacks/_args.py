@@ -28,7 +28,7 @@ def check_int(name: str, value: Any, minimum: int | None = None, *, optional: bo
 
 
 def _int_rule(minimum: int | None, optional: bool) -> str:
-    rule = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    rule = "must be an integer" + (f" >= {minimum}" if minimum is not None else "")
     return rule + (", or None" if optional else "")
 
 
@@ -60,27 +60,28 @@ def check_float(
 
 def _float_rule(low: float | None, high: float | None, low_open: bool, high_open: bool, optional: bool) -> str:
     if low is not None and high is not None:
-        rule = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        rule = f"must be in the open interval {interval}" if low_open and high_open else f"must be in {interval}"
     elif low is not None:
-        rule = f"a finite number {'>' if low_open else '>='} {low:g}"
+        rule = f"must be a finite number {'>' if low_open else '>='} {low:g}"
     elif high is not None:
-        rule = f"a finite number {'<' if high_open else '<='} {high:g}"
+        rule = f"must be a finite number {'<' if high_open else '<='} {high:g}"
     else:
-        rule = "a finite number"
+        rule = "must be a finite number"
     return rule + (", or None" if optional else "") + " (not NaN or inf)"
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """One of ``choices`` (compared with ``==``, so ``True`` is not ``1``)."""
     if not any(type(value) is type(c) and value == c for c in choices):
-        raise allowed(name, value, "one of " + ", ".join(repr(c) for c in choices))
+        raise allowed(name, value, "must be one of " + ", ".join(repr(c) for c in choices))
     return value
 
 
 def check_bool(name: str, value: Any) -> bool:
     """``True`` or ``False`` (not ``0``/``1``, not a string)."""
     if not isinstance(value, bool):
-        raise allowed(name, value, "True or False")
+        raise allowed(name, value, "must be True or False")
     return value
 
 
@@ -89,7 +90,7 @@ def check_str(name: str, value: Any, *, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise allowed(name, value, "a non-empty string" + (", or None" if optional else ""))
+        raise allowed(name, value, "must be a non-empty string" + (", or None" if optional else ""))
     return str(value)
 
 

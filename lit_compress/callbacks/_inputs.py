@@ -8,7 +8,7 @@ The convention for what an input is (tensor, positional tuple/list, keyword dict
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -72,7 +72,7 @@ def separate_loader(loader: DataLoader, seed: int = 0) -> DataLoader:
     if loader.batch_size is None:  # a custom batch sampler decides the batches
         return DataLoader(dataset, batch_sampler=loader.batch_sampler, **common)
     sampler = loader.sampler
-    new_sampler: Sampler[Any]
+    new_sampler: Sampler[Any] | Iterable[Any]
     if isinstance(sampler, DistributedSampler):
         new_sampler = DistributedSampler(
             dataset,

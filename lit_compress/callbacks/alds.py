@@ -44,7 +44,14 @@ from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks._types import UnitFraction
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
-from lit_compress.surgery.alds.allocate import Allocation, allocate, check_guards, dense_param_count, target_layers
+from lit_compress.surgery.alds.allocate import (
+    Allocation,
+    allocate,
+    check_guards,
+    dense_param_count,
+    min_keep_ratio,
+    target_layers,
+)
 from lit_compress.surgery.alds.latency_budget import allocate_latency
 from lit_compress.surgery.alds.low_rank import LowRankLayer, LowRankPlan, low_rank_decompose_, low_rank_recompose_
 from lit_compress.surgery.select import select_modules
@@ -254,7 +261,25 @@ class ALDS(CompressionCallback[ALDSPlan]):
     def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.events_done == 0:
-            self.resolve_targets(pl_module)
+            self._check_reachable(pl_module, self.resolve_targets(pl_module))
+
+    def _check_reachable(self, pl_module: nn.Module, names: list[str]) -> None:
+        """Refuse, before training, a keep ratio below what rank 1 in every target leaves.
+
+        Raises:
+            ConfigError: Naming ``keep_ratio`` (or ``cascade``), the value and the smallest reachable ratio.
+        """
+        floor = min_keep_ratio(pl_module, names)
+        for epoch, ratio in self.schedule:
+            if ratio < floor - 1e-12:
+                name, value = ("keep_ratio", ratio) if len(self.schedule) == 1 else ("cascade", self.schedule)
+                raise allowed(
+                    name,
+                    value,
+                    f"even rank 1 in every decomposable target keeps {floor:.4f} of the model's parameters with "
+                    f"these `targets`, so keep ratio {ratio:g} (epoch {epoch}) cannot be reached; use at least "
+                    f"{math.ceil(floor * 10000) / 10000:.4f} or widen `targets`",
+                )
 
     # ------------------------------------------------------------------ schedule
     @override

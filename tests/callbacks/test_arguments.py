@@ -221,3 +221,20 @@ def test_trainer_log_every_n_steps_zero_trains_layer_collapse(tmp_path: Path, se
     trainer = trainer_for(tmp_path, [collapse], log_every_n_steps=0, limit_train_batches=3, limit_val_batches=0)
     trainer.fit(MLPNet())
     assert trainer.global_step == 3
+
+
+def test_unreachable_alds_keep_ratio_fails_at_setup(tmp_path: Path) -> None:
+    from lit_compress.surgery.alds.allocate import min_keep_ratio
+
+    model = ToyNet()
+    floor = min_keep_ratio(model, ["fc1", "mid", "head"])
+    assert 0 < floor < 1
+    counter = StepCounter()
+    alds = ALDS(keep_ratio=floor / 2, at_epoch=1, progress=False)
+    with pytest.raises(ConfigError, match=rf"`keep_ratio`={floor / 2!r}.*keeps {floor:.4f}.*cannot be reached"):
+        trainer_for(tmp_path, [alds, counter], max_epochs=2).fit(model)
+    assert counter.steps == 0
+    # the floor is reachable: the allocation at the planned epoch agrees
+    alds = ALDS(keep_ratio=min(1.0, floor + 0.02), at_epoch=0, progress=False, num_seeds=1, alternations=1)
+    trainer_for(tmp_path, [alds], limit_train_batches=1, limit_val_batches=0).fit(ToyNet())
+    assert alds.allocations

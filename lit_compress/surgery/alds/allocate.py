@@ -268,6 +268,23 @@ def dense_param_count(model: nn.Module, names: Sequence[str]) -> int:
     return total
 
 
+def min_keep_ratio(model: nn.Module, names: Sequence[str]) -> float:
+    """The smallest keep ratio ALDS can reach on ``model`` with ``names`` as targets: rank 1 everywhere.
+
+    Cheap (shapes only, no SVD), so callers can refuse an impossible ``keep_ratio`` before training;
+    it is the same floor :func:`allocate` checks.
+    """
+    ok, _ = target_layers(model, names)
+    params_dense = dense_param_count(model, ok)
+    if not ok or params_dense <= 0:
+        return 1.0
+    floor = params_dense
+    for name in ok:
+        f, c, kk = layer_shape(get_submodule(model, name))
+        floor -= f * c * kk - min(f * c * kk, low_rank_size(f, c, kk, 1, 1))
+    return floor / params_dense
+
+
 # ------------------------------------------------------------------------------------------ search
 
 
