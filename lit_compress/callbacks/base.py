@@ -527,10 +527,11 @@ def _lit_compress_class(key: Any, state: Any) -> str | None:
 
 def _method_class_names() -> set[str]:
     names: set[str] = set()
-    todo: list[type] = [CompressionCallback]
+    todo: list[type[Any]] = [CompressionCallback]
     while todo:
         cls = todo.pop()
-        for sub in cls.__subclasses__():
+        subclasses: list[type[Any]] = cls.__subclasses__()
+        for sub in subclasses:
             names.add(sub.__qualname__)
             todo.append(sub)
     return names
