@@ -349,9 +349,10 @@ class CompressionCallback(Callback, Generic[PlanT]):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint holding lit_compress callback state that no callback of the Trainer claims."""
+        """Refuse a checkpoint holding lit_compress callback state that no callback of the Trainer claims
+        (when resuming ``fit``; ``validate``/``test``/``predict`` continue no schedule)."""
         methods = [cb for cb in _callbacks_of(trainer) if isinstance(cb, CompressionCallback)]
-        if methods and methods[0] is self:
+        if methods and methods[0] is self and trainer.state.fn == "fit":
             _check_unclaimed_states(checkpoint, methods)
 
     @override
