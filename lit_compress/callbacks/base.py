@@ -390,9 +390,10 @@ class CompressionCallback(Callback, Generic[PlanT]):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint holding lit_compress callback state that no callback of the Trainer claims."""
+        """Refuse a checkpoint holding lit_compress callback state that no callback of the Trainer claims
+        (when resuming ``fit``; ``validate``/``test``/``predict`` continue no schedule)."""
         methods = [cb for cb in _callbacks_of(trainer) if isinstance(cb, CompressionCallback)]
-        if methods and methods[0] is self:
+        if methods and methods[0] is self and trainer.state.fn == "fit":
             _check_unclaimed_states(checkpoint, methods)
 
     @override
@@ -607,10 +608,11 @@ def _lit_compress_class(key: Any, state: Any) -> str | None:
 
 def _method_class_names() -> set[str]:
     names: set[str] = set()
-    todo: list[type] = [CompressionCallback]
+    todo: list[type[Any]] = [CompressionCallback]
     while todo:
         cls = todo.pop()
-        for sub in cls.__subclasses__():
+        subclasses: list[type[Any]] = cls.__subclasses__()
+        for sub in subclasses:
             names.add(sub.__qualname__)
             todo.append(sub)
     return names
