@@ -37,6 +37,7 @@ POINTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("ALDS keep 50 %", {"keep_ratio": 0.5}),
         ("ALDS keep 25 %", {"keep_ratio": 0.25}),
         ("ALDS latency 70 %", {"budget": "latency", "latency_ratio": 0.7, "latency_batch_size": 64}),
+        ("ALDS keep 50 %, latency guard", {"keep_ratio": 0.5, "latency_guard": True, "latency_batch_size": 64}),
     ],
     "shakespeare": [("ALDS keep 50 %", {"keep_ratio": 0.5})],
 }
@@ -47,7 +48,7 @@ def alds(task: Task, **kwargs: Any) -> ALDS:
     options = dict(ALDS_DEFAULTS)
     if task.name == "shakespeare":  # the transformer's Linear layers (embeddings and the head stay dense)
         options["targets"] = ["re:.*blocks.*"]
-    if kwargs.get("budget") == "latency":
+    if kwargs.get("budget") == "latency" or kwargs.get("latency_guard"):
         options["latency_threads"] = P.LATENCY_THREADS
     options.update(kwargs)
     return ALDS(**options)

@@ -113,6 +113,9 @@ class ALDS(CompressionCallback[ALDSPlan]):
         latency_threads: ``budget="latency"``: CPU threads to time with (default: as set).
         latency_cache: ``budget="latency"``: JSON cache of the tables; default
             ``<default_root_dir>/alds_latency.json`` (keyed by device, torch, dtype, batch and threads).
+        latency_guard: ``budget="params"``: also time the candidates (the ``latency_*`` options) and
+            keep dense every layer whose decompositions are not ``min_saving`` faster than it; only the
+            timed ``k`` are searched.
         bn_recalibration_batches: See :class:`CompressionCallback` (re-estimating BatchNorm statistics
             after the decomposition is on by default).
     """
@@ -142,6 +145,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
         latency_device: str | None = None,
         latency_threads: PositiveInt | None = None,
         latency_cache: str | None = None,
+        latency_guard: bool = False,
         name: str | None = None,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
@@ -201,7 +205,10 @@ class ALDS(CompressionCallback[ALDSPlan]):
         self.budget, self.latency_groups = budget, list(latency_groups) if latency_groups else [1, 2, 4, 8]
         self.latency_ranks, self.latency_batch_size = latency_ranks, latency_batch_size
         self.latency_device, self.latency_cache = latency_device, latency_cache
-        self.latency_threads = latency_threads
+        check_bool("latency_guard", latency_guard)
+        self.latency_threads, self.latency_guard = latency_threads, bool(latency_guard)
+        if self.latency_guard and (budget != "params" or method != "alds"):
+            raise allowed("latency_guard", latency_guard, "False unless budget='params' and method='alds'")
         self.layer_names: list[str] | None = None  # resolved once, before the first event
         self.allocations: list[dict[str, Any]] = []  # a summary per event (rank 0's plan, broadcast)
 
@@ -289,6 +296,7 @@ class ALDS(CompressionCallback[ALDSPlan]):
             min_saving=self.min_saving,
             progress=self.progress and trainer.is_global_zero,
             current_ratio=min(1.0, current),
+            latencies=self._latency_table(trainer, pl_module, names)[0] if self.latency_guard else None,
         )
         rank_zero_info(
             f"[lit_compress] ALDS ({self.method}) keep {keep:.4g}: {len(alloc.plan)} layer(s) decomposed, "
@@ -306,27 +314,8 @@ class ALDS(CompressionCallback[ALDSPlan]):
         self, trainer: pl.Trainer, pl_module: L.LightningModule, names: list[str], ratio: float
     ) -> ALDSPlan:
         """``budget="latency"``: time the candidates (or read the cache), then allocate under the time budget."""
-        from lit_compress.measure.alds_latency import alds_latency_table
-
-        inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
-        if inputs is None:
-            raise ConfigError("ALDS budget='latency' needs an example input (example_input_array or a training batch).")
-        cache = self.latency_cache or str(Path(trainer.default_root_dir) / "alds_latency.json")
+        table, info = self._latency_table(trainer, pl_module, names)
         show = self.progress and trainer.is_global_zero
-        with isolated_rng():  # the timing draws random inputs: keep training's RNG stream untouched
-            table, info = alds_latency_table(
-                pl_module,
-                names,
-                inputs,
-                groups=self.latency_groups,
-                ranks_per_group=self.latency_ranks,
-                min_rank=self.min_rank,
-                device=self.latency_device,
-                batch_size=self.latency_batch_size,
-                cache=cache,
-                progress=show,
-                num_threads=self.latency_threads,
-            )
         alloc = allocate_latency(
             pl_module,
             names,
@@ -347,6 +336,33 @@ class ALDS(CompressionCallback[ALDSPlan]):
         plan = self._plan(pl_module, names, alloc)
         plan["summary"]["latency_table_s"] = round(float(info["seconds"]), 3)
         return plan
+
+    def _latency_table(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, names: list[str]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The targets' latency table on the training device (measured, or read from the cache)."""
+        from lit_compress.measure.alds_latency import alds_latency_table
+
+        inputs = self.reporter(trainer).example_inputs(trainer, pl_module)
+        if inputs is None:
+            raise ConfigError("ALDS latency table: needs an example input (example_input_array or a training batch).")
+        cache = self.latency_cache or str(Path(trainer.default_root_dir) / "alds_latency.json")
+        show = self.progress and trainer.is_global_zero
+        with isolated_rng():  # the timing draws random inputs: keep training's RNG stream untouched
+            table, info = alds_latency_table(
+                pl_module,
+                names,
+                inputs,
+                groups=self.latency_groups,
+                ranks_per_group=self.latency_ranks,
+                min_rank=self.min_rank,
+                device=self.latency_device,
+                batch_size=self.latency_batch_size,
+                cache=cache,
+                progress=show,
+                num_threads=self.latency_threads,
+            )
+        return dict(table), info
 
     @override
     def apply_event(self, pl_module: L.LightningModule, plan: ALDSPlan) -> list[Record]:

@@ -129,6 +129,34 @@ def test_latency_budget_decomposes_within_the_measured_table(tmp_path: Path, see
     assert cb.allocations[-1]["latency_ms_after"] == after_ms
 
 
+def _stem_slow_timer(*_args: Any) -> Any:
+    """As :func:`_weights_timer`, but every decomposition of the 1-channel stem is 3x its dense time."""
+    base = _weights_timer()
+
+    def timer(modules: Any, shape: Any) -> list[float]:
+        out = base(modules, shape)
+        return [out[0]] + [3 * out[0] for _ in out[1:]] if shape[0] == 1 else out
+
+    return timer
+
+
+def test_params_budget_with_latency_guard_keeps_a_slow_layer_dense(tmp_path: Path, seed: int, monkeypatch: Any) -> None:
+    import lit_compress.measure.alds_latency as alds_latency
+    from lit_compress.surgery.alds.allocate import allocate
+
+    monkeypatch.setattr(alds_latency, "_default_timer", _stem_slow_timer)
+    model = ConvToy()
+    assert "net.0" in allocate(model, ["net.0", "net.4", "net.9"], 0.5, progress=False).plan  # unguarded
+    cb = ALDS(keep_ratio=0.5, at_epoch=1, progress=False, latency_guard=True, latency_groups=[1, 2])
+    with pytest.warns(UserWarning, match=r"skipping `net.3`"):
+        trainer_for(tmp_path, [cb], max_epochs=2).fit(model)
+    record = applied_events(model)[0]
+    assert "net.0" in record["kept_dense"] and "net.0" not in {spec["name"] for spec in record["layers"]}
+    assert record["layers"] and all(spec["groups"] in (1, 2) for spec in record["layers"])
+    assert n_params(model) <= 0.5 * cb.allocations[-1]["params_dense"]
+    assert (tmp_path / "alds_latency.json").exists()
+
+
 class LRProbe(Callback):
     """Records the first param group's lr at every epoch start (after the ALDS event of that epoch)."""
 
@@ -209,6 +237,8 @@ def test_bad_input_names_the_argument(tmp_path: Path) -> None:
         ALDS(budget="latency", latency_ratio=0.5, method="uniform")
     with pytest.raises(ConfigError, match=r"`latency_groups`=\[0, 2\] is not allowed"):
         ALDS(budget="latency", latency_ratio=0.5, latency_groups=[0, 2])
+    with pytest.raises(ConfigError, match=r"`latency_guard`=True is not allowed: False unless budget='params'"):
+        ALDS(keep_ratio=0.5, method="uniform", latency_guard=True)
     with pytest.raises(ConfigError, match=r"`latency_ratio`=0.5 is not allowed: None unless budget='latency'"):
         ALDS(keep_ratio=0.5, latency_ratio=0.5)
     with pytest.raises(ConfigError, match=r"`min_saving`=1.2 is not allowed"):
