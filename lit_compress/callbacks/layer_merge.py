@@ -403,7 +403,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
     ) -> tuple[list[list[Any]], dict[str, Any]]:
         from lit_compress.callbacks._inputs import isolated_rng, train_batches
         from lit_compress.surgery.layermerge.dp import DPEntry, solve_merge_dp
-        from lit_compress.surgery.layermerge.importance import importance_table
+        from lit_compress.surgery.layermerge.importance import dp_value, importance_table
 
         start = time.perf_counter()
         table = self._latency_table(trainer, pl_module, space)
@@ -434,7 +434,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
             )
         del work
         importance_s = time.perf_counter() - t0
-        entries = [DPEntry(c.start, c.end, latency[c.key], importance[c.key], c) for c in candidates]
+        entries = [DPEntry(c.start, c.end, latency[c.key], dp_value(importance[c.key]), c) for c in candidates]
         t0 = time.perf_counter()
         result = solve_merge_dp(entries, space.depth, self.budget * total, unit)
         dp_s = time.perf_counter() - t0
