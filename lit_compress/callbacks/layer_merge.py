@@ -107,7 +107,13 @@ class LayerMerge(CompressionCallback[MergePlan]):
             input's (``example_input_array`` or a training batch).
         latency_device: Device for the latency table; default: the device the model trains on.
         latency_warmup: Untimed calls per entry.
-        latency_repeats: Timed calls per entry (median).
+        latency_repeats: Timed calls per entry and round (median).
+        latency_rounds: Interleaved rounds per entry; an entry is its best round (a burst of load hits
+            one round, not the table). Entries that break the kernel order (a larger kernel faster than
+            a smaller one on the same layer, or slower than its multiply-adds allow by 3x) are
+            re-measured, and a warning names those that stay inconsistent.
+        latency_check_plan: Time the chosen plan's layers together after the DP and warn if that
+            exceeds the budget or the table's sum by more than 15 % (recorded as ``measured_plan_ms``).
         latency_cache: JSON file caching latency tables per device/batch/shape; default:
             ``<default_root_dir>/layermerge_latency.json``. Entries from another device or shape are
             never reused.
@@ -137,6 +143,8 @@ class LayerMerge(CompressionCallback[MergePlan]):
         latency_device: str | None = None,
         latency_warmup: NonNegativeInt = 3,
         latency_repeats: PositiveInt = 10,
+        latency_rounds: PositiveInt = 3,
+        latency_check_plan: bool = True,
         latency_cache: str | None = None,
         time_unit_ms: PositiveFloat | None = None,
         load_plan: str | None = None,
@@ -157,6 +165,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
             ("holdout_batches", holdout_batches),
             ("latency_batch_size", latency_batch_size),
             ("latency_repeats", latency_repeats),
+            ("latency_rounds", latency_rounds),
         ):
             check_int(name, value, 1)
         check_int("latency_input_size", latency_input_size, 1, optional=True)
@@ -172,6 +181,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
         ):
             check_str(name, text, optional=True)
         check_bool("merge_at_end", merge_at_end)
+        check_bool("latency_check_plan", latency_check_plan)
         check_bool("progress", progress)
         if latency_device is not None:
             try:
@@ -192,6 +202,8 @@ class LayerMerge(CompressionCallback[MergePlan]):
         self.latency_device = latency_device
         self.latency_warmup = latency_warmup
         self.latency_repeats = latency_repeats
+        self.latency_rounds = latency_rounds
+        self.latency_check_plan = latency_check_plan
         self.latency_cache = latency_cache
         self.time_unit_ms = time_unit_ms
         self.load_plan = load_plan
@@ -316,6 +328,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
             batch_size=self.latency_batch_size,
             warmup=self.latency_warmup,
             repeats=self.latency_repeats,
+            rounds=self.latency_rounds,
             cache=cache,
             progress=self.progress,
             log=rank_zero_info,
@@ -390,7 +403,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
     ) -> tuple[list[list[Any]], dict[str, Any]]:
         from lit_compress.callbacks._inputs import isolated_rng, train_batches
         from lit_compress.surgery.layermerge.dp import DPEntry, solve_merge_dp
-        from lit_compress.surgery.layermerge.importance import importance_table
+        from lit_compress.surgery.layermerge.importance import dp_value, importance_table
 
         start = time.perf_counter()
         table = self._latency_table(trainer, pl_module, space)
@@ -421,11 +434,26 @@ class LayerMerge(CompressionCallback[MergePlan]):
             )
         del work
         importance_s = time.perf_counter() - t0
-        entries = [DPEntry(c.start, c.end, latency[c.key], importance[c.key], c) for c in candidates]
+        entries = [DPEntry(c.start, c.end, latency[c.key], dp_value(importance[c.key]), c) for c in candidates]
         t0 = time.perf_counter()
         result = solve_merge_dp(entries, space.depth, self.budget * total, unit)
         dp_s = time.perf_counter() - t0
         blocks = [[e.start, e.end, list(e.payload.kept)] for e in result.entries]
+        measured_ms = None
+        if self.latency_check_plan:
+            from lit_compress.measure.latency_table import check_plan_latency, measure_plan
+
+            chosen = [e.payload for e in result.entries]
+            measured_ms = measure_plan(
+                space,
+                chosen,
+                device=device,
+                batch_size=self.latency_batch_size,
+                warmup=self.latency_warmup,
+                repeats=self.latency_repeats,
+                rounds=self.latency_rounds,
+            )
+            check_plan_latency(measured_ms, result.time, self.budget * total)
         summary = {
             "budget": self.budget,
             "importance": self.importance,
@@ -434,6 +462,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
             "original_table_ms": total,
             "planned_table_ms": result.time,
             "planned_fraction": result.time / total if total > 0 else None,
+            "measured_plan_ms": measured_ms,
             "dp_importance": result.importance,
             "time_unit_ms": unit,
             "kernels": [e.payload.kernel for e in result.entries],

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 import lit_compress.measure.latency_table as tables
 import lit_compress.surgery.layermerge.importance as importance
 from lit_compress.errors import ConfigError
+from lit_compress.measure.latency_table import LatencyTableWarning
 from lit_compress.models import ImageClassifier
 from lit_compress.surgery import applied_events
 from tests.callbacks.test_layer_merge import lm, loaders, tiny_model, trainer_for
@@ -73,3 +74,18 @@ def test_a_feasible_budget_at_a_later_epoch_plans_and_merges(tmp_path: Path) -> 
         model, loaders()
     )
     assert [e["op"] for e in applied_events(model)] == ["layer_merge_plan", "layer_merge_final"]
+
+
+def test_a_plan_measured_over_its_budget_is_warned_about_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table says 1 ms per entry; the chosen plan's layers, timed together, take 100 ms: a warning says so."""
+    monkeypatch.setattr(tables, "latency_table", lambda space, cands, **kw: {c.key: 1.0 for c in cands})
+    monkeypatch.setattr(tables, "time_layer", lambda *args: 100.0)
+    L.seed_everything(0, verbose=False)
+    model = vgg()
+    trainer = trainer_for(tmp_path, [lm(tmp_path, budget=0.6)], max_epochs=1, limit_train_batches=1)
+    with pytest.warns(LatencyTableWarning, match="the plan measures 100 ms, over its budget of 2.4 ms"):
+        trainer.fit(model, loaders())
+    plan = applied_events(model)[0]
+    assert plan["op"] == "layer_merge_plan" and plan["summary"]["measured_plan_ms"] == 100.0

@@ -12,6 +12,12 @@ batches against the unmodified model:
 
 Unmodified single-conv blocks have ``I = 1`` (Δ = 0) without any computation. The latency table
 lives in :mod:`lit_compress.measure.latency_table`.
+
+The DP adds its entries' values over a plan's blocks, so it takes ``log I`` (:func:`dp_value`: the
+accuracy change in hundredths, or the relative loss change), not ``I``: a plan's value is then the
+sum of its blocks' changes, the same for any number of blocks, and every unmodified block adds 0.
+Summing ``I`` itself (every block worth about 1) made the DP maximise the number of blocks kept:
+a nearly harmless 4-conv merge lost against three unmodified blocks plus a harmful 2-conv merge.
 """
 
 from __future__ import annotations
@@ -29,12 +35,30 @@ from lit_compress.surgery.bn_stats import reestimate_batchnorm_
 from lit_compress.surgery.layermerge.blocks import Candidate, MergeSpace
 from lit_compress.surgery.layermerge.plan import apply_merge_plan_, single_block_plan
 
-__all__ = ["IMPORTANCE_METHODS", "ForwardLoss", "importance_table"]
+__all__ = ["IMPORTANCE_METHODS", "ForwardLoss", "dp_value", "importance_table"]
 
 IMPORTANCE_METHODS = ("finetune", "loss_proxy")
 
 # forward_loss(model, batch) -> (mean loss tensor, number correct or None, number of samples)
 ForwardLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, int | None, int]]
+
+
+# The DP value of a block that broke the network (I = 0: non-finite loss): worse than any real change.
+WORST_DP_VALUE = -1e3
+
+
+def dp_value(importance: float) -> float:
+    """The additive DP value of a block of importance ``I``: ``log I`` (0 for an unmodified block).
+
+    Blocks of any depth compare fairly: a plan's value is its summed accuracy (or relative loss)
+    change, whatever the number of blocks. ``I <= 0`` (a broken block) is :data:`WORST_DP_VALUE`.
+
+    Raises:
+        ConfigError: For a negative or non-finite ``importance``.
+    """
+    if not (isinstance(importance, (int, float)) and math.isfinite(importance) and importance >= 0):
+        raise ConfigError(f"`importance`={importance!r} is not allowed: must be a finite number >= 0.")
+    return math.log(importance) if importance > 0 else WORST_DP_VALUE
 
 
 # --------------------------------------------------------------------------------------------
