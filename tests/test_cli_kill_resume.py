@@ -63,12 +63,6 @@ def _last_epoch(path: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: after a resume at epoch 2 the parameters match the uninterrupted run exactly, but the "
-    "BatchNorm running statistics differ (up to ~2e-3) from the first post-resume event on (ALDS at epoch 3, "
-    "which re-estimates them on training batches)",
-)
 def test_combined_cnn_killed_and_resumed_through_the_cli_is_bit_identical(tmp_path: Path) -> None:
     config = _config(tmp_path)
     start = time.perf_counter()
