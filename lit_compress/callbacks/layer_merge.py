@@ -128,6 +128,10 @@ class LayerMerge(CompressionCallback[MergePlan]):
             and activation. Default: every site.
         progress: Show progress bars while building the tables.
         bn_recalibration_batches: Re-estimate BatchNorm statistics after the plan is applied.
+        rewarm_steps: Re-warm the learning rate over this many optimizer steps after the plan: step
+            ``k`` (0-based) after it runs at ``(k + 1) / (rewarm_steps + 1)`` times the learning rate the
+            optimizer and its scheduler set (restored after the step, so the schedule is unchanged).
+            Derived from the plan event's recorded step, so a resumed run continues it. 0: off.
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
         targets: str | list[str] | None = None,
         progress: bool = True,
         bn_recalibration_batches: NonNegativeInt = 20,
+        rewarm_steps: NonNegativeInt = 0,
         name: str | None = None,
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
@@ -182,6 +187,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
             check_str(name, text, optional=True)
         check_bool("merge_at_end", merge_at_end)
         check_bool("latency_check_plan", latency_check_plan)
+        check_int("rewarm_steps", rewarm_steps, 0)
         check_bool("progress", progress)
         if latency_device is not None:
             try:
@@ -204,6 +210,8 @@ class LayerMerge(CompressionCallback[MergePlan]):
         self.latency_repeats = latency_repeats
         self.latency_rounds = latency_rounds
         self.latency_check_plan = latency_check_plan
+        self.rewarm_steps = rewarm_steps
+        self._rewarm_saved: list[tuple[dict[str, Any], Any]] = []
         self.latency_cache = latency_cache
         self.time_unit_ms = time_unit_ms
         self.load_plan = load_plan
@@ -231,6 +239,45 @@ class LayerMerge(CompressionCallback[MergePlan]):
             return []
         merge = " (and with it the merge at fit end)" if self.merge_at_end else ""
         return [ScheduledEvent(f"the plan for budget {self.budget:g}{merge}", epoch=self.at_epoch)]
+
+    # ------------------------------------------------------------------ LR re-warm after the plan
+    def rewarm_factor(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> float | None:
+        """The learning-rate factor of the coming optimizer step, or ``None`` outside the re-warm."""
+        if self.rewarm_steps == 0:
+            return None
+        plans = [e for e in applied_events(pl_module) if e.get("op") == "layer_merge_plan" and "global_step" in e]
+        if not plans:
+            return None
+        k = int(trainer.global_step) - int(plans[-1]["global_step"])
+        if not 0 <= k < self.rewarm_steps:
+            return None
+        return (k + 1) / (self.rewarm_steps + 1)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._restore_lrs()
+        factor = self.rewarm_factor(trainer, pl_module)
+        if factor is None:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                self._rewarm_saved.append((group, group["lr"]))
+                group["lr"] = group["lr"] * factor
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._restore_lrs()  # before the scheduler steps and before any event rebuilds the optimizer
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _restore_lrs(self) -> None:
+        for group, lr in self._rewarm_saved:
+            group["lr"] = lr
+        self._rewarm_saved = []
 
     # ------------------------------------------------------------------ targets
     def targeted_sites(self, space: MergeSpace) -> set[int]:

@@ -116,6 +116,7 @@ CASES: list[tuple[type, dict[str, Any], str, Any]] = [
     (LayerMerge, {}, "latency_repeats", 0),
     (LayerMerge, {}, "latency_rounds", 0),
     (LayerMerge, {}, "latency_check_plan", "yes"),
+    (LayerMerge, {}, "rewarm_steps", -1),
     (LayerMerge, {}, "latency_cache", ""),
     (LayerMerge, {}, "time_unit_ms", INF),
     (LayerMerge, {}, "time_unit_ms", -1.0),

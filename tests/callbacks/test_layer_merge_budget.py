@@ -84,8 +84,32 @@ def test_a_plan_measured_over_its_budget_is_warned_about_and_recorded(
     monkeypatch.setattr(tables, "time_layer", lambda *args: 100.0)
     L.seed_everything(0, verbose=False)
     model = vgg()
-    trainer = trainer_for(tmp_path, [lm(tmp_path, budget=0.6)], max_epochs=1, limit_train_batches=1)
+    trainer = trainer_for(
+        tmp_path, [lm(tmp_path, budget=0.6, latency_check_plan=True)], max_epochs=1, limit_train_batches=1
+    )
     with pytest.warns(LatencyTableWarning, match="the plan measures 100 ms, over its budget of 2.4 ms"):
         trainer.fit(model, loaders())
     plan = applied_events(model)[0]
     assert plan["op"] == "layer_merge_plan" and plan["summary"]["measured_plan_ms"] == 100.0
+
+
+class RecordLr(Callback):
+    """Each optimizer step's learning rate over the one its scheduler last set."""
+
+    def __init__(self) -> None:
+        self.factors: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        scheduled = trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+        self.factors.append(float(optimizer.param_groups[0]["lr"]) / scheduled)
+
+
+def test_rewarm_scales_the_learning_rate_after_the_plan_and_leaves_the_schedule_alone(tmp_path: Path) -> None:
+    """rewarm_steps=3, plan at epoch 1: the 3 steps after it run at 1/4, 2/4, 3/4 of the scheduled rate."""
+    L.seed_everything(0, verbose=False)
+    record = RecordLr()
+    callback = lm(tmp_path, budget=0.6, at_epoch=1, rewarm_steps=3)
+    trainer_for(tmp_path, [callback, record], max_epochs=2, limit_train_batches=4).fit(tiny_model(), loaders())
+    assert record.factors == pytest.approx([1.0] * 4 + [0.25, 0.5, 0.75, 1.0])
+    with pytest.raises(ConfigError, match="`rewarm_steps`=-1"):
+        lm(tmp_path, rewarm_steps=-1)

@@ -97,3 +97,74 @@ def test_a_registered_block_is_planned_and_merged_exactly(registered: None) -> N
 def _plan(space) -> list:
     """Merge the first unit (both convs and the identity skip) into one 5x5 conv; keep the rest."""
     return [[0, 2, [1, 2]], *[[p - 1, p, [p]] for p in range(3, space.depth + 1)]]
+
+
+class TimmStyleBasicBlock(nn.Module):
+    """timm's ResNet ``BasicBlock`` structure (no-op drop_block / aa / drop_path, ``se`` absent), built here."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.drop_block = nn.Identity()
+        self.act1 = nn.ReLU(inplace=True)
+        self.aa = nn.Identity()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.se = None
+        self.act2 = nn.ReLU(inplace=True)
+        self.downsample = (
+            None
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
+        self.drop_path = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        y = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        y = self.drop_path(self.bn2(self.conv2(y)))
+        if self.downsample is not None:
+            shortcut = self.downsample(x)
+        return self.act2(y + shortcut)
+
+
+class TimmStyleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.layers = nn.Sequential(TimmStyleBasicBlock(4, 4), TimmStyleBasicBlock(4, 8, 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)))
+
+
+def test_a_timm_style_resnet_block_registered_by_its_names_merges_exactly() -> None:
+    register_merge_unit(
+        TimmStyleBasicBlock,
+        lambda b: UnitLayout(
+            convs=(("conv1", "bn1", "act1"), ("conv2", "bn2", "act2")),
+            skip="identity" if b.downsample is None else "conv",
+            shortcut=None if b.downsample is None else "downsample",
+        ),
+    )
+    try:
+        torch.manual_seed(0)
+        net = TimmStyleNet().double()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+        space = analyze_merge_space(net)
+        assert space.depth == 4 and [r.skip for r in space.residuals] == ["identity", "conv"]
+        x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+        model = copy.deepcopy(net)
+        record = apply_merge_plan_(model, _plan(space))[0]
+        model.eval()
+        expected = model(x)
+        merge_planned_(model, record)
+        torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+        assert sum(isinstance(m, nn.Conv2d) for m in model.layers.modules()) < 5
+    finally:
+        _UNITS.pop(TimmStyleBasicBlock, None)
