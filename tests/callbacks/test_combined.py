@@ -78,6 +78,7 @@ def schedule(latency_cache: Path) -> list[Callback]:
             latency_warmup=0,
             latency_repeats=2,
             latency_cache=str(latency_cache),
+            latency_check_plan=False,  # the cache holds cost-model pseudo-ms, not this machine's
             progress=False,
             bn_recalibration_batches=2,
         ),

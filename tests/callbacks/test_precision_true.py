@@ -42,6 +42,7 @@ def layer_merge(tmp_path: Path) -> LayerMerge:
         latency_repeats=1,
         progress=False,
         latency_cache=str(cache),
+        latency_check_plan=False,  # the cache holds cost-model pseudo-ms, not this machine's
         bn_recalibration_batches=2,
     )
 
