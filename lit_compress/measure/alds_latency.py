@@ -33,6 +33,7 @@ from torch import nn
 
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.inputs import ExampleInputs, split_inputs
+from lit_compress.measure._json_cache import read_cache
 from lit_compress.measure.latency import measure_interleaved
 from lit_compress.measure.latency_table import latency_context
 from lit_compress.surgery.alds.latency_budget import LayerLatency
@@ -109,15 +110,7 @@ def _default_timer(device: torch.device, batch_size: int, rounds: int, repeats: 
 
 
 def _read_cache(path: Path | None) -> dict[str, Any]:
-    if path is None or not path.exists():
-        return {"format": CACHE_FORMAT, "version": 1, "tables": {}}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"`latency_cache`={str(path)!r} is not a readable JSON file ({err}).") from None
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-        raise ConfigError(f"`latency_cache`={str(path)!r} is not an ALDS latency cache (format {CACHE_FORMAT!r}).")
-    return data
+    return read_cache(path, CACHE_FORMAT, "an ALDS")
 
 
 def _measure(

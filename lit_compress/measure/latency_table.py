@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lit_compress.errors import ConfigError
+from lit_compress.measure._json_cache import read_cache
 from lit_compress.measure.latency import measure_latency
 from lit_compress.surgery.layermerge.blocks import ACTIVATION_CLASSES, Candidate, MergeSpace
 
@@ -99,15 +100,7 @@ def _layer(c: Candidate, act: str) -> nn.Module:
 
 
 def _read_cache(path: Path | None) -> dict[str, Any]:
-    if path is None or not path.exists():
-        return {"format": CACHE_FORMAT, "version": 1, "tables": {}}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"`latency_cache`={str(path)!r} is not a readable JSON latency cache ({err}).") from None
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-        raise ConfigError(f"`latency_cache`={str(path)!r} is not a LayerMerge latency cache (format {CACHE_FORMAT!r}).")
-    return data
+    return read_cache(path, CACHE_FORMAT, "a LayerMerge")
 
 
 def time_layer(
