@@ -116,9 +116,11 @@ def test_boring_model_and_datamodule_untouched(tmp_path: Path) -> None:
     """The plain demo pair: a callback and the report work with nothing added."""
     model = BoringModel()
     report = CompressionReport()
-    _trainer(tmp_path, [ALDS(keep_ratio=0.8, num_seeds=1, alternations=1, progress=False), report]).fit(
-        model, datamodule=BoringDataModule()
-    )
+    # BoringModel's one Linear(32, 2) saves nothing at rank 2 (the default `min_rank`): rank 1, no guard
+    _trainer(
+        tmp_path,
+        [ALDS(keep_ratio=0.8, num_seeds=1, alternations=1, progress=False, min_rank=1, min_saving=0.0), report],
+    ).fit(model, datamodule=BoringDataModule())
     assert report.initial is not None and report.initial["flops"] > 0
     assert isinstance(model.layer, LowRankLayer) and report.final is not None
     assert report.final["params"] < report.initial["params"]

@@ -260,23 +260,24 @@ class ALDS(CompressionCallback[ALDSPlan]):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.events_done == 0:
+        if stage == "fit" and self.events_done == 0 and self.budget == "params":  # latency: checked by its table
             self._check_reachable(pl_module, self.resolve_targets(pl_module))
 
     def _check_reachable(self, pl_module: nn.Module, names: list[str]) -> None:
-        """Refuse, before training, a keep ratio below what rank 1 in every target leaves.
+        """Refuse, before training, a keep ratio below what rank ``min_rank`` in every target leaves.
 
         Raises:
             ConfigError: Naming ``keep_ratio`` (or ``cascade``), the value and the smallest reachable ratio.
         """
-        floor = min_keep_ratio(pl_module, names)
+        floor = min_keep_ratio(pl_module, names, self.min_rank, self.min_saving)
         for epoch, ratio in self.schedule:
             if ratio < floor - 1e-12:
                 name, value = ("keep_ratio", ratio) if len(self.schedule) == 1 else ("cascade", self.schedule)
                 raise allowed(
                     name,
                     value,
-                    f"even rank 1 in every decomposable target keeps {floor:.4f} of the model's parameters with "
+                    f"even rank {self.min_rank} (`min_rank`) in every decomposable target keeps {floor:.4f} of the "
+                    f"model's parameters with "
                     f"these `targets`, so keep ratio {ratio:g} (epoch {epoch}) cannot be reached; use at least "
                     f"{math.ceil(floor * 10000) / 10000:.4f} or widen `targets`",
                 )

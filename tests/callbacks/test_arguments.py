@@ -230,7 +230,7 @@ def test_unreachable_alds_keep_ratio_fails_at_setup(tmp_path: Path) -> None:
     from lit_compress.surgery.alds.allocate import min_keep_ratio
 
     model = ToyNet()
-    floor = min_keep_ratio(model, ["fc1", "mid", "head"])
+    floor = min_keep_ratio(model, ["fc1", "mid", "head"], min_rank=2, min_saving=0.1)  # ALDS's defaults
     assert 0 < floor < 1
     counter = StepCounter()
     alds = ALDS(keep_ratio=floor / 2, at_epoch=1, progress=False)

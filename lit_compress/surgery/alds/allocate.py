@@ -268,8 +268,9 @@ def dense_param_count(model: nn.Module, names: Sequence[str]) -> int:
     return total
 
 
-def min_keep_ratio(model: nn.Module, names: Sequence[str]) -> float:
-    """The smallest keep ratio ALDS can reach on ``model`` with ``names`` as targets: rank 1 everywhere.
+def min_keep_ratio(model: nn.Module, names: Sequence[str], min_rank: int = 1, min_saving: float = 0.0) -> float:
+    """The smallest keep ratio ALDS can reach on ``model`` with ``names`` as targets: rank ``min_rank``
+    (one group) everywhere, each layer left dense where that saves less than ``min_saving`` of it.
 
     Cheap (shapes only, no SVD), so callers can refuse an impossible ``keep_ratio`` before training;
     it is the same floor :func:`allocate` checks.
@@ -281,7 +282,10 @@ def min_keep_ratio(model: nn.Module, names: Sequence[str]) -> float:
     floor = params_dense
     for name in ok:
         f, c, kk = layer_shape(get_submodule(model, name))
-        floor -= f * c * kk - min(f * c * kk, low_rank_size(f, c, kk, 1, 1))
+        dense = f * c * kk
+        smallest = low_rank_size(f, c, kk, 1, min_rank)
+        if smallest <= (1.0 - min_saving) * dense:
+            floor -= dense - smallest
     return floor / params_dense
 
 
