@@ -78,7 +78,7 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                 svd_row[0]["max_error"] = svd.allocations[-1]["max_error"] if svd.allocations else None  # also exact
                 timed.append(svd_row)
                 timed.append(P.magnitude_at(task, settings, start, seed, r["params"], f"{label} params"))
-                if i == 0:
+                if i == 0 and not settings.skip_scratch:
                     fresh = P.own_architecture(task, settings, model)
                     wall = P.recover(task, settings, fresh, seed, budget=P.training_budget(task, settings, start, True))
                     variant = f"{label} architecture from scratch, pretrain + recovery budget"
@@ -151,7 +151,7 @@ def latency_allocator_time(cache: str) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = P.parse_args(__doc__, argv)
-    settings = P.Settings.from_args(args.out, args.seeds, args.quick)
+    settings = P.Settings.from_namespace(args)
     clock = P.timer()
     tasks = P.select(TASKS, args.tasks)
     rows = [r for task in tasks for r in run(task, settings)]

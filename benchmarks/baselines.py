@@ -48,7 +48,7 @@ def thin_widths(task: Task, settings: P.Settings) -> dict[float, float]:
 
 def run_family(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    widths = thin_widths(task, settings)
+    widths = {} if settings.skip_scratch else thin_widths(task, settings)
     for seed in settings.seeds:
         start = P.dense_start(task, settings, seed)
         print(f"[baselines] {task.label} seed {seed}: dense {task.metric} {start.metric:.3f} "
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", nargs="*", choices=sorted(FAMILIES), default=None, help="only these families")
+    P.add_run_options(parser)
     args = parser.parse_args(argv)
-    settings = P.Settings.from_args(args.out, args.seeds, args.quick)
+    settings = P.Settings.from_namespace(args)
     for name in args.tasks or FAMILIES:
         task = FAMILIES[name]
         clock = P.timer()

@@ -72,10 +72,11 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
         timed.append(post_training(task, settings, start, seed))
         params = timed[0][0]["params"]
         timed.append(P.magnitude_at(task, settings, start, seed, params, "LayerCollapse params"))
-        fresh = P.own_architecture(task, settings, main_model)
-        wall = P.recover(task, settings, fresh, seed, budget=P.training_budget(task, settings, start, True))
-        variant = "collapsed architecture from scratch, pretrain + recovery budget"
-        timed.append((P.row(task, settings, "LayerCollapse", variant, seed, fresh, wall), fresh))
+        if not settings.skip_scratch:
+            fresh = P.own_architecture(task, settings, main_model)
+            wall = P.recover(task, settings, fresh, seed, budget=P.training_budget(task, settings, start, True))
+            variant = "collapsed architecture from scratch, pretrain + recovery budget"
+            timed.append((P.row(task, settings, "LayerCollapse", variant, seed, fresh, wall), fresh))
         P.measure_rows(task, settings, timed, dense)
         rows += [r for r, _ in timed]
     return rows
@@ -83,7 +84,7 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = P.parse_args(__doc__, argv)
-    settings = P.Settings.from_args(args.out, args.seeds, args.quick)
+    settings = P.Settings.from_namespace(args)
     clock = P.timer()
     tasks = P.select(TASKS, args.tasks)
     rows = [r for task in tasks for r in run(task, settings)]

@@ -77,7 +77,7 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                 if kd:
                     continue
                 timed.append(P.magnitude_at(task, settings, start, seed, r["params"], f"{label} params"))
-                if i == 0:
+                if i == 0 and not settings.skip_scratch:
                     fresh = P.own_architecture(task, settings, model)
                     wall = P.recover(task, settings, fresh, seed, budget=P.training_budget(task, settings, start, True))
                     variant = f"{label} tied architecture from scratch, pretrain + recovery budget"
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         print(llm_step(measures[0] if measures else "wasserstein", align="--align" in argv))
         return
     args = P.parse_args(__doc__, argv)
-    settings = P.Settings.from_args(args.out, args.seeds, args.quick)
+    settings = P.Settings.from_namespace(args)
     clock = P.timer()
     tasks = P.select(TASKS, args.tasks)
     rows = [r for task in tasks for r in run(task, settings)]

@@ -64,7 +64,7 @@ def run(settings: P.Settings) -> list[dict[str, Any]]:
                     continue
                 params = r["params"]
                 timed.append(P.magnitude_at(TASK, settings, start, seed, params, f"LayerMerge-{budget:.0%} params"))
-                if budget == MAIN:
+                if budget == MAIN and not settings.skip_scratch:
                     timed.append(scratch_merged(settings, start, seed, plan, budget))
         P.measure_rows(TASK, settings, timed, dense)
         for r, _ in timed:
@@ -88,7 +88,7 @@ def scratch_merged(
 
 def main(argv: list[str] | None = None) -> None:
     args = P.parse_args(__doc__, argv)
-    settings = P.Settings.from_args(args.out, args.seeds, args.quick)
+    settings = P.Settings.from_namespace(args)
     clock = P.timer()
     P.select([TASK], args.tasks)
     rows = run(settings)

@@ -64,10 +64,20 @@ class Settings:
     latency_rounds: int = 5
     latency_repeats: int = 10
     limit_batches: int | None = None  # quick: a few batches per epoch
+    skip_scratch: bool = False  # leave out every row trained from scratch (the costliest rows)
 
     @classmethod
-    def from_args(cls, out: str, seeds: int, quick: bool) -> Settings:
-        s = cls(out=Path(out), seeds=list(range(seeds)), quick=quick)
+    def from_namespace(cls, args: argparse.Namespace) -> Settings:
+        """Settings from :func:`parse_args`'s result."""
+        return cls.from_args(args.out, args.seeds, args.quick, args.seed_list, args.skip_scratch)
+
+    @classmethod
+    def from_args(
+        cls, out: str, seeds: int, quick: bool, seed_list: Sequence[int] | None = None, skip_scratch: bool = False
+    ) -> Settings:
+        """``seed_list`` (explicit seeds, e.g. one per process) overrides ``seeds`` (0..N-1)."""
+        chosen = list(seed_list) if seed_list else list(range(seeds))
+        s = cls(out=Path(out), seeds=chosen, quick=quick, skip_scratch=skip_scratch)
         if quick:  # smoke settings: every code path, minutes instead of hours; numbers mean nothing
             s.seeds = s.seeds[:1]
             s.image = ImageRecipe(pretrain_max_epochs=2, patience=1, recovery_epochs=1, warmup_epochs=0.5)
@@ -422,6 +432,7 @@ def write(name: str, settings: Settings, rows: list[dict[str, Any]], config: dic
         "env": environment(),
         "seeds": settings.seeds,
         "quick": settings.quick,
+        "skip_scratch": settings.skip_scratch,
         "config": config,
         "rows": rows,
     }
@@ -504,7 +515,22 @@ def parse_args(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (each has its own converged start)")
     parser.add_argument("--quick", action="store_true", help="smoke settings: every code path in minutes")
     parser.add_argument("--tasks", nargs="*", default=None, help="only these task/model labels, e.g. mnist/vgg")
+    add_run_options(parser)
     return parser.parse_args(argv)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every benchmark shares for splitting a run: explicit seeds, and leaving out from-scratch rows."""
+    parser.add_argument(
+        "--seed-list",
+        nargs="+",
+        type=int,
+        default=None,
+        help="exactly these seeds (overrides --seeds), e.g. one per process",
+    )
+    parser.add_argument(
+        "--skip-scratch", action="store_true", help="leave out every row trained from scratch (recorded in the JSON)"
+    )
 
 
 def select(all_tasks: Sequence[Task], labels: Sequence[str] | None) -> list[Task]:
