@@ -133,9 +133,9 @@ def test_too_little_training_after_the_last_fusion_step_is_warned_with_the_numbe
 
 
 def test_training_after_the_last_step_is_counted_in_steps_and_epochs() -> None:
-    """At the threshold nothing is said (8 steps left, min 8); the step unit counts from the step after which it runs."""
+    """Epochs count whole epochs of steps after the last one's start; steps count from the step after which it runs."""
     length = FitLength(max_epochs=3, max_steps=None, steps_per_epoch=4)
-    epochs = LayerFusion(fraction=0.2, increments=2, every_n_epochs=1, min_steps_after_last=8)
+    epochs = LayerFusion(fraction=0.2, increments=2, every_n_epochs=1)
     epochs._resolve_schedule(SimpleNamespace())
     assert epochs.steps_after_last(length) == 8  # fusion at the start of epochs 0 and 1
     steps = LayerFusion(fraction=0.2, increments=2, at_step=2, every_n_steps=3)
