@@ -41,6 +41,7 @@ from lit_compress.callbacks._schedule import FitLength, ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
 from lit_compress.measure import count_parameters
+from lit_compress.surgery.fusion.adapters import adapter_skip_reason
 from lit_compress.surgery.fusion.align import hidden_space
 from lit_compress.surgery.fusion.groups import FusionGroup, candidate_groups, clusters, fusion_units, max_removable
 from lit_compress.surgery.fusion.plan import plan_fusions, plan_group_fusions, shared_elsewhere
@@ -102,6 +103,13 @@ class LayerFusion(CompressionCallback[FusionPlan]):
             units. Applies to FFN projections and residual-block convs
             (:mod:`lit_compress.surgery.fusion.align`); other selected layers are tied unaligned, named
             in a warning at setup. The permuted tensors' optimizer state is reset. Off by default.
+        adapters: Beyond the authors: give every tied linear or conv its own per-output-channel scale
+            of its output (``s_i ⊙ (W x + b)`` with the shared ``W, b``;
+            :mod:`lit_compress.surgery.fusion.adapters`), all ones when created, so the fused network is
+            unchanged by them and they learn from there. They cost ``out_channels`` parameters per tied
+            layer, which count against the removed parameters (the budget and
+            ``fusion/unique_param_reduction`` are net of them). Layers that cannot take one are named in a
+            warning at setup. Off by default.
         rewarm_steps: After each fusion step that tied something, re-warm the learning rate over this
             many optimizer steps: step ``k`` (0-based) after it runs at ``(k + 1) / (rewarm_steps + 1)``
             times the rate the optimizer and its scheduler set; the schedule itself is unchanged
@@ -134,6 +142,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         include_embeddings: bool = False,
         optimizer_state: Literal["reset", "average"] = "reset",
         align: bool = False,
+        adapters: bool = False,
         rewarm_steps: NonNegativeInt = 0,
         min_steps_after_last: NonNegativeInt = 100,
         seed: int = 0,
@@ -147,6 +156,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         check_bool("include_embeddings", include_embeddings)
         check_int("seed", seed)
         check_bool("align", align)
+        check_bool("adapters", adapters)
         check_int("rewarm_steps", rewarm_steps, 0)
         check_int("min_steps_after_last", min_steps_after_last, 0)
         if every_n_epochs is not None and every_n_steps is not None:
@@ -173,6 +183,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
         self.include_norms, self.include_embeddings = bool(include_norms), bool(include_embeddings)
         self.optimizer_state, self.seed, self.align = optimizer_state, int(seed), bool(align)
         self.rewarm_steps, self.min_steps_after_last = int(rewarm_steps), int(min_steps_after_last)
+        self.adapters = bool(adapters)
         self.rewarm_from: int | None = None  # global_step of the last fusion step that tied something
         self.increments_done = 0
         self.base_params: int | None = None  # unique parameters before the first fusion step
@@ -227,6 +238,14 @@ class LayerFusion(CompressionCallback[FusionPlan]):
                     f"LayerFusion(align=True) cannot permute the hidden units of {listed} (only FFN projections and "
                     "residual-block convs are aligned); they are tied unaligned."
                 )
+        if warn and self.adapters:
+            grouped = [u.name for members in candidate_groups(usable).values() for u in members]
+            lacking = [(n, why) for n in grouped if (why := adapter_skip_reason(pl_module, n)) is not None]
+            if lacking:
+                listed = "; ".join(f"`{n}` ({why})" for n, why in lacking[:6]) + (
+                    f" and {len(lacking) - 6} more" if len(lacking) > 6 else ""
+                )
+                rank_zero_warn(f"LayerFusion(adapters=True) ties these layers without an adapter: {listed}.")
         return usable
 
     def _group_targets(self, pl_module: L.LightningModule, units: Sequence[Any]) -> dict[FusionGroup, int]:
@@ -389,7 +408,7 @@ class LayerFusion(CompressionCallback[FusionPlan]):
 
     @override
     def apply_event(self, pl_module: L.LightningModule, plan: FusionPlan) -> list[Record]:
-        records = fuse_layers_(pl_module, plan["fusions"], self.policy, align=self.align)
+        records = fuse_layers_(pl_module, plan["fusions"], self.policy, align=self.align, adapters=self.adapters)
         for record in records:
             record.update(
                 increment=int(plan["increment"]), increments=self.increments, measure=self.measure, budget=self.budget
