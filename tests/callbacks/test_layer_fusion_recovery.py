@@ -64,11 +64,13 @@ def test_without_rewarm_the_rate_is_the_schedules(tmp_path: Path) -> None:
     assert [record.lrs[t] for t in range(8)] == pytest.approx([0.01 * 0.9**t for t in range(8)])
 
 
-def test_rewarm_bad_input() -> None:
+def test_rewarm_min_steps_and_adapters_bad_input() -> None:
     with pytest.raises(ConfigError, match="`rewarm_steps`=-1"):
         LayerFusion(rewarm_steps=-1)
     with pytest.raises(ConfigError, match="`min_steps_after_last`=-2"):
         LayerFusion(min_steps_after_last=-2)
+    with pytest.raises(ConfigError, match="`adapters`='yes'"):
+        LayerFusion(adapters="yes")  # type: ignore[arg-type]
 
 
 def _fit(root: Path, extra: list[Callback], ckpt: str | None = None) -> RecordLr:
