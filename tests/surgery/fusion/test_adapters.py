@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from lit_compress.measure import count_parameters
 from lit_compress.models.cifar_resnet import BasicBlock
-from lit_compress.surgery.fusion.adapters import ADAPTER, adapter_params, adapter_skip_reason, add_adapter_
+from lit_compress.surgery.fusion.adapters import (
+    ADAPTER,
+    adapter_channels,
+    adapter_params,
+    adapter_skip_reason,
+    add_adapter_,
+)
 from lit_compress.surgery.fusion.align import align_cluster_
 from lit_compress.surgery.fusion.tie import fuse_layers_
 from lit_compress.surgery.replay import applied_events, record_events, replay_events_
@@ -25,12 +32,12 @@ FFN_PLAN = [
 ]
 
 
-def resnet() -> nn.Module:
+def resnet() -> Any:
     torch.manual_seed(0)
     return nn.Sequential(BasicBlock(4, 4, 1), BasicBlock(4, 4, 1)).double().eval()
 
 
-def ffn() -> nn.Module:
+def ffn() -> Any:
     torch.manual_seed(0)
     return Net().double()
 
@@ -45,7 +52,7 @@ def test_adapters_leave_the_fused_network_exactly_unchanged_at_creation_float64(
         assert len(fused) == 4 and all(
             torch.equal(
                 getattr(adapted.get_submodule(n), ADAPTER),
-                torch.ones(adapted.get_submodule(n).weight.shape[0], dtype=torch.float64),
+                torch.ones(adapter_channels(adapted.get_submodule(n)) or 0, dtype=torch.float64),
             )
             for n in fused
         )
