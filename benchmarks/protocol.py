@@ -42,7 +42,8 @@ from lit_compress.callbacks import CompressionReport, Distillation
 from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.measure import count_flops, count_parameters, measure_latency
 
-TRAIN_THREADS = 2
+#: Threads for training; ``OMP_NUM_THREADS`` overrides it (1 when a run is split into processes side by side).
+TRAIN_THREADS = int(os.environ.get("OMP_NUM_THREADS") or 2)
 LATENCY_THREADS = 2
 LATENCY_BATCHES = (1, 64)
 
