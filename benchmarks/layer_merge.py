@@ -60,7 +60,7 @@ def run(settings: P.Settings) -> list[dict[str, Any]]:
                     blocks=len(summary.get("kernels", [])),
                 )
                 timed.append((r, model))
-                if kd:
+                if kd or settings.method_only:
                     continue
                 params = r["params"]
                 timed.append(P.magnitude_at(TASK, settings, start, seed, params, f"LayerMerge-{budget:.0%} params"))

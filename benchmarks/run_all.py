@@ -323,6 +323,13 @@ def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None
             f"{', '.join(skipped)}.",
             "",
         ]
+    method_only = sorted(name for name, d in data.items() if d.get("method_only"))
+    if method_only:
+        lines += [
+            "Run with `--method-only` (the method's own rows only, no pruning/SVD/post-training comparison): "
+            f"{', '.join(method_only)}.",
+            "",
+        ]
     parts = {name: len(d["parts"]) for name, d in data.items() if d.get("parts")}
     if parts:
         lines += [
