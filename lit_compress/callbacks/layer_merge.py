@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lit_compress.callbacks import _rewarm
 from lit_compress.callbacks._args import (
     check_bool,
     check_choice,
@@ -145,8 +146,9 @@ class LayerMerge(CompressionCallback[MergePlan]):
         bn_recalibration_batches: Re-estimate BatchNorm statistics after the plan is applied.
         rewarm_steps: Re-warm the learning rate over this many optimizer steps after the plan: step
             ``k`` (0-based) after it runs at ``(k + 1) / (rewarm_steps + 1)`` times the learning rate the
-            optimizer and its scheduler set (restored after the step, so the schedule is unchanged).
-            Derived from the plan event's recorded step, so a resumed run continues it. 0: off.
+            optimizer and its scheduler set (restored right after the optimizer step, before the scheduler
+            steps, so the schedule is unchanged; :mod:`lit_compress.callbacks._rewarm`). Derived from the
+            plan event's recorded step, so a resumed run continues it. 0: off.
     """
 
     def __init__(
@@ -236,7 +238,6 @@ class LayerMerge(CompressionCallback[MergePlan]):
         self.latency_rounds = latency_rounds
         self.latency_check_plan = latency_check_plan
         self.rewarm_steps = rewarm_steps
-        self._rewarm_saved: list[tuple[dict[str, Any], Any]] = []
         self.latency_cache = latency_cache
         self.time_unit_ms = time_unit_ms
         self.load_plan = load_plan
@@ -267,42 +268,33 @@ class LayerMerge(CompressionCallback[MergePlan]):
 
     # ------------------------------------------------------------------ LR re-warm after the plan
     def rewarm_factor(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> float | None:
-        """The learning-rate factor of the coming optimizer step, or ``None`` outside the re-warm."""
-        if self.rewarm_steps == 0:
-            return None
+        """The learning-rate factor of the coming optimizer step, or ``None`` outside the re-warm.
+
+        Counted from the plan event's recorded step in the surgery log (restored on resume)."""
         plans = [e for e in applied_events(pl_module) if e.get("op") == "layer_merge_plan" and "global_step" in e]
-        if not plans:
-            return None
-        k = int(trainer.global_step) - int(plans[-1]["global_step"])
-        if not 0 <= k < self.rewarm_steps:
-            return None
-        return (k + 1) / (self.rewarm_steps + 1)
+        start = int(plans[-1]["global_step"]) if plans else None
+        return _rewarm.rewarm_factor(int(trainer.global_step), start, self.rewarm_steps)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._restore_lrs()
         factor = self.rewarm_factor(trainer, pl_module)
-        if factor is None:
-            return
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                self._rewarm_saved.append((group, group["lr"]))
-                group["lr"] = group["lr"] * factor
+        if factor is not None:
+            _rewarm.scale_learning_rates(trainer.optimizers, factor)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._restore_lrs()  # before the scheduler steps and before any event rebuilds the optimizer
+        _rewarm.restore_learning_rates(trainer.optimizers)  # a skipped step's; before any event rebuilds the optimizer
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def _restore_lrs(self) -> None:
-        for group, lr in self._rewarm_saved:
-            group["lr"] = lr
-        self._rewarm_saved = []
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        _rewarm.restore_learning_rates(trainer.optimizers)  # a fit that raised mid-step
+        super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------ targets
     def targeted_sites(self, space: MergeSpace) -> set[int]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_compress.surgery.fusion.adapters import ADAPTER, has_adapter
 from lit_compress.surgery.fusion.groups import linear_role
 from lit_compress.surgery.modules import get_submodule, set_parameter
 
@@ -77,6 +78,8 @@ def _ffn_space(model: nn.Module, parent: str) -> list[Axis] | None:
         axes.append(Axis(name, "weight", out_dim, True))
         if getattr(child, "bias", None) is not None:
             axes.append(Axis(name, "bias", 0, True))
+        if has_adapter(child):  # its per-channel output scale follows its units
+            axes.append(Axis(name, ADAPTER, 0, False))
     name, child = consumers[0]
     in_dim = 1 - _linear_out_dim(child)
     sizes.add(_weight(child).shape[in_dim])
@@ -96,6 +99,8 @@ def _conv_space(model: nn.Module, parent: str) -> list[Axis] | None:
     axes = [Axis(prefix + "conv1", "weight", 0, True)]
     if conv1.bias is not None:
         axes.append(Axis(prefix + "conv1", "bias", 0, True))
+    if has_adapter(conv1):
+        axes.append(Axis(prefix + "conv1", ADAPTER, 0, False))
     if isinstance(bn1, nn.modules.batchnorm._BatchNorm):
         if bn1.num_features != conv1.out_channels:
             return None

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from typing_extensions import NotRequired
 
 from lit_compress.errors import ReplayError, SurgeryError, allowed
+from lit_compress.surgery.fusion.adapters import add_adapters_, replay_adapters_
 from lit_compress.surgery.fusion.align import align_cluster_
 from lit_compress.surgery.fusion.groups import (
     unit_parameter,
@@ -70,6 +71,8 @@ class Fusion(TypedDict):
     distance: NotRequired[float]
     aligned: NotRequired[list[str]]  # tensors permuted to align ``b``'s hidden units to ``a``'s
     align_skipped: NotRequired[str]  # why ``b`` was not aligned
+    adapters: NotRequired[list[str]]  # members given a new per-channel output scale (``adapters=True``)
+    adapter_params: NotRequired[int]  # parameters those scales add
 
 
 class FuseLayersRecord(TypedDict):
@@ -78,7 +81,7 @@ class FuseLayersRecord(TypedDict):
     op: Literal["fuse_layers"]
     policy: str
     fusions: list[Fusion]
-    removed_params: int
+    removed_params: int  # net: storage the ties removed minus the adapters they added
 
 
 def check_policy(policy: str, argument: str = "policy") -> str:
@@ -130,13 +133,16 @@ def fuse_pair_(
     policy: str,
     seed: int,
     align: bool = False,
+    adapters: bool = False,
 ) -> Fusion:
     """Tie every module of clusters ``a`` and ``b`` to new shared parameters; return the fusion's plain data.
 
     With ``align``, cluster ``b``'s hidden units are first permuted to match ``a``'s
     (:func:`~lit_compress.surgery.fusion.align.align_cluster_`; the function does not change), so
     the average is taken over matching units; the fusion then lists the tensors permuted
-    (``aligned``) or why none were (``align_skipped``).
+    (``aligned``) or why none were (``align_skipped``). With ``adapters``, every member that can
+    take one and has none gets an all-ones per-channel output scale
+    (:mod:`~lit_compress.surgery.fusion.adapters`), listed in ``adapters``.
     """
     a, b = list(a), list(b)
     if not a or not b or set(a) & set(b):
@@ -174,6 +180,8 @@ def fuse_pair_(
         fusion["aligned"] = aligned
         if skipped:
             fusion["align_skipped"] = skipped
+    if adapters:
+        fusion["adapters"], fusion["adapter_params"] = add_adapters_(model, a + b)
     return fusion
 
 
@@ -220,17 +228,19 @@ def _repoint_(
 
 
 def fuse_layers_(
-    model: nn.Module, fusions: Sequence[PlannedFusion], policy: str, align: bool = False
+    model: nn.Module, fusions: Sequence[PlannedFusion], policy: str, align: bool = False, adapters: bool = False
 ) -> list[dict[str, Any]]:
     """Apply ``fusions`` (each ``{"a": [...], "b": [...], "params": [...], "seed": int}``) in order.
 
     ``align``: permute each ``b`` cluster's hidden units to match ``a``'s before averaging (see
-    :func:`fuse_pair_`).
+    :func:`fuse_pair_`); ``adapters``: give the members per-channel output scales (see there).
 
     Returns one :class:`FuseLayersRecord` (or none if ``fusions`` is empty).
     """
     check_policy(policy)
-    done = [fuse_pair_(model, f["a"], f["b"], f["params"], policy, int(f.get("seed", 0)), align) for f in fusions]
+    done = [
+        fuse_pair_(model, f["a"], f["b"], f["params"], policy, int(f.get("seed", 0)), align, adapters) for f in fusions
+    ]
     for f, plan in zip(done, fusions):
         for key in ("score", "distance"):
             if key in plan:
@@ -241,7 +251,7 @@ def fuse_layers_(
         "op": "fuse_layers",
         "policy": policy,
         "fusions": done,
-        "removed_params": sum(f["removed"] for f in done),
+        "removed_params": sum(f["removed"] - f.get("adapter_params", 0) for f in done),
     }
     return [plain_record(record)]
 
@@ -274,6 +284,7 @@ def _replay_fuse_layers(model: nn.Module, record: FuseLayersRecord) -> None:
             old.append(olds)
             shared.append(param)
         _repoint_(model, members, fusion["params"], old, shared)
+        replay_adapters_(model, fusion.get("adapters", []))
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:
