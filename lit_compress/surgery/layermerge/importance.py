@@ -195,8 +195,9 @@ class ImportanceScorer:
                 site = self.space.site(reset)
                 for name in (site.conv, site.bn):
                     module = get_submodule(trial, name) if name else None
-                    if module is not None and hasattr(module, "reset_parameters"):
-                        module.reset_parameters()
+                    reset_parameters = getattr(module, "reset_parameters", None)
+                    if callable(reset_parameters):
+                        reset_parameters()
         apply_merge_plan_(trial, plan, space=self.space)
         with _seeded(trial, self.seed):
             if self.method == "loss_proxy":
