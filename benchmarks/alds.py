@@ -70,7 +70,7 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                     r["table_latency_ratio"] = round(a["latency_ms_after"] / a["latency_ms_dense"], 4)
                     r["latency_table_s"] = a.get("latency_table_s")
                 timed.append((r, model))
-                if kd:
+                if kd or settings.method_only:
                     continue
                 keep = r["params"] / P.count_parameters(dense)
                 svd = alds(task, keep_ratio=min(1.0, keep), method="uniform")

@@ -69,6 +69,10 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
             timed.append((r, model))
             main_model = main_model or model
         assert main_model is not None
+        if settings.method_only:
+            P.measure_rows(task, settings, timed, dense)
+            rows += [r for r, _ in timed]
+            continue
         timed.append(post_training(task, settings, start, seed))
         params = timed[0][0]["params"]
         timed.append(P.magnitude_at(task, settings, start, seed, params, "LayerCollapse params"))

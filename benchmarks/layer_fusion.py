@@ -74,7 +74,7 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                 r["achieved_cr"] = round(P.count_parameters(dense) / r["params"], 3)
                 r["unique_param_reduction"] = round(cb.achieved_reduction, 4)
                 timed.append((r, model))
-                if kd:
+                if kd or settings.method_only:
                     continue
                 timed.append(P.magnitude_at(task, settings, start, seed, r["params"], f"{label} params"))
                 if i == 0 and not settings.skip_scratch:

@@ -4,7 +4,9 @@ Task: MNIST-5k, ResNet-20 (``mnist/resnet20``). For each seed, from the converge
 
 - ``LayerMerge-X%`` for each latency budget X: plan at the start of the recovery fit (latency table
   measured on this CPU, importance table, DP), fine-tune the planned network for the recovery
-  budget, merge exactly at fit end; the main budget also with distillation from the dense model;
+  budget, merge exactly at fit end; the main budget also with distillation from the dense model, and
+  with "every block worth 1" (``importance="uniform"``: the DP keeps as many blocks as the budget
+  allows, no data), which shows whether the measured importance beats a data-free plan at equal budget;
 - the merged architecture trained from scratch with the dense model's pretraining + recovery budget
   (the plan applied to a fresh network, fine-tuned, then merged);
 - global magnitude pruning to the same parameter count, with the recovery budget.
@@ -24,17 +26,21 @@ import torch
 from benchmarks import protocol as P
 from benchmarks.tasks import Task
 from lit_compress.callbacks import LayerMerge
+from lit_compress.callbacks.layer_merge import ImportanceMethod
 from lit_compress.surgery import applied_events
 
 TASK = Task("mnist", "resnet20", "acc")
 BUDGETS = (0.7, 0.5)
 MAIN = 0.5
+IMPORTANCE: ImportanceMethod = "loss_proxy"  # the importance of every LayerMerge row but the uniform one
 
 
-def layer_merge(settings: P.Settings, budget: float, **kwargs: Any) -> LayerMerge:
+def layer_merge(
+    settings: P.Settings, budget: float, importance: ImportanceMethod = IMPORTANCE, **kwargs: Any
+) -> LayerMerge:
     return LayerMerge(
         budget=budget,
-        importance="loss_proxy",
+        importance=importance,
         latency_batch_size=64,
         latency_cache=str(settings.out / "cache" / "layermerge_latency.json"),
         progress=False,
@@ -49,18 +55,27 @@ def run(settings: P.Settings) -> list[dict[str, Any]]:
         dense = start.load(TASK, settings)
         timed: list[tuple[dict[str, Any], torch.nn.Module]] = []
         for budget in BUDGETS:
-            for kd in (False, True) if budget == MAIN else (False,):
+            variants: list[tuple[bool, ImportanceMethod]] = [(False, IMPORTANCE)]
+            if budget == MAIN:
+                variants += [(True, IMPORTANCE), (False, "uniform")]
+            for kd, importance in variants:
                 plan = settings.out / "cache" / f"layermerge_plan_s{seed}_b{budget}.json"
-                cb = layer_merge(settings, budget, save_plan=str(plan))
-                r, model = P.compressed(TASK, settings, start, seed, "LayerMerge", f"LayerMerge-{budget:.0%}", [cb], kd)
+                if importance != IMPORTANCE:
+                    plan = plan.with_name(f"{plan.stem}_{importance}.json")
+                cb = layer_merge(settings, budget, importance, save_plan=str(plan))
+                variant = f"LayerMerge-{budget:.0%}"
+                if importance != IMPORTANCE:
+                    variant += f", {importance} importance"
+                r, model = P.compressed(TASK, settings, start, seed, "LayerMerge", variant, [cb], kd)
                 summary = cb.summary
                 r.update(
                     budget=budget,
+                    importance=importance,
                     planned_fraction=summary.get("planned_fraction"),
                     blocks=len(summary.get("kernels", [])),
                 )
                 timed.append((r, model))
-                if kd:
+                if kd or importance != IMPORTANCE or settings.method_only:
                     continue
                 params = r["params"]
                 timed.append(P.magnitude_at(TASK, settings, start, seed, params, f"LayerMerge-{budget:.0%} params"))

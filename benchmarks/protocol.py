@@ -42,7 +42,8 @@ from lit_compress.callbacks import CompressionReport, Distillation
 from lit_compress.errors import ConfigError, SurgeryError
 from lit_compress.measure import count_flops, count_parameters, measure_latency
 
-TRAIN_THREADS = 2
+#: Threads for training; ``OMP_NUM_THREADS`` overrides it (1 when a run is split into processes side by side).
+TRAIN_THREADS = int(os.environ.get("OMP_NUM_THREADS") or 2)
 LATENCY_THREADS = 2
 LATENCY_BATCHES = (1, 64)
 
@@ -65,11 +66,15 @@ class Settings:
     latency_repeats: int = 10
     limit_batches: int | None = None  # quick: a few batches per epoch
     skip_scratch: bool = False  # leave out every row trained from scratch (the costliest rows)
+    method_only: bool = False  # only the method's own rows (with and without distillation), no comparison rows
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> Settings:
         """Settings from :func:`parse_args`'s result."""
-        return cls.from_args(args.out, args.seeds, args.quick, args.seed_list, args.skip_scratch)
+        s = cls.from_args(args.out, args.seeds, args.quick, args.seed_list, args.skip_scratch)
+        s.method_only = bool(getattr(args, "method_only", False))
+        s.skip_scratch = s.skip_scratch or s.method_only
+        return s
 
     @classmethod
     def from_args(
@@ -433,6 +438,7 @@ def write(name: str, settings: Settings, rows: list[dict[str, Any]], config: dic
         "seeds": settings.seeds,
         "quick": settings.quick,
         "skip_scratch": settings.skip_scratch,
+        "method_only": settings.method_only,
         "config": config,
         "rows": rows,
     }
@@ -530,6 +536,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--skip-scratch", action="store_true", help="leave out every row trained from scratch (recorded in the JSON)"
+    )
+    parser.add_argument(
+        "--method-only",
+        action="store_true",
+        help="only the method's own rows, with and without distillation: no pruning/SVD/post-training/scratch rows",
     )
 
 

@@ -316,6 +316,28 @@ def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None
         "[`benchmarks/PROTOCOL.md`](PROTOCOL.md). Every number was measured in these runs; mean ± std over seeds.",
         "",
     ]
+    skipped = sorted(name for name, d in data.items() if d.get("skip_scratch"))
+    if skipped:
+        lines += [
+            f"Run with `--skip-scratch` (no row trained from scratch, so no thin network or own architecture): "
+            f"{', '.join(skipped)}.",
+            "",
+        ]
+    method_only = sorted(name for name, d in data.items() if d.get("method_only"))
+    if method_only:
+        lines += [
+            "Run with `--method-only` (the method's own rows only, no pruning/SVD/post-training comparison): "
+            f"{', '.join(method_only)}.",
+            "",
+        ]
+    parts = {name: len(d["parts"]) for name, d in data.items() if d.get("parts")}
+    if parts:
+        lines += [
+            "Joined with `benchmarks.merge_runs` from processes run side by side (one seed each): "
+            + ", ".join(f"{n} ({k} parts)" for n, k in parts.items())
+            + "; latency was timed while the other parts trained, so read speed-ups as rough.",
+            "",
+        ]
     if runs:
         lines += ["Wall time per benchmark: " + ", ".join(f"{n} {r['wall_s'] / 60:.1f} min" for n, r in runs.items())]
         lines += [""]

@@ -52,7 +52,7 @@ from lit_compress.surgery.select import name_matches
 if TYPE_CHECKING:
     from lit_compress.surgery.layermerge.blocks import Candidate, MergeSpace
 
-ImportanceMethod = Literal["finetune", "loss_proxy"]
+ImportanceMethod = Literal["finetune", "loss_proxy", "uniform"]
 PLAN_FORMAT = "lit_compress.layermerge_plan"
 
 
@@ -97,8 +97,23 @@ class LayerMerge(CompressionCallback[MergePlan]):
     Args:
         budget: Target latency as a fraction of the original's (summed table latency), in (0, 1);
             the paper's "LayerMerge-X%" is ``budget = X / 100``.
-        importance: ``"finetune"`` (the paper's: a short fine-tune per candidate, ``I = exp(Δacc/100)``)
-            or ``"loss_proxy"`` (BN re-estimation only, ``I = exp(-Δloss/loss)``; much cheaper).
+        importance: ``"finetune"`` (the paper's: a short fine-tune per candidate, ``I = exp(Δacc/100)``),
+            ``"loss_proxy"`` (BN re-estimation only, ``I = exp(-Δloss/loss)``; much cheaper), or
+            ``"uniform"`` (no data, no cost: every block is worth 1 in the DP, which then keeps as many
+            blocks, i.e. activations, as the budget allows, the fastest such plan; a baseline for the
+            measured importances). Δ is taken against the unmodified network given the same
+            treatment (fine-tune or BN re-estimation, computed once), so the treatment itself is
+            never a candidate's gain.
+        reset_layers: With ``importance="finetune"`` only: also score each site's unmodified
+            single-conv block, with its conv and BatchNorm re-initialised and then fine-tuned like
+            the candidates (the authors' ``reset_layers``), so that a kept layer is charged with what
+            its trained weights are worth. Costs one more fine-tune per site that some merge
+            candidate covers (ResNet-20: 14 of its 18 sites, on top of its 36 candidates). Default ``False``: the DP
+            sums ``log I``, in which an unmodified block is exactly worth 0 and a plan's value is its
+            summed accuracy change; a plan never re-learns a kept layer, so the reset score charges
+            a cost no plan pays and pushes the DP towards merging. The paper needs it because its DP
+            sums ``I`` itself, where every block is worth about 1 and the reset offsets the count of
+            blocks.
         importance_steps: SGD steps per candidate with ``importance="finetune"``.
         importance_lr: Learning rate of those steps (cosine to 0, Nesterov momentum 0.9).
         importance_batches: Training batches used for the fine-tune / BN re-estimation.
@@ -140,6 +155,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
         self,
         budget: OpenUnitInterval = 0.5,
         importance: ImportanceMethod = "loss_proxy",
+        reset_layers: bool = False,
         importance_steps: PositiveInt = 50,
         importance_lr: PositiveFloat = 0.01,
         importance_batches: PositiveInt = 8,
@@ -165,7 +181,15 @@ class LayerMerge(CompressionCallback[MergePlan]):
     ) -> None:
         super().__init__(bn_recalibration_batches=bn_recalibration_batches, name=name)
         check_float("budget", budget, 0, 1, low_open=True, high_open=True)
-        check_choice("importance", importance, ["finetune", "loss_proxy"])
+        check_choice("importance", importance, ["finetune", "loss_proxy", "uniform"])
+        check_bool("reset_layers", reset_layers)
+        if reset_layers and importance != "finetune":
+            raise allowed(
+                "reset_layers",
+                reset_layers,
+                f"must be False unless importance='finetune' (got {importance!r}): a re-initialised layer is "
+                "scored after a fine-tune",
+            )
         for name, value in (
             ("importance_steps", importance_steps),
             ("importance_batches", importance_batches),
@@ -201,6 +225,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
             raise allowed("load_plan", load_plan, "an existing plan file written with `save_plan`")
         self.budget = float(budget)
         self.importance = importance
+        self.reset_layers = reset_layers
         self.importance_steps = importance_steps
         self.importance_lr = float(importance_lr)
         self.importance_batches = importance_batches
@@ -440,9 +465,8 @@ class LayerMerge(CompressionCallback[MergePlan]):
     def _search(
         self, trainer: pl.Trainer, pl_module: L.LightningModule, space: MergeSpace
     ) -> tuple[list[list[Any]], dict[str, Any]]:
-        from lit_compress.callbacks._inputs import isolated_rng, train_batches
         from lit_compress.surgery.layermerge.dp import DPEntry, solve_merge_dp
-        from lit_compress.surgery.layermerge.importance import dp_value, importance_table
+        from lit_compress.surgery.layermerge.importance import dp_value
 
         start = time.perf_counter()
         table = self._latency_table(trainer, pl_module, space)
@@ -451,29 +475,13 @@ class LayerMerge(CompressionCallback[MergePlan]):
         latency_s = time.perf_counter() - table.started
         self.check_budget(space, table)  # before the importance table, the expensive part
         t0 = time.perf_counter()
-        with isolated_rng():
-            batches = list(train_batches(trainer, self.importance_batches + self.holdout_batches))
-        if len(batches) < 2:
-            raise ConfigError("LayerMerge importance needs at least 2 training batches.")
-        n_train = min(self.importance_batches, len(batches) - 1)
-        work = _detached_copy(pl_module)
-        with isolated_rng():
-            torch.manual_seed(0)
-            importance = importance_table(
-                work,
-                space,
-                candidates,
-                train_batches=batches[:n_train],
-                holdout_batches=batches[n_train:],
-                forward_loss=_classification_loss,
-                method=self.importance,
-                steps=self.importance_steps,
-                lr=self.importance_lr,
-                progress=self.progress,
-            )
-        del work
+        if self.importance == "uniform":  # every block worth 1: the DP keeps as many blocks as the budget allows
+            values = {c.key: 1.0 for c in candidates}
+        else:
+            importance = self._importance_table(trainer, pl_module, space, candidates)
+            values = {key: dp_value(i) for key, i in importance.items()}
         importance_s = time.perf_counter() - t0
-        entries = [DPEntry(c.start, c.end, latency[c.key], dp_value(importance[c.key]), c) for c in candidates]
+        entries = [DPEntry(c.start, c.end, latency[c.key], values[c.key], c) for c in candidates]
         t0 = time.perf_counter()
         result = solve_merge_dp(entries, space.depth, self.budget * total, unit)
         dp_s = time.perf_counter() - t0
@@ -496,6 +504,7 @@ class LayerMerge(CompressionCallback[MergePlan]):
         summary = {
             "budget": self.budget,
             "importance": self.importance,
+            "reset_layers": self.reset_layers,
             "depth": space.depth,
             "table_entries": len(candidates),
             "original_table_ms": total,
@@ -519,6 +528,35 @@ class LayerMerge(CompressionCallback[MergePlan]):
             f"tables {latency_s:.1f} s + {importance_s:.1f} s, DP {dp_s:.2f} s"
         )
         return blocks, summary
+
+    def _importance_table(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, space: MergeSpace, candidates: list[Candidate]
+    ) -> dict[str, float]:
+        """The measured importance table (``"finetune"`` or ``"loss_proxy"``) on a copy of the model."""
+        from lit_compress.callbacks._inputs import isolated_rng, train_batches
+        from lit_compress.surgery.layermerge.importance import importance_table
+
+        with isolated_rng():
+            batches = list(train_batches(trainer, self.importance_batches + self.holdout_batches))
+        if len(batches) < 2:
+            raise ConfigError("LayerMerge importance needs at least 2 training batches.")
+        n_train = min(self.importance_batches, len(batches) - 1)
+        work = _detached_copy(pl_module)
+        with isolated_rng():
+            torch.manual_seed(0)
+            return importance_table(
+                work,
+                space,
+                candidates,
+                train_batches=batches[:n_train],
+                holdout_batches=batches[n_train:],
+                forward_loss=_classification_loss,
+                method=self.importance,
+                steps=self.importance_steps,
+                lr=self.importance_lr,
+                reset_layers=self.reset_layers,
+                progress=self.progress,
+            )
 
     def _read_plan(self, space: MergeSpace) -> tuple[list[list[Any]], dict[str, Any]]:
         assert self.load_plan is not None

@@ -159,6 +159,34 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         )
 
 
+def test_importance_choices_reach_the_table_and_uniform_builds_none(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``importance="uniform"`` plans without any importance table (every block worth 1: the DP keeps as many
+    blocks as the budget allows); ``reset_layers`` reaches the table with ``importance="finetune"``."""
+    import lit_compress.surgery.layermerge.importance as importance
+
+    real = importance.importance_table
+    calls: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> dict[str, float]:
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(importance, "importance_table", spy)
+    uniform = lm(tmp_path, importance="uniform", merge_at_end=False)
+    model = tiny_model()
+    trainer_for(tmp_path, [uniform], max_epochs=1, limit_train_batches=1).fit(model, loaders())
+    blocks = applied_events(model)[0]["blocks"]
+    assert calls == [] and uniform.summary["importance"] == "uniform"
+    assert uniform.summary["dp_importance"] == len(blocks) < 18  # a value of 1 per block; some blocks merged
+    reset = lm(tmp_path, importance="finetune", reset_layers=True, importance_steps=1, merge_at_end=False)
+    reset.budget, reset.targets = 0.97, ["net.layer3.2.*"]  # one unit: a few fine-tunes only
+    trainer_for(tmp_path, [reset], max_epochs=1, limit_train_batches=1).fit(tiny_model(), loaders())
+    assert [(c["method"], c["reset_layers"]) for c in calls] == [("finetune", True)]
+    assert reset.summary["reset_layers"] is True
+
+
 def test_layer_merge_under_bf16_mixed(tmp_path: Path, seed: int, plan_file: str) -> None:
     model = tiny_model()
     trainer_for(tmp_path, [lm(tmp_path, load_plan=plan_file)], max_epochs=1, precision="bf16-mixed").fit(

@@ -1,0 +1,49 @@
+"""``benchmarks.merge_runs``: per-seed runs made side by side join into one result, and mismatches are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.merge_runs import main, merge
+
+
+def _payload(seeds: list[int], quick: bool = False, wall: float = 10.0) -> dict[str, Any]:
+    rows = [{"task": "t", "method": "m", "variant": "v", "seed": s, "acc": 90.0 + s} for s in seeds]
+    env = {"date": "d", "machine": "x"}
+    config = {"wall_s": wall}
+    payload = {"name": "b", "env": env, "seeds": seeds, "quick": quick, "skip_scratch": True}
+    return {**payload, "config": config, "rows": rows}
+
+
+def test_parts_join_rows_and_seeds_and_keep_each_parts_wall_time() -> None:
+    merged = merge([_payload([0], wall=5.0), _payload([2], wall=7.0), _payload([1], wall=6.0)])
+    assert merged["seeds"] == [0, 1, 2]
+    assert sorted(r["seed"] for r in merged["rows"]) == [0, 1, 2]
+    assert merged["config"]["wall_s"] == 7.0
+    assert [p["wall_s"] for p in merged["parts"]] == [5.0, 7.0, 6.0]
+    assert merged["skip_scratch"] is True
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [(_payload([1], quick=True), "'quick' differs"), (_payload([0]), "a seed appears in more than one part")],
+)
+def test_mismatched_parts_are_refused(second: dict[str, Any], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        merge([_payload([0]), second])
+
+
+def test_the_command_merges_every_benchmark_found(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        part = tmp_path / f"s{seed}"
+        part.mkdir()
+        (part / "b.json").write_text(json.dumps(_payload([seed])))
+        (part / "notes.json").write_text(json.dumps([1, 2]))  # not a benchmark result: ignored
+    main(["--out", str(tmp_path / "joined"), str(tmp_path / "s0"), str(tmp_path / "s1")])
+    joined = json.loads((tmp_path / "joined" / "b.json").read_text())
+    assert [r["seed"] for r in joined["rows"]] == [0, 1]
+    assert not (tmp_path / "joined" / "notes.json").exists()
