@@ -23,7 +23,7 @@ class StepDecayNet(FusionNet):
     """FusionNet with SGD and a per-step ``StepLR`` (×0.9 each step), a scheduler that reads the group's rate."""
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -138,10 +138,10 @@ def test_training_after_the_last_step_is_counted_in_steps_and_epochs() -> None:
     """Epochs count whole epochs of steps after the last one's start; steps count from the step after which it runs."""
     length = FitLength(max_epochs=3, max_steps=None, steps_per_epoch=4)
     epochs = LayerFusion(fraction=0.2, increments=2, every_n_epochs=1)
-    epochs._resolve_schedule(SimpleNamespace())
+    epochs._resolve_schedule(SimpleNamespace())  # type: ignore[arg-type]  # every_n_* reads no trainer
     assert epochs.steps_after_last(length) == 8  # fusion at the start of epochs 0 and 1
     steps = LayerFusion(fraction=0.2, increments=2, at_step=2, every_n_steps=3)
-    steps._resolve_schedule(SimpleNamespace())
+    steps._resolve_schedule(SimpleNamespace())  # type: ignore[arg-type]
     assert steps.steps_after_last(FitLength(max_epochs=None, max_steps=6, steps_per_epoch=4)) == 1  # after step 5
     assert steps.steps_after_last(FitLength(max_epochs=None, max_steps=None, steps_per_epoch=4)) is None
     assert epochs.steps_after_last(FitLength(max_epochs=3, max_steps=None, steps_per_epoch=None)) is None
