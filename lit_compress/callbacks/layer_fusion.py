@@ -114,13 +114,12 @@ class LayerFusion(CompressionCallback[FusionPlan]):
             many optimizer steps: step ``k`` (0-based) after it runs at ``(k + 1) / (rewarm_steps + 1)``
             times the rate the optimizer and its scheduler set; the schedule itself is unchanged
             (:mod:`lit_compress.callbacks._rewarm`). Kept in the callback's state, so a resumed run
-            continues a re-warm where it was. Default 0 (off, the authors' recipe and the measured
-            benchmark rows); a tied layer's optimizer state is reset by default, and a re-warm of a few
-            percent of the interval between fusion steps is the usual choice when turning it on.
+            continues a re-warm where it was. Default 0 (off): the authors' recipe and what the
+            benchmark rows measured; no re-warm length has been measured here yet.
         min_steps_after_last: Optimizer steps of training the last fusion step must leave before the fit
             ends; when training starts (the steps of an epoch are known then) a warning names the
-            numbers if the schedule leaves fewer. Default 100, a floor rather than a recipe (on
-            ResNet-20 a last tie with 32 low-rate steps left did not recover). 0: no check.
+            numbers if the schedule leaves fewer. Default 100, a floor rather than a recipe (the
+            issue-14 review found the last ResNet-20 tie followed by only 32 low-rate steps). 0: no check.
         seed: Seed of the ``mix``/``freeze`` random draws (with the fusion step's index).
         bn_recalibration_batches: See :class:`CompressionCallback` (a tied conv changes the statistics
             its BatchNorm sees).
