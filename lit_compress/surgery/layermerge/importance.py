@@ -194,10 +194,9 @@ class ImportanceScorer:
             if reset is not None:
                 site = self.space.site(reset)
                 for name in (site.conv, site.bn):
-                    module = get_submodule(trial, name) if name else None
-                    reset_parameters = getattr(module, "reset_parameters", None)
+                    reset_parameters = getattr(get_submodule(trial, name), "reset_parameters", None) if name else None
                     if callable(reset_parameters):
-                        reset_parameters()
+                        reset_parameters()  # nn.Conv2d: kaiming init; BatchNorm: weight 1, bias 0, fresh statistics
         apply_merge_plan_(trial, plan, space=self.space)
         with _seeded(trial, self.seed):
             if self.method == "loss_proxy":
