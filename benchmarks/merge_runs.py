@@ -27,6 +27,9 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         raise SystemExit(f"cannot merge {first['name']}: a seed appears in more than one part")
     config = dict(first["config"])
     config["wall_s"] = max(float(p["config"].get("wall_s", 0.0)) for p in parts)
+    refused = [r for p in parts for r in p["config"].get("refused", [])]
+    if refused:  # per-seed refusals (e.g. ALDS points below this machine's latency floor) are kept, all of them
+        config["refused"] = refused
     return {
         **{k: v for k, v in first.items() if k not in ("rows", "seeds", "config")},
         "seeds": seeds,

@@ -338,6 +338,11 @@ def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None
             + "; latency was timed while the other parts trained, so read speed-ups as rough.",
             "",
         ]
+    refused = [(name, r) for name, d in data.items() for r in d.get("config", {}).get("refused", [])]
+    if refused:
+        lines += ["Operating points the callback refused before training (no row; the reason is the finding):", ""]
+        lines += [f"- `{n}` {r['task']} seed {r['seed']}, {r['point']}: {r['reason']}" for n, r in refused]
+        lines += [""]
     if runs:
         lines += ["Wall time per benchmark: " + ", ".join(f"{n} {r['wall_s'] / 60:.1f} min" for n, r in runs.items())]
         lines += [""]

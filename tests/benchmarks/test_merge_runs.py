@@ -47,3 +47,11 @@ def test_the_command_merges_every_benchmark_found(tmp_path: Path) -> None:
     joined = json.loads((tmp_path / "joined" / "b.json").read_text())
     assert [r["seed"] for r in joined["rows"]] == [0, 1]
     assert not (tmp_path / "joined" / "notes.json").exists()
+
+
+def test_refused_points_of_every_part_are_kept() -> None:
+    first, second = _payload([0]), _payload([1])
+    first["config"]["refused"] = [{"task": "t", "seed": 0, "point": "p", "reason": "floor 0.78"}]
+    second["config"]["refused"] = [{"task": "t", "seed": 1, "point": "p", "reason": "floor 0.79"}]
+    merged = merge([first, second])
+    assert [r["seed"] for r in merged["config"]["refused"]] == [0, 1]

@@ -78,6 +78,19 @@ def test_render_writes_tables_and_pictures(tmp_path: Path) -> None:
     assert results.read_text() == text
     assert "## Headline" in text and "LayerMerge-50%" in text and "95.90 ± 0.14" in text
     assert (tmp_path / "results_pareto_mnist_resnet20.png").stat().st_size > 5000
+    assert "refused" not in text
+
+
+def test_render_lists_refused_operating_points(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"date": "today", "machine": "cpu", "cpu_count": 2, "torch": "x", "lightning": "y", "python": "3"}
+    refusal = {"task": TASK, "seed": 1, "point": "ALDS latency 70 %", "reason": "must be at least 0.7795"}
+    config = {"refused": [refusal]}
+    payload = {"name": "alds", "env": env, "seeds": [0, 1], "quick": False, "config": config, "rows": _rows()}
+    (out / "alds.json").write_text(json.dumps(payload))
+    text = render(out, tmp_path / "RESULTS.md")
+    assert "- `alds` mnist/resnet20 seed 1, ALDS latency 70 %: must be at least 0.7795" in text
 
 
 def test_render_only_without_results_refuses_and_keeps_results(tmp_path: Path) -> None:
