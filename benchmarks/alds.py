@@ -16,10 +16,12 @@ Plus the allocator's wall time on a torchvision ResNet-18 (random weights, keep 
 for the latency budget the table build (timed, then cached) and the allocation separately.
 
     python -m benchmarks.alds [--quick] [--seeds 3] [--out benchmarks/out]
+    python -m benchmarks.alds --latency-floor [--out benchmarks/out]   # the fastest any decomposition gets here
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -162,7 +164,62 @@ def latency_allocator_time(cache: str) -> list[dict[str, Any]]:
     return rows
 
 
+def latency_floor(settings: P.Settings) -> list[dict[str, Any]]:
+    """How fast can a decomposed ResNet-20 (MNIST input, batch 64, the protocol's threads) be on this machine?
+
+    Every target layer is timed densely and decomposed at ``k`` in 1, 2, 4, 8, 16 and ranks from 1 up
+    (wider than the callback's defaults). Two networks are then built and timed interleaved with the
+    dense one: each layer at its fastest measured decomposition (dense where none is faster), and every
+    layer at ``k = 1``, rank 1. No accuracy can survive either; they bound the speed-up any ALDS plan
+    (or any SVD of these layers) can reach here, whatever its error.
+    """
+    from lit_compress.measure.alds_latency import alds_latency_table
+    from lit_compress.surgery.alds.low_rank import low_rank_decompose_
+
+    torch.manual_seed(0)
+    task = TASKS[0]
+    dense = P.build(task, settings).eval()
+    names = [n for n, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    x = P.example(task, settings)
+    table, info = alds_latency_table(
+        dense, names, x, groups=(1, 2, 4, 8, 16), min_rank=1, batch_size=64, num_threads=P.LATENCY_THREADS,
+        rounds=settings.latency_rounds, repeats=settings.latency_repeats, progress=False,
+    )  # fmt: skip
+    fastest: dict[str, Any] = {}
+    for name, lat in table.items():
+        options = [(ms, k, j) for k, pts in lat.points.items() for j, ms in pts]
+        if options and min(options)[0] < lat.dense:
+            _, k, j = min(options)
+            fastest[name] = {"groups": k, "rank": j}
+    table_dense = sum(lat.dense for lat in table.values())
+    table_fastest = sum(lat.time(**_kj(fastest[n])) if n in fastest else lat.dense for n, lat in table.items())
+    nets = {"fastest decomposition per layer": fastest, "k 1, rank 1 everywhere": dict.fromkeys(names)}
+    rows = []
+    for variant, plan in nets.items():
+        model = P.copy_model(dense)
+        low_rank_decompose_(model, {n: c or {"groups": 1, "rank": 1} for n, c in plan.items()})
+        r = {"task": task.label, "method": "ALDS latency floor", "variant": variant}  # no seed: not a table row
+        r["decomposed"] = len(plan)
+        if variant.startswith("fastest"):
+            r["table_latency_ratio"] = round(table_fastest / table_dense, 4)
+            r["plan"] = {n: [c["groups"], c["rank"]] for n, c in plan.items()}
+        P.measure_rows(task, settings, [(r, model)], dense)
+        rows.append(r)
+        print(f"[alds] latency floor, {variant}: b64 speed-up {r['speedup_b64']:.3f}x", flush=True)
+    rows[0]["table_s"] = round(float(info["seconds"]), 1)
+    return rows
+
+
+def _kj(choice: dict[str, int]) -> dict[str, int]:
+    return {"k": choice["groups"], "j": choice["rank"]}
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--latency-floor" in argv:
+        settings = P.Settings.from_namespace(P.parse_args(__doc__, [a for a in argv if a != "--latency-floor"]))
+        P.write("alds_latency_floor", settings, latency_floor(settings), {"task": TASKS[0].label})
+        return
     args = P.parse_args(__doc__, argv)
     settings = P.Settings.from_namespace(args)
     clock = P.timer()
