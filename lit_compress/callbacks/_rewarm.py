@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import lightning as L
+import lightning.pytorch as pl
 import torch
 from torch.utils.hooks import RemovableHandle
 
@@ -85,3 +87,39 @@ def _restore_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
 
 
 __all__ = ["restore_learning_rates", "rewarm_factor", "scale_learning_rates"]
+
+
+class RewarmHooks(pl.Callback):
+    """The Lightning hooks of the re-warm, for a callback that says when its last event ran.
+
+    Subclasses set ``rewarm_steps`` and implement :meth:`rewarm_event_step`; put this class before the
+    callback base in the bases, so its hooks run and chain to the base's with ``super()``.
+    """
+
+    rewarm_steps: int
+
+    def rewarm_event_step(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> int | None:
+        """``trainer.global_step`` of the event the re-warm counts from, or ``None`` (no re-warm yet)."""
+        raise NotImplementedError
+
+    def rewarm_factor(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> float | None:
+        """The learning-rate factor of the coming optimizer step, or ``None`` outside the re-warm."""
+        return rewarm_factor(int(trainer.global_step), self.rewarm_event_step(trainer, pl_module), self.rewarm_steps)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        factor = self.rewarm_factor(trainer, pl_module)
+        if factor is not None:
+            scale_learning_rates(trainer.optimizers, factor)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        restore_learning_rates(trainer.optimizers)  # a skipped step's; before an event rebuilds the optimizer
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        restore_learning_rates(trainer.optimizers)  # a fit that raised mid-step
+        super().teardown(trainer, pl_module, stage)

@@ -34,9 +34,9 @@ from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lit_compress.callbacks import _rewarm
 from lit_compress.callbacks._args import check_bool, check_choice, check_float, check_int
 from lit_compress.callbacks._optim import OptimizerSnapshot
+from lit_compress.callbacks._rewarm import RewarmHooks
 from lit_compress.callbacks._schedule import FitLength, ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, allowed
@@ -68,7 +68,7 @@ class FusionPlan(TypedDict):
     increment: int
 
 
-class LayerFusion(CompressionCallback[FusionPlan]):
+class LayerFusion(RewarmHooks, CompressionCallback[FusionPlan]):
     """Tie similar same-role, same-shape layers in ``increments`` fusion steps (see the module docstring).
 
     Args:
@@ -360,25 +360,9 @@ class LayerFusion(CompressionCallback[FusionPlan]):
 
     # ------------------------------------------------------------------ learning-rate re-warm
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        factor = _rewarm.rewarm_factor(int(trainer.global_step), self.rewarm_from, self.rewarm_steps)
-        if factor is not None:
-            _rewarm.scale_learning_rates(trainer.optimizers, factor)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        _rewarm.restore_learning_rates(trainer.optimizers)  # a skipped step's; before a fusion step rebuilds them
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        _rewarm.restore_learning_rates(trainer.optimizers)  # a fit that raised mid-step
-        super().teardown(trainer, pl_module, stage)
+    def rewarm_event_step(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> int | None:
+        """The step of the last fusion step that tied something (kept in the state dict)."""
+        return self.rewarm_from
 
     # ------------------------------------------------------------------ plan / apply
     @override

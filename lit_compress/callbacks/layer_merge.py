@@ -34,7 +34,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lit_compress.callbacks import _rewarm
 from lit_compress.callbacks._args import (
     check_bool,
     check_choice,
@@ -43,6 +42,7 @@ from lit_compress.callbacks._args import (
     check_str,
     check_writable,
 )
+from lit_compress.callbacks._rewarm import RewarmHooks
 from lit_compress.callbacks._schedule import ScheduledEvent
 from lit_compress.callbacks.base import CompressionCallback, Moment, Record, target_patterns
 from lit_compress.errors import ConfigError, SurgeryError, allowed
@@ -91,7 +91,7 @@ class MergeStep(TypedDict):
 MergePlan = SearchPlan | MergeStep
 
 
-class LayerMerge(CompressionCallback[MergePlan]):
+class LayerMerge(RewarmHooks, CompressionCallback[MergePlan]):
     """LayerMerge with a latency budget: plan at fit start, fine-tune unmerged, merge at fit end.
 
     Args:
@@ -267,34 +267,11 @@ class LayerMerge(CompressionCallback[MergePlan]):
         return [ScheduledEvent(f"the plan for budget {self.budget:g}{merge}", epoch=self.at_epoch)]
 
     # ------------------------------------------------------------------ LR re-warm after the plan
-    def rewarm_factor(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> float | None:
-        """The learning-rate factor of the coming optimizer step, or ``None`` outside the re-warm.
-
-        Counted from the plan event's recorded step in the surgery log (restored on resume)."""
+    @override
+    def rewarm_event_step(self, trainer: pl.Trainer, pl_module: L.LightningModule) -> int | None:
+        """The plan event's recorded step in the surgery log (restored on resume)."""
         plans = [e for e in applied_events(pl_module) if e.get("op") == "layer_merge_plan" and "global_step" in e]
-        start = int(plans[-1]["global_step"]) if plans else None
-        return _rewarm.rewarm_factor(int(trainer.global_step), start, self.rewarm_steps)
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        factor = self.rewarm_factor(trainer, pl_module)
-        if factor is not None:
-            _rewarm.scale_learning_rates(trainer.optimizers, factor)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        _rewarm.restore_learning_rates(trainer.optimizers)  # a skipped step's; before any event rebuilds the optimizer
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        _rewarm.restore_learning_rates(trainer.optimizers)  # a fit that raised mid-step
-        super().teardown(trainer, pl_module, stage)
+        return int(plans[-1]["global_step"]) if plans else None
 
     # ------------------------------------------------------------------ targets
     def targeted_sites(self, space: MergeSpace) -> set[int]:
