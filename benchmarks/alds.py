@@ -70,8 +70,8 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
         start = P.dense_start(task, settings, seed)
         dense = start.load(task, settings)
         timed: list[tuple[dict[str, Any], nn.Module]] = []
-        for i, (label, kwargs) in enumerate(POINTS[task.name]):
-            for kd in (False, True) if i == 0 else (False,):
+        for main, label, kwargs in P.chosen_points(settings, POINTS[task.name]):
+            for kd in (False, True) if main else (False,):
                 cb = alds(task, **kwargs)
                 try:
                     r, model = P.compressed(task, settings, start, seed, "ALDS", label, [cb], kd, **kwargs)
@@ -93,7 +93,7 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                 svd_row[0]["max_error"] = svd.allocations[-1]["max_error"] if svd.allocations else None  # also exact
                 timed.append(svd_row)
                 timed.append(P.magnitude_at(task, settings, start, seed, r["params"], f"{label} params"))
-                if i == 0 and not settings.skip_scratch:
+                if main and not settings.skip_scratch:
                     fresh = P.own_architecture(task, settings, model)
                     wall = P.recover(task, settings, fresh, seed, budget=P.training_budget(task, settings, start, True))
                     variant = f"{label} architecture from scratch, pretrain + recovery budget"

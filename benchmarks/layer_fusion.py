@@ -67,8 +67,8 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
         start = P.dense_start(task, settings, seed)
         dense = start.load(task, settings)
         timed: list[tuple[dict[str, Any], nn.Module]] = []
-        for i, (label, kwargs) in enumerate(POINTS[task.name]):
-            for kd in (False, True) if i == 0 else (False,):
+        for main, label, kwargs in P.chosen_points(settings, POINTS[task.name]):
+            for kd in (False, True) if main else (False,):
                 cb = fusion(task, settings, **kwargs)
                 r, model = P.compressed(task, settings, start, seed, "Layer Fusion", label, [cb], kd, **kwargs)
                 r["achieved_cr"] = round(P.count_parameters(dense) / r["params"], 3)
@@ -77,7 +77,7 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                 if kd or settings.method_only:
                     continue
                 timed.append(P.magnitude_at(task, settings, start, seed, r["params"], f"{label} params"))
-                if i == 0 and not settings.skip_scratch:
+                if main and not settings.skip_scratch:
                     fresh = P.own_architecture(task, settings, model)
                     wall = P.recover(task, settings, fresh, seed, budget=P.training_budget(task, settings, start, True))
                     variant = f"{label} tied architecture from scratch, pretrain + recovery budget"

@@ -19,7 +19,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One payload from several of the same benchmark; a mismatch in name, quick or config is an error."""
     first = parts[0]
     for p in parts[1:]:
-        for key in ("name", "quick", "skip_scratch", "method_only"):
+        for key in ("name", "quick", "skip_scratch", "method_only", "points"):
             if p.get(key) != first.get(key):
                 raise SystemExit(f"cannot merge {first['name']}: '{key}' differs ({first.get(key)} vs {p.get(key)})")
     seeds = sorted({s for p in parts for s in p["seeds"]})

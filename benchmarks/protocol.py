@@ -67,12 +67,14 @@ class Settings:
     limit_batches: int | None = None  # quick: a few batches per epoch
     skip_scratch: bool = False  # leave out every row trained from scratch (the costliest rows)
     method_only: bool = False  # only the method's own rows (with and without distillation), no comparison rows
+    points: list[str] | None = None  # only these operating points (labels), for benchmarks that have several
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> Settings:
         """Settings from :func:`parse_args`'s result."""
         s = cls.from_args(args.out, args.seeds, args.quick, args.seed_list, args.skip_scratch)
         s.method_only = bool(getattr(args, "method_only", False))
+        s.points = getattr(args, "points", None)
         s.skip_scratch = s.skip_scratch or s.method_only
         return s
 
@@ -439,6 +441,7 @@ def write(name: str, settings: Settings, rows: list[dict[str, Any]], config: dic
         "quick": settings.quick,
         "skip_scratch": settings.skip_scratch,
         "method_only": settings.method_only,
+        "points": settings.points,
         "config": config,
         "rows": rows,
     }
@@ -542,6 +545,31 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only the method's own rows, with and without distillation: no pruning/SVD/post-training/scratch rows",
     )
+    parser.add_argument(
+        "--points",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="only these operating points, by their exact label (ALDS, Layer Fusion; recorded in the JSON)",
+    )
+
+
+def chosen_points(settings: Settings, points: Sequence[tuple[str, Any]]) -> list[tuple[bool, str, Any]]:
+    """``(is_main, label, options)`` of the operating points ``--points`` keeps (all when it was not given).
+
+    The main point is the first of ``points`` (the one also run with distillation and from scratch),
+    whether or not the others are kept; an unknown label is an error naming the known ones.
+    """
+    labels = [label for label, _ in points]
+    if settings.points is not None:
+        unknown = [p for p in settings.points if p not in labels]
+        if unknown:
+            raise SystemExit(f"--points {unknown}: unknown here; the points are {labels}")
+    return [
+        (i == 0, label, options)
+        for i, (label, options) in enumerate(points)
+        if settings.points is None or label in settings.points
+    ]
 
 
 def select(all_tasks: Sequence[Task], labels: Sequence[str] | None) -> list[Task]:

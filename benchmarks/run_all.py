@@ -330,6 +330,14 @@ def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None
             f"{', '.join(method_only)}.",
             "",
         ]
+    subsets = {name: d["points"] for name, d in data.items() if d.get("points")}
+    if subsets:
+        lines += [
+            "Run with `--points` (only these operating points): "
+            + "; ".join(f"{n}: {', '.join(p)}" for n, p in subsets.items())
+            + ".",
+            "",
+        ]
     parts = {name: len(d["parts"]) for name, d in data.items() if d.get("parts")}
     if parts:
         lines += [
