@@ -68,6 +68,7 @@ class Settings:
     skip_scratch: bool = False  # leave out every row trained from scratch (the costliest rows)
     method_only: bool = False  # only the method's own rows (with and without distillation), no comparison rows
     points: list[str] | None = None  # only these operating points (labels), for benchmarks that have several
+    save_models: bool = False  # keep every timed model under <out>/models/ for a quiet re-timing (benchmarks.retime)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> Settings:
@@ -75,6 +76,7 @@ class Settings:
         s = cls.from_args(args.out, args.seeds, args.quick, args.seed_list, args.skip_scratch)
         s.method_only = bool(getattr(args, "method_only", False))
         s.points = getattr(args, "points", None)
+        s.save_models = bool(getattr(args, "save_models", False))
         s.skip_scratch = s.skip_scratch or s.method_only
         return s
 
@@ -389,35 +391,65 @@ def measure_rows(
     """
     x = example(task, settings)
     models = [deployed(dense, x)] + [deployed(m, x) for _, m in timed]
-    rounds: list[list[dict[int, float]]] = [[] for _ in models]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    for _ in range(settings.latency_rounds):
+    columns = latency_columns(time_interleaved(models, x, settings.latency_rounds, settings.latency_repeats))
+    for (r, _), cols in zip(timed, columns):
+        r.update(cols, load_avg_1min=None if load is None else round(load, 2))
+    if settings.save_models:
+        save_timed_models(settings.out, task, timed, models, x)
+
+
+def time_interleaved(
+    models: Sequence[nn.Module], x: torch.Tensor, rounds: int, repeats: int
+) -> list[list[dict[int, float]]]:
+    """``result[i][round][batch]``: median ms of ``models[i]`` in each round, at every batch of the protocol."""
+    result: list[list[dict[int, float]]] = [[] for _ in models]
+    for _ in range(rounds):
         for i, model in enumerate(models):
             lat = {}
             for b in LATENCY_BATCHES:
                 stats = measure_latency(
-                    model.eval(),
-                    x,
-                    batch_size=b,
-                    warmup=3,
-                    repeats=settings.latency_repeats,
-                    num_threads=LATENCY_THREADS,
+                    model.eval(), x, batch_size=b, warmup=3, repeats=repeats, num_threads=LATENCY_THREADS
                 )
                 lat[b] = float(stats["median_ms"])
-            rounds[i].append(lat)
+            result[i].append(lat)
+    return result
+
+
+def latency_columns(rounds: list[list[dict[int, float]]]) -> list[dict[str, Any]]:
+    """The latency columns of ``models[1:]`` from :func:`time_interleaved` (``models[0]`` is the dense model)."""
     best = [{b: min(r[b] for r in rs) for b in LATENCY_BATCHES} for rs in rounds]
-    for i, (r, _) in enumerate(timed, start=1):
+    out = []
+    for i in range(1, len(rounds)):
         medians = [rr[64] for rr in rounds[i]]
-        r.update(
-            lat_b1_ms=round(best[i][1], 3),
-            lat_b64_ms=round(best[i][64], 3),
-            lat_b64_spread=round(max(medians) / min(medians), 3),
-            dense_lat_b64_ms=round(best[0][64], 3),
-            speedup_b1=round(best[0][1] / best[i][1], 3),
-            speedup_b64=round(best[0][64] / best[i][64], 3),
-            load_avg_1min=None if load is None else round(load, 2),
-            latency_threads=LATENCY_THREADS,
+        out.append(
+            {
+                "lat_b1_ms": round(best[i][1], 3),
+                "lat_b64_ms": round(best[i][64], 3),
+                "lat_b64_spread": round(max(medians) / min(medians), 3),
+                "dense_lat_b64_ms": round(best[0][64], 3),
+                "speedup_b1": round(best[0][1] / best[i][1], 3),
+                "speedup_b64": round(best[0][64] / best[i][64], 3),
+                "latency_threads": LATENCY_THREADS,
+            }
         )
+    return out
+
+
+def save_timed_models(
+    out: Path, task: Task, timed: list[tuple[dict[str, Any], nn.Module]], deployed_models: list[nn.Module], x: Any
+) -> None:
+    """Pickle the deployed models of one table (dense first) under ``<out>/models/``; each row names its files."""
+    folder = out / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for model in deployed_models:
+        digest = hashlib.sha1(str(id(model)).encode() + str(time.time_ns()).encode()).hexdigest()[:12]
+        name = f"{task.label.replace('/', '_')}_{digest}.pt"
+        torch.save({"model": model, "example": x}, folder / name)
+        names.append(name)
+    for (r, _), name in zip(timed, names[1:]):
+        r["model_file"], r["dense_model_file"] = name, names[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,6 +583,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="LABEL",
         help="only these operating points, by their exact label (ALDS, Layer Fusion; recorded in the JSON)",
+    )
+    parser.add_argument(
+        "--save-models",
+        action="store_true",
+        help="keep every timed model under <out>/models/ so `python -m benchmarks.retime` can time them again",
     )
 
 
