@@ -13,6 +13,7 @@ JSON rows of every benchmark are aggregated over seeds (mean ± std) and rendere
 
     python -m benchmarks.run_all                  # everything, 3 seeds
     python -m benchmarks.run_all --quick          # smoke settings, 1 seed (numbers mean nothing)
+    python -m benchmarks.run_all --jobs 2         # one process per benchmark × seed, 2 at a time, then re-timed
     python -m benchmarks.run_all --only alds layer_merge
     python -m benchmarks.run_all --render-only    # re-render from the JSON already in --out
 """
@@ -352,7 +353,10 @@ def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None
         lines += [f"- `{n}` {r['task']} seed {r['seed']}, {r['point']}: {r['reason']}" for n, r in refused]
         lines += [""]
     if runs:
-        lines += ["Wall time per benchmark: " + ", ".join(f"{n} {r['wall_s'] / 60:.1f} min" for n, r in runs.items())]
+        summed = " (summed over its processes)" if any(r.get("parts") for r in runs.values()) else ""
+        lines += [
+            f"Wall time per benchmark{summed}: " + ", ".join(f"{n} {r['wall_s'] / 60:.1f} min" for n, r in runs.items())
+        ]
         lines += [""]
     lines += ["## Headline: every method against every baseline", "", *markdown_table(headline_rows(aggs)), ""]
     lines += [
@@ -382,20 +386,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="processes side by side (one per benchmark × seed; see benchmarks.parallel)"
+    )
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=None, help="run only these")
     parser.add_argument("--render-only", action="store_true", help="re-render from the JSON already in --out")
     parser.add_argument("--out", default="benchmarks/out", help="where the JSON, logs and cache go")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
     if not args.render_only:
         start = time.perf_counter()
-        for name in args.only or list(BENCHMARKS):
-            runs[name] = run_one(name, out, args.quick, args.seeds)
+        names = args.only or list(BENCHMARKS)
+        if args.jobs > 1:
+            from benchmarks.parallel import run_parallel
+
+            modules = {name: BENCHMARKS[name][0] for name in names}
+            runs = run_parallel(modules, out, args.quick, args.seeds, args.jobs, ROOT)
+        else:
+            for name in names:
+                runs[name] = run_one(name, out, args.quick, args.seeds)
         total = time.perf_counter() - start
-        (out / "run_all.json").write_text(json.dumps({"runs": runs, "wall_s": round(total, 1)}, indent=1))
+        summary = {"runs": runs, "wall_s": round(total, 1), "jobs": args.jobs}
+        (out / "run_all.json").write_text(json.dumps(summary, indent=1))
         print(f"[run_all] all benchmarks: {total / 60:.1f} min", flush=True)
     elif (out / "run_all.json").exists():
         runs = json.loads((out / "run_all.json").read_text()).get("runs", {})
