@@ -4,8 +4,8 @@ Task: MNIST-5k, ResNet-20 (``mnist/resnet20``). For each seed, from the converge
 
 - ``LayerMerge-X%`` for each latency budget X: plan at the start of the recovery fit (latency table
   measured on this CPU, importance table, DP), fine-tune the planned network for the recovery
-  budget, merge exactly at fit end; the main budget also with distillation from the dense model, and
-  with "every block worth 1" (``importance="uniform"``: the DP keeps as many blocks as the budget
+  budget, merge exactly at fit end; every budget also with distillation from the dense model, and the
+  main one with "every block worth 1" (``importance="uniform"``: the DP keeps as many blocks as the budget
   allows, no data), which shows whether the measured importance beats a data-free plan at equal budget;
 - the merged architecture trained from scratch with the dense model's pretraining + recovery budget
   (the plan applied to a fresh network, fine-tuned, then merged);
@@ -55,9 +55,9 @@ def run(settings: P.Settings) -> list[dict[str, Any]]:
         dense = start.load(TASK, settings)
         timed: list[tuple[dict[str, Any], torch.nn.Module]] = []
         for budget in BUDGETS:
-            variants: list[tuple[bool, ImportanceMethod]] = [(False, IMPORTANCE)]
+            variants: list[tuple[bool, ImportanceMethod]] = [(False, IMPORTANCE), (True, IMPORTANCE)]
             if budget == MAIN:
-                variants += [(True, IMPORTANCE), (False, "uniform")]
+                variants.append((False, "uniform"))
             for kd, importance in variants:
                 plan = settings.out / "cache" / f"layermerge_plan_s{seed}_b{budget}.json"
                 if importance != IMPORTANCE:

@@ -60,8 +60,12 @@ def run_parallel(
     jobs: int,
     cwd: Path,
     start_families: Sequence[str] = START_FAMILIES,
+    extra_args: dict[str, list[str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Steps 1–4 of the module for ``{name: module}``; returns ``{name: {exit_code, wall_s, log, parts}}``."""
+    """Steps 1–4 of the module for ``{name: module}``; returns ``{name: {exit_code, wall_s, log, parts}}``.
+
+    ``extra_args``: more arguments per benchmark name (e.g. ``--tasks``).
+    """
     seed_list = [0] if quick else list(range(seeds))
     flags = ["--quick"] if quick else []
     if start_families:
@@ -81,6 +85,7 @@ def run_parallel(
             if not (part / "cache").exists():
                 (part / "cache").symlink_to((out / "cache").resolve(), target_is_directory=True)
             argv = [sys.executable, "-m", module, "--out", str(part), "--seed-list", str(s), "--save-models", *flags]
+            argv += (extra_args or {}).get(name, [])
             commands.append((f"{name}_s{s}", argv))
     parts = run_pool(commands, out / "logs", jobs, cwd)
     runs = {}

@@ -42,12 +42,37 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "layer_merge": ("benchmarks.layer_merge", "LayerMerge (Kim et al. 2024)"),
 }
 METHOD_NAMES = {"Layer Fusion", "LayerCollapse", "ALDS", "LayerMerge"}
+#: The task labels each benchmark runs (``--tasks`` of that benchmark); a test checks them against the modules.
+BENCHMARK_TASKS: dict[str, tuple[str, ...]] = {
+    "baselines": ("mnist/resnet20", "mnist/vgg", "shakespeare/transformer"),
+    "layer_fusion": ("mnist/resnet20", "shakespeare/transformer"),
+    "layer_collapse": ("mnist/vgg", "shakespeare/transformer"),
+    "alds": ("mnist/resnet20", "shakespeare/transformer"),
+    "layer_merge": ("mnist/resnet20",),
+}
+ALL_TASKS = BENCHMARK_TASKS["baselines"]
 
 
-def run_one(name: str, out: Path, quick: bool, seeds: int) -> dict[str, Any]:
-    """Run benchmark ``name`` in a subprocess; return its status, wall time and log path."""
+def task_args(names: list[str], tasks: list[str] | None) -> dict[str, list[str]]:
+    """``{benchmark: extra argv}`` for the benchmarks that run at least one of ``tasks`` (all when None).
+
+    A benchmark none of whose tasks is asked for is left out; the others get ``--tasks`` with the ones they run.
+    """
+    if tasks is None:
+        return {name: [] for name in names}
+    chosen = {}
+    for name in names:
+        mine = [t for t in BENCHMARK_TASKS[name] if t in tasks]
+        if mine:
+            chosen[name] = ["--tasks", *mine]
+    return chosen
+
+
+def run_one(name: str, out: Path, quick: bool, seeds: int, extra: list[str] | None = None) -> dict[str, Any]:
+    """Run benchmark ``name`` in a subprocess (``extra``: more arguments); return its status, wall time and log path."""
     module = BENCHMARKS[name][0]
     cmd = [sys.executable, "-m", module, "--out", str(out), "--seeds", str(seeds)] + (["--quick"] if quick else [])
+    cmd += extra or []
     log = out / f"{name}.log"
     print(f"[run_all] {name}: {' '.join(cmd[1:])} (log: {log})", flush=True)
     start = time.perf_counter()
@@ -390,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
         "--jobs", type=int, default=1, help="processes side by side (one per benchmark × seed; see benchmarks.parallel)"
     )
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=None, help="run only these")
+    parser.add_argument(
+        "--tasks", nargs="+", choices=ALL_TASKS, default=None, help="only these tasks (and the benchmarks that run them)"
+    )
     parser.add_argument("--render-only", action="store_true", help="re-render from the JSON already in --out")
     parser.add_argument("--out", default="benchmarks/out", help="where the JSON, logs and cache go")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
@@ -401,15 +429,16 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, dict[str, Any]] = {}
     if not args.render_only:
         start = time.perf_counter()
-        names = args.only or list(BENCHMARKS)
+        extra = task_args(args.only or list(BENCHMARKS), args.tasks)
         if args.jobs > 1:
-            from benchmarks.parallel import run_parallel
+            from benchmarks.parallel import START_FAMILIES, run_parallel
 
-            modules = {name: BENCHMARKS[name][0] for name in names}
-            runs = run_parallel(modules, out, args.quick, args.seeds, args.jobs, ROOT)
+            modules = {name: BENCHMARKS[name][0] for name in extra}
+            families = [f for f in START_FAMILIES if args.tasks is None or f in args.tasks]
+            runs = run_parallel(modules, out, args.quick, args.seeds, args.jobs, ROOT, families, extra)
         else:
-            for name in names:
-                runs[name] = run_one(name, out, args.quick, args.seeds)
+            for name, more in extra.items():
+                runs[name] = run_one(name, out, args.quick, args.seeds, more)
         total = time.perf_counter() - start
         summary = {"runs": runs, "wall_s": round(total, 1), "jobs": args.jobs}
         (out / "run_all.json").write_text(json.dumps(summary, indent=1))

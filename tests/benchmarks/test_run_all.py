@@ -121,3 +121,34 @@ def test_the_quick_path_of_a_benchmark_runs_and_renders(tmp_path: Path) -> None:
     assert data["quick"] is True and data["env"]["torch"]
     text = render(out, tmp_path / "RESULTS.md")
     assert "QUICK SMOKE SETTINGS" in text
+
+
+def test_each_benchmarks_task_list_matches_its_module() -> None:
+    import importlib
+
+    from benchmarks.run_all import BENCHMARK_TASKS, BENCHMARKS
+
+    for name, (module_name, _) in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        if hasattr(module, "FAMILIES"):
+            labels = tuple(module.FAMILIES)
+        elif hasattr(module, "TASKS"):
+            labels = tuple(t.label for t in module.TASKS)
+        else:
+            labels = (module.TASK.label,)
+        assert BENCHMARK_TASKS[name] == labels, name
+
+
+def test_tasks_option_keeps_only_the_benchmarks_that_run_them() -> None:
+    from benchmarks.run_all import task_args
+
+    names = ["baselines", "layer_collapse", "layer_merge"]
+    assert task_args(names, None) == {name: [] for name in names}
+    assert task_args(names, ["mnist/resnet20"]) == {
+        "baselines": ["--tasks", "mnist/resnet20"],
+        "layer_merge": ["--tasks", "mnist/resnet20"],
+    }
+    assert task_args(names, ["shakespeare/transformer", "mnist/vgg"]) == {
+        "baselines": ["--tasks", "mnist/vgg", "shakespeare/transformer"],
+        "layer_collapse": ["--tasks", "mnist/vgg", "shakespeare/transformer"],
+    }
