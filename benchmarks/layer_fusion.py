@@ -22,6 +22,8 @@ Tying shrinks storage, not time: every layer still runs. Compare it on the param
 
 from __future__ import annotations
 
+import copy
+
 import sys
 import time
 from typing import Any
@@ -84,16 +86,26 @@ def run(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
                     timed.append((P.row(task, settings, "Layer Fusion", variant, seed, fresh, wall), fresh))
             if kwargs.get("budget") == "layers_per_group" and not kwargs.get("align"):
                 for align in (False, True):
-                    timed.append(one_shot(task, settings, start, seed, label, kwargs["fraction"], align, dense))
+                    timed += one_shot(task, settings, start, seed, label, kwargs["fraction"], align, dense)
         P.measure_rows(task, settings, timed, dense)
         rows += [r for r, _ in timed]
     return rows
 
 
+#: Training batches the one-shot rows re-estimate BatchNorm statistics on (the callback's default after an event).
+ONE_SHOT_BN_BATCHES = 20
+
+
 def one_shot(
     task: Task, settings: P.Settings, start: Any, seed: int, label: str, p: float, align: bool, dense: nn.Module
-) -> tuple[dict[str, Any], nn.Module]:
-    """Fuse ⌊p·n⌋ layers of every group at once from the converged start and score it without training."""
+) -> list[tuple[dict[str, Any], nn.Module]]:
+    """Fuse ⌊p·n⌋ layers of every group at once from the converged start and score it without training.
+
+    A model with BatchNorm is also scored after its statistics are re-estimated on
+    ``ONE_SHOT_BN_BATCHES`` training batches (forward passes only, as the callback does after each
+    event): tied weights change every activation's scale, so the old statistics alone say little.
+    """
+    from lit_compress.surgery.bn_stats import has_batchnorm, reestimate_batchnorm_
     from lit_compress.surgery.fusion import candidate_groups, fuse_layers_, fusion_units, plan_group_fusions
 
     model = start.load(task, settings)
@@ -101,10 +113,22 @@ def one_shot(
     units = fusion_units(model)
     counts = {g: int(p * len(m)) for g, m in candidate_groups(units).items()}
     fuse_layers_(model, plan_group_fusions(model, units, "wasserstein", counts, "mean"), "mean", align=align)
-    variant = f"{label}, one shot (no retraining){', aligned' if align else ''}"
-    r = P.row(task, settings, "Layer Fusion", variant, seed, model, clock())
+    aligned = ", aligned" if align else ""
+    r = P.row(task, settings, "Layer Fusion", f"{label}, one shot (no retraining){aligned}", seed, model, clock())
     r["achieved_cr"] = round(P.count_parameters(dense) / r["params"], 3)
-    return r, model
+    rows = [(r, model)]
+    if has_batchnorm(model):
+        recalibrated = copy.deepcopy(model)
+        torch.manual_seed(seed)
+        train, _ = P.loaders(task, settings)
+        used = reestimate_batchnorm_(
+            recalibrated, (batch[0] for batch in train), forward=lambda m, x: m(x), num_batches=ONE_SHOT_BN_BATCHES
+        )
+        variant = f"{label}, one shot + BatchNorm statistics re-estimated ({used} batches){aligned}"
+        rb = P.row(task, settings, "Layer Fusion", variant, seed, recalibrated, clock())
+        rb["achieved_cr"] = r["achieved_cr"]
+        rows.append((rb, recalibrated))
+    return rows
 
 
 def llm_step(measure: str = "wasserstein", p: float = 0.5, align: bool = False) -> dict[str, Any]:
