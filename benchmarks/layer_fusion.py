@@ -23,7 +23,6 @@ Tying shrinks storage, not time: every layer still runs. Compare it on the param
 from __future__ import annotations
 
 import copy
-
 import sys
 import time
 from typing import Any

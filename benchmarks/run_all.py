@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=None, help="run only these")
     parser.add_argument(
-        "--tasks", nargs="+", choices=ALL_TASKS, default=None, help="only these tasks (and the benchmarks that run them)"
+        "--tasks", nargs="+", choices=ALL_TASKS, default=None, help="only these tasks (and their benchmarks)"
     )
     parser.add_argument("--render-only", action="store_true", help="re-render from the JSON already in --out")
     parser.add_argument("--out", default="benchmarks/out", help="where the JSON, logs and cache go")
