@@ -14,7 +14,7 @@ Task: MNIST-5k, ResNet-20 (``mnist/resnet20``). For each seed, from the converge
 The dense model, its fine-tuned version and the thin networks at matched latency come from
 ``python -m benchmarks.baselines`` (same seeds, same converged starts); ``run_all`` puts them side by side.
 
-    python -m benchmarks.layer_merge [--quick] [--seeds 3] [--out benchmarks/out]
+    python -m benchmarks.layer_merge [--quick] [--seeds 3] [--out benchmarks/out] [--points LayerMerge-70%]
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ TASK = Task("mnist", "resnet20", "acc")
 BUDGETS = (0.7, 0.5)
 MAIN = 0.5
 IMPORTANCE: ImportanceMethod = "loss_proxy"  # the importance of every LayerMerge row but the uniform one
+
+
+def budget_label(budget: float) -> str:
+    """The operating point's label (``--points``): ``LayerMerge-50%``."""
+    return f"LayerMerge-{budget:.0%}"
 
 
 def layer_merge(
@@ -54,7 +59,7 @@ def run(settings: P.Settings) -> list[dict[str, Any]]:
         start = P.dense_start(TASK, settings, seed)
         dense = start.load(TASK, settings)
         timed: list[tuple[dict[str, Any], torch.nn.Module]] = []
-        for budget in BUDGETS:
+        for _, _, budget in P.chosen_points(settings, [(budget_label(b), b) for b in BUDGETS]):
             variants: list[tuple[bool, ImportanceMethod]] = [(False, IMPORTANCE), (True, IMPORTANCE)]
             if budget == MAIN:
                 variants.append((False, "uniform"))
@@ -63,7 +68,7 @@ def run(settings: P.Settings) -> list[dict[str, Any]]:
                 if importance != IMPORTANCE:
                     plan = plan.with_name(f"{plan.stem}_{importance}.json")
                 cb = layer_merge(settings, budget, importance, save_plan=str(plan))
-                variant = f"LayerMerge-{budget:.0%}"
+                variant = budget_label(budget)
                 if importance != IMPORTANCE:
                     variant += f", {importance} importance"
                 r, model = P.compressed(TASK, settings, start, seed, "LayerMerge", variant, [cb], kd)

@@ -38,3 +38,12 @@ def test_the_points_are_recorded_in_the_json(tmp_path: Path) -> None:
     settings.out = tmp_path
     path = P.write("b", settings, [], {})
     assert '"points": [\n  "second"\n ]' in path.read_text()
+
+
+def test_layer_merge_points_are_its_latency_budgets() -> None:
+    from benchmarks.layer_merge import BUDGETS, budget_label
+
+    points = [(budget_label(b), b) for b in BUDGETS]
+    assert [label for label, _ in points] == ["LayerMerge-70%", "LayerMerge-50%"]
+    chosen = P.chosen_points(_settings(["--points", "LayerMerge-50%"]), points)
+    assert [(label, budget) for _, label, budget in chosen] == [("LayerMerge-50%", 0.5)]
