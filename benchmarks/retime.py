@@ -34,9 +34,15 @@ def retime_file(path: Path, rounds: int, repeats: int) -> int:
     data = json.loads(path.read_text())
     folder = path.parent / "models"
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    missing = 0
     for r in data.get("rows", []):
         if r.get("model_file") and r.get("dense_model_file"):
-            tables[r["dense_model_file"]].append(r)
+            if (folder / r["model_file"]).exists() and (folder / r["dense_model_file"]).exists():
+                tables[r["dense_model_file"]].append(r)
+            else:  # e.g. a row merged in from an earlier run whose models were not kept: its timing stands
+                missing += 1
+    if missing:
+        print(f"[retime] {path.name}: {missing} row(s) left as timed (their model files are not in {folder})")
     for dense_file, rows in tables.items():
         dense = _load(folder, dense_file)
         models = [dense["model"]] + [_load(folder, r["model_file"])["model"] for r in rows]

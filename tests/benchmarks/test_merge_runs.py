@@ -55,3 +55,24 @@ def test_refused_points_of_every_part_are_kept() -> None:
     second["config"]["refused"] = [{"task": "t", "seed": 1, "point": "p", "reason": "floor 0.79"}]
     merged = merge([first, second])
     assert [r["seed"] for r in merged["config"]["refused"]] == [0, 1]
+
+
+def test_extend_adds_rows_of_the_same_seeds_and_a_row_run_again_replaces_the_earlier() -> None:
+    earlier = _payload([0, 1])
+    earlier["points"] = ["p1"]
+    later = _payload([0])
+    later.update(points=["p2"], skip_scratch=False)
+    later["rows"] = [
+        {"task": "t", "method": "m", "variant": "v", "seed": 0, "acc": 95.0},  # run again: replaces 90.0
+        {"task": "t", "method": "m", "variant": "new point", "seed": 0, "acc": 93.0},
+    ]
+    with pytest.raises(SystemExit, match="'skip_scratch' differs"):
+        merge([earlier, later])
+    merged = merge([earlier, later], extend=True)
+    assert merged["seeds"] == [0, 1]
+    assert sorted((r["variant"], r["seed"], r["acc"]) for r in merged["rows"]) == [
+        ("new point", 0, 93.0), ("v", 0, 95.0), ("v", 1, 91.0)
+    ]  # fmt: skip
+    assert merged["rows_replaced"] == 1
+    assert merged["points"] == ["p1", "p2"] and merged["skip_scratch"] is False
+    assert [p["points"] for p in merged["parts"]] == [["p1"], ["p2"]]
