@@ -14,6 +14,7 @@ For each seed, from the converged dense model of that seed (:func:`benchmarks.pr
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import torch
@@ -32,7 +33,27 @@ WIDTHS = {"mnist": [0.375, 0.5, 0.625, 0.75, 0.875], "shakespeare": [0.5, 0.625,
 
 
 def thin_widths(task: Task, settings: P.Settings) -> dict[float, float]:
-    """For each latency target, the candidate width whose measured b64 latency ratio is closest to it."""
+    """For each latency target, the candidate width whose measured b64 latency ratio is closest to it.
+
+    The choice is made once per run folder and kept in ``<out>/cache/thin_widths_<task>.json``: the
+    processes of one run (one per seed with ``run_all --jobs``) all train the same widths, even when
+    two candidates time within noise of a target.
+    """
+    path = settings.out / "cache" / f"thin_widths_{task.name}_{task.model}{'_quick' if settings.quick else ''}.json"
+    if path.exists():
+        return {float(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    chosen = measure_thin_widths(task, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x") as f:  # the first process of the run to finish measuring decides
+            json.dump(chosen, f)
+    except FileExistsError:
+        return {float(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    return chosen
+
+
+def measure_thin_widths(task: Task, settings: P.Settings) -> dict[float, float]:
+    """Time every candidate width against the dense model; the closest width to each latency target."""
     dense = P.build(task, settings)
     candidates = [P.build(task, settings, w) for w in WIDTHS[task.name]]
     rows: list[tuple[dict[str, Any], torch.nn.Module]] = [({}, m) for m in candidates]
@@ -46,9 +67,16 @@ def thin_widths(task: Task, settings: P.Settings) -> dict[float, float]:
     return chosen
 
 
-def run_family(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
+def run_family(task: Task, settings: P.Settings, thin: list[float] | None = None) -> list[dict[str, Any]]:
+    """The dense rows and the thin networks of one family; ``thin``: these widths instead of the measured choice."""
     rows: list[dict[str, Any]] = []
-    widths = {} if settings.skip_scratch else thin_widths(task, settings)
+    widths: list[tuple[float | None, float]]  # (latency target, width)
+    if settings.skip_scratch:
+        widths = []
+    elif thin:
+        widths = [(None, w) for w in thin]
+    else:
+        widths = list(thin_widths(task, settings).items())
     for seed in settings.seeds:
         start = P.dense_start(task, settings, seed)
         print(f"[baselines] {task.label} seed {seed}: dense {task.metric} {start.metric:.3f} "
@@ -62,7 +90,7 @@ def run_family(task: Task, settings: P.Settings) -> list[dict[str, Any]]:
         tuned = start.load(task, settings)
         wall = P.recover(task, settings, tuned, seed)
         timed.append((P.row(task, settings, "dense", "dense fine-tuned (recovery budget)", seed, tuned, wall), tuned))
-        for target, width in widths.items():
+        for target, width in widths:
             for full in (False, True):
                 for kd in (False, True):
                     model = P.build(task, settings, width)
@@ -82,14 +110,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", nargs="*", choices=sorted(FAMILIES), default=None, help="only these families")
+    parser.add_argument(
+        "--thin-widths",
+        nargs="+",
+        type=float,
+        default=None,
+        help="train the thin networks at these widths (0, 1) instead of the two closest to the latency targets",
+    )
     P.add_run_options(parser)
     args = parser.parse_args(argv)
+    if args.thin_widths and not all(0 < w < 1 for w in args.thin_widths):
+        parser.error(f"--thin-widths {args.thin_widths}: every width must be in (0, 1)")
     settings = P.Settings.from_namespace(args)
     for name in args.tasks or FAMILIES:
         task = FAMILIES[name]
         clock = P.timer()
-        rows = run_family(task, settings)
+        rows = run_family(task, settings, args.thin_widths)
         config = {"budget": settings.budget(task), "latency_targets": LATENCY_TARGETS, "wall_s": round(clock(), 1)}
+        config["thin_widths"] = args.thin_widths or "measured"
         P.write(f"baselines_{name.replace('/', '_')}", settings, rows, config)
 
 
