@@ -372,6 +372,15 @@ def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None
             + "; latency was timed while the other parts trained, so read speed-ups as rough.",
             "",
         ]
+    extended = {name: d["rows_replaced"] for name, d in data.items() if "rows_replaced" in d}
+    if extended:
+        lines += [
+            "Extended with `benchmarks.merge_runs --extend` (later runs adding rows to earlier ones made from the "
+            "same seeds' dense starts; a row run again replaced the earlier one): "
+            + ", ".join(f"{n} ({k} row(s) replaced)" for n, k in extended.items())
+            + "; each part's options are in its JSON under `parts`.",
+            "",
+        ]
     refused = [(name, r) for name, d in data.items() for r in d.get("config", {}).get("refused", [])]
     if refused:
         lines += ["Operating points the callback refused before training (no row; the reason is the finding):", ""]

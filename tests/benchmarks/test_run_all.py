@@ -91,6 +91,17 @@ def test_render_lists_refused_operating_points(tmp_path: Path) -> None:
     (out / "alds.json").write_text(json.dumps(payload))
     text = render(out, tmp_path / "RESULTS.md")
     assert "- `alds` mnist/resnet20 seed 1, ALDS latency 70 %: must be at least 0.7795" in text
+    assert "--extend" not in text
+
+
+def test_render_says_which_results_were_extended(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"date": "today", "machine": "cpu", "cpu_count": 2, "torch": "x", "lightning": "y", "python": "3"}
+    payload = {"name": "alds", "env": env, "seeds": [0, 1], "quick": False, "config": {}, "rows": _rows()}
+    (out / "alds.json").write_text(json.dumps({**payload, "rows_replaced": 2}))
+    text = render(out, tmp_path / "RESULTS.md")
+    assert "Extended with `benchmarks.merge_runs --extend`" in text and "alds (2 row(s) replaced)" in text
 
 
 def test_render_only_without_results_refuses_and_keeps_results(tmp_path: Path) -> None:
