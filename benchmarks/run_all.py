@@ -116,8 +116,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (task, method, variant), rs in groups.items():
         agg: dict[str, Any] = {"task": task, "method": method, "variant": variant, "n": len(rs)}
+        agg["retimed_n"] = sum(bool(r.get("retimed")) for r in rs)
         for key in rs[0]:
-            if key in ("task", "method", "variant", "seed") or not isinstance(rs[0][key], (int, float)):
+            if key in ("task", "method", "variant", "seed", "retimed") or not isinstance(rs[0][key], (int, float)):
                 continue
             if isinstance(rs[0][key], bool):
                 agg[key] = rs[0][key]
@@ -218,7 +219,7 @@ def headline_rows(aggs: list[dict[str, Any]]) -> list[dict[str, str]]:
                 "operating point": a["variant"],
                 m: fmt(a[m], a.get(m + "_std")),
                 "params": f"{a['params'] / 1000:.0f}k ({params_pct:.0f} %)",
-                "speed-up b64": f"{a.get('speedup_b64', math.nan):.2f}×",
+                "speed-up b64": f"{a.get('speedup_b64', math.nan):.2f}×{timing_mark(a)}",
                 "vs dense fine-tuned": verdict(a, dense_ft, hib),
                 "vs magnitude / SVD, same params": " / ".join(
                     v
@@ -249,6 +250,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines + ["| " + " | ".join(esc(r.get(c, "")) for c in cols) + " |" for r in rows]
 
 
+def timing_mark(agg: dict[str, Any]) -> str:
+    """``†`` when :func:`mark_timing` found seeds of this row that were not re-timed on a quiet machine."""
+    return str(agg.get("timing_mark", ""))
+
+
+def mark_timing(aggs: list[dict[str, Any]]) -> bool:
+    """In a run that was re-timed (``benchmarks.retime``), mark the rows some of whose seeds were not
+    (timed in their own run, beside other training); returns whether any row is marked."""
+    if not any(a.get("retimed_n") for a in aggs):
+        return False
+    for a in aggs:
+        a["timing_mark"] = "†" if a.get("retimed_n", 0) < a["n"] else ""
+    return any(a["timing_mark"] for a in aggs)
+
+
 def full_table(aggs: list[dict[str, Any]], task: str) -> list[str]:
     rows = []
     for a in aggs:
@@ -265,7 +281,7 @@ def full_table(aggs: list[dict[str, Any]], task: str) -> list[str]:
                 "MFLOPs": f"{a['flops'] / 1e6:.1f}",
                 "b1 ms": fmt(a.get("lat_b1_ms", math.nan), None, 2),
                 "b64 ms": fmt(a.get("lat_b64_ms", math.nan), a.get("lat_b64_ms_std"), 1),
-                "speed-up b64": fmt(a.get("speedup_b64", math.nan), None, 2),
+                "speed-up b64": fmt(a.get("speedup_b64", math.nan), None, 2) + timing_mark(a),
                 "seeds": a["n"],
                 "train s": fmt(a.get("wall_s", math.nan), None, 0),
             }
@@ -369,7 +385,12 @@ def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None
         lines += [
             "Joined with `benchmarks.merge_runs` from processes run side by side (one seed each): "
             + ", ".join(f"{n} ({k} parts)" for n, k in parts.items())
-            + "; latency was timed while the other parts trained, so read speed-ups as rough.",
+            + (
+                "; every kept model was then re-timed on the quiet machine (`benchmarks.retime`), the rows marked † "
+                "excepted."
+                if any(r.get("retimed") for r in rows)
+                else "; latency was timed while the other parts trained, so read speed-ups as rough."
+            ),
             "",
         ]
     extended = {name: d["rows_replaced"] for name, d in data.items() if "rows_replaced" in d}
@@ -392,6 +413,12 @@ def render(out: Path, results_path: Path, runs: dict[str, dict[str, Any]] | None
             f"Wall time per benchmark{summed}: " + ", ".join(f"{n} {r['wall_s'] / 60:.1f} min" for n, r in runs.items())
         ]
         lines += [""]
+    if mark_timing(aggs):
+        lines += [
+            "† speed-up not re-timed on the quiet machine for every seed (its model was not kept): timed in its "
+            "own run, interleaved with that run's dense model while other processes trained; read it as rough.",
+            "",
+        ]
     lines += ["## Headline: every method against every baseline", "", *markdown_table(headline_rows(aggs)), ""]
     lines += [
         "Verdicts: `win` / `loss` when the means differ by more than their combined seed standard deviation "

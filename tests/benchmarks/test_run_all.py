@@ -163,3 +163,19 @@ def test_tasks_option_keeps_only_the_benchmarks_that_run_them() -> None:
         "baselines": ["--tasks", "mnist/vgg", "shakespeare/transformer"],
         "layer_collapse": ["--tasks", "mnist/vgg", "shakespeare/transformer"],
     }
+
+
+def test_rows_not_retimed_in_a_retimed_run_are_marked() -> None:
+    from benchmarks.run_all import mark_timing, timing_mark
+
+    rows = [
+        _row("ALDS", "kept", 0, 95.0, 100, 1.2, retimed=True),
+        _row("ALDS", "kept", 1, 95.2, 100, 1.3, retimed=True),
+        _row("ALDS", "gone", 0, 95.0, 100, 2.0),
+        _row("ALDS", "gone", 1, 95.0, 100, 2.1, retimed=True),
+    ]
+    aggs = {a["variant"]: a for a in aggregate(rows)}
+    assert mark_timing(list(aggs.values()))
+    assert timing_mark(aggs["kept"]) == "" and timing_mark(aggs["gone"]) == "†"
+    quiet = aggregate([_row("ALDS", "sequential run", 0, 95.0, 100, 1.2)])
+    assert not mark_timing(quiet) and timing_mark(quiet[0]) == ""
