@@ -289,6 +289,18 @@ def full_table(aggs: list[dict[str, Any]], task: str) -> list[str]:
     return markdown_table(rows)
 
 
+def on_axis(points: list[dict[str, Any]], m: str) -> tuple[list[dict[str, Any]], int]:
+    """The rows worth a point: within 10 accuracy points (or 1.5× the perplexity) of the best row; and how
+    many were left out (one-shot rows at chance would squash everything else into one line)."""
+    if m == "acc":
+        best = max(a[m] for a in points)
+        kept = [a for a in points if a[m] >= best - 10]
+    else:
+        best = min(a[m] for a in points)
+        kept = [a for a in points if a[m] <= 1.5 * best]
+    return kept, len(points) - len(kept)
+
+
 def plot_task(aggs: list[dict[str, Any]], task: str, path: Path) -> bool:
     """Metric against latency (relative to dense) and against unique parameters, every row of ``task``."""
     points = [a for a in aggs if a["task"] == task and a.get("speedup_b64")]
@@ -298,7 +310,8 @@ def plot_task(aggs: list[dict[str, Any]], task: str, path: Path) -> bool:
     from matplotlib.figure import Figure
 
     m = metric_of(points[0])
-    fig = Figure(figsize=(13, 6.5))
+    points, off_axis = on_axis(points, m)
+    fig = Figure(figsize=(13, 8))
     styles = {"dense": ("k", "*"), "thin": ("grey", "o"), "magnitude pruning": ("tab:brown", "x"),
               "uniform SVD": ("tab:olive", "+"), "Layer Fusion": ("tab:blue", "s"), "LayerCollapse": ("tab:green", "D"),
               "ALDS": ("tab:red", "^"), "LayerMerge": ("tab:purple", "v")}  # fmt: skip
@@ -327,10 +340,13 @@ def plot_task(aggs: list[dict[str, Any]], task: str, path: Path) -> bool:
         if xkey == "params":
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{task}: every method and baseline (mean ± std over seeds; open markers: distilled)")
+    note = f"; {off_axis} one-shot row(s) off the axis: see the table" if off_axis else ""
+    fig.suptitle(
+        f"{task}: every method and baseline (mean ± std over seeds; open markers: distilled{note})", fontsize=10
+    )
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.018 * math.ceil(len(labels) / 2), 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(labels) / 2), 1, 0.95))
     FigureCanvasAgg(fig).print_png(str(path))
     return True
 

@@ -179,3 +179,11 @@ def test_rows_not_retimed_in_a_retimed_run_are_marked() -> None:
     assert timing_mark(aggs["kept"]) == "" and timing_mark(aggs["gone"]) == "†"
     quiet = aggregate([_row("ALDS", "sequential run", 0, 95.0, 100, 1.2)])
     assert not mark_timing(quiet) and timing_mark(quiet[0]) == ""
+
+
+def test_rows_far_below_the_best_are_left_off_the_picture() -> None:
+    from benchmarks.run_all import on_axis
+
+    rows = aggregate([_row("m", "trained", 0, 96.0, 100, 1.0), _row("m", "one shot", 0, 10.0, 100, 1.0)])
+    kept, off = on_axis(rows, "acc")
+    assert [a["variant"] for a in kept] == ["trained"] and off == 1
