@@ -145,35 +145,27 @@ def latency_allocator_time(cache: str) -> list[dict[str, Any]]:
             model, names, torch.randn(1, 3, 224, 224), num_threads=2, cache=cache, progress=False
         )
         table_s = time.perf_counter() - t
+        row = {
+            "task": "torchvision ResNet-18 (random init, 11.7M params), allocation only",
+            "method": "ALDS allocator, budget='latency'",
+            "variant": f"latency 0.7, table {run}",
+            "table_s": round(table_s, 2),
+            "table_configs_timed": info["measured"],
+        }
+        rows.append(row)
         t = time.perf_counter()
         try:
             alloc = allocate_latency(model, names, 0.7, table, progress=False)
         except ConfigError as refused:  # this machine's table cannot reach 0.7: the timing of the table stands
             print(f"[alds] ResNet-18 allocation timing, table {run}: refused: {refused}", flush=True)
-            rows.append(
-                {
-                    "task": "torchvision ResNet-18 (random init, 11.7M params), allocation only",
-                    "method": "ALDS allocator, budget='latency'",
-                    "variant": f"latency 0.7, table {run}",
-                    "table_s": round(table_s, 2),
-                    "table_configs_timed": info["measured"],
-                    "refused": str(refused),
-                }
-            )
+            row["refused"] = str(refused)
             continue
-        rows.append(
-            {
-                "task": "torchvision ResNet-18 (random init, 11.7M params), allocation only",
-                "method": "ALDS allocator, budget='latency'",
-                "variant": f"latency 0.7, table {run}",
-                "table_s": round(table_s, 2),
-                "table_configs_timed": info["measured"],
-                "wall_s": round(time.perf_counter() - t, 2),
-                "decomposed": len(alloc.plan),
-                "achieved_keep": alloc.achieved_ratio,
-                "table_latency_ratio": (alloc.latency_ms_after or 0.0) / (alloc.latency_ms_dense or 1.0),
-                "max_error": alloc.max_error,
-            }
+        row.update(
+            wall_s=round(time.perf_counter() - t, 2),
+            decomposed=len(alloc.plan),
+            achieved_keep=alloc.achieved_ratio,
+            table_latency_ratio=(alloc.latency_ms_after or 0.0) / (alloc.latency_ms_dense or 1.0),
+            max_error=alloc.max_error,
         )
     return rows
 
