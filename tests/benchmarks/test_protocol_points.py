@@ -41,9 +41,12 @@ def test_the_points_are_recorded_in_the_json(tmp_path: Path) -> None:
 
 
 def test_layer_merge_points_are_its_latency_budgets() -> None:
-    from benchmarks.layer_merge import BUDGETS, budget_label
+    from benchmarks.layer_merge import operating_points
 
-    points = [(budget_label(b), b) for b in BUDGETS]
-    assert [label for label, _ in points] == ["LayerMerge-70%", "LayerMerge-50%"]
-    chosen = P.chosen_points(_settings(["--points", "LayerMerge-50%"]), points)
-    assert [(label, budget) for _, label, budget in chosen] == [("LayerMerge-50%", 0.5)]
+    points = operating_points()
+    assert [label for label, _ in points] == ["LayerMerge-70%", "LayerMerge-50%", "LayerMerge-70%-network"]
+    chosen = P.chosen_points(_settings(["--points", "LayerMerge-50%", "LayerMerge-70%-network"]), points)
+    assert [(label, point) for _, label, point in chosen] == [
+        ("LayerMerge-50%", (0.5, "convs")),
+        ("LayerMerge-70%-network", (0.7, "network")),
+    ]
